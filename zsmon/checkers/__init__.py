@@ -1,0 +1,1 @@
+"""Checkers: one module per checker. ``registry.checker_classes()`` finds them all."""

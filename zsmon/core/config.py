@@ -1,0 +1,283 @@
+"""Configuration: a YAML file overlaid by the platform's environment variables.
+
+Precedence: defaults < YAML file (``--config`` / ``ZSMON_CONFIG``) < environment.
+Every mistake becomes one ``ConfigError`` line naming the file (and line) or the
+environment variable, the key, and what was expected. Secrets are ``SecretStr``:
+they print as ``**********`` and their values never appear in an error.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """A user mistake in configuration: one line, exit code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ValueError("expected HOST:PORT, e.g. 0.0.0.0:9090")
+    return value
+
+
+class DatabaseConfig(_Strict):
+    url: SecretStr | None = Field(None, description="A full libpq DSN; overrides host/port/user/password/name/sslmode.")
+    host: str = "127.0.0.1"
+    port: int = Field(5432, ge=1, le=65535)
+    user: str = "postgres"
+    password: SecretStr = SecretStr("")
+    name: str = "zerostate"
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    max_connections: int = Field(4, ge=1, le=1000)
+    statement_timeout_seconds: float = Field(30.0, gt=0)
+    lock_timeout_seconds: float = Field(5.0, gt=0)
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+
+
+class RedisConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(6379, ge=1, le=65535)
+    password: SecretStr | None = None
+    db: int = Field(0, ge=0)
+    tls: bool = False
+    key_prefix: str = "zsmon:"
+    socket_timeout_seconds: float = Field(2.0, gt=0)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "console"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class HttpConfig(_Strict):
+    metrics_listen: str = "0.0.0.0:9090"
+    api_listen: str = "0.0.0.0:8080"
+    admin_token: SecretStr | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    max_body_bytes: int = Field(65536, ge=1024)
+    rate_limit_per_minute: int | None = Field(None, ge=1)
+    grafana_url: str | None = None
+    runbook_base_url: str = "https://github.com/zerostate/zsmon/blob/main/docs/runbooks"
+
+    _v_listen = field_validator("metrics_listen", "api_listen")(lambda cls, v: _listen(v))
+
+
+class SchedulerConfig(_Strict):
+    max_workers: int = Field(4, ge=1, le=64)
+    jitter_ratio: float = Field(0.1, ge=0, le=0.5)
+    health_interval_seconds: float = Field(5.0, gt=0)
+    misfire_grace_seconds: float = Field(30.0, gt=0)
+
+
+class CheckerConfig(_Strict):
+    enabled: bool = True
+    interval_seconds: float | None = Field(None, gt=0)
+    full_interval_seconds: float | None = Field(None, gt=0)
+    statement_timeout_seconds: float | None = Field(None, gt=0)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExporterConfig(_Strict):
+    enabled: bool = True
+    interval_seconds: float | None = Field(None, gt=0)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChecksConfig(_Strict):
+    sample_limit: int = Field(100, ge=1, le=10000)
+
+
+class Config(_Strict):
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    checkers: dict[str, CheckerConfig] = Field(default_factory=dict)
+    exporters: dict[str, ExporterConfig] = Field(default_factory=dict)
+    # Where the config came from, for messages (not a key).
+    source: str | None = Field(None, exclude=True)
+
+    def checker(self, name: str) -> CheckerConfig:
+        return self.checkers.get(name) or CheckerConfig()
+
+    def exporter(self, name: str) -> ExporterConfig:
+        return self.exporters.get(name) or ExporterConfig()
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log redaction processor."""
+        found = [self.database.password, self.database.url, self.redis.password, self.http.admin_token]
+        out = [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
+        if self.database.url is not None:  # the password inside a DSN
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                pw = conninfo_to_dict(self.database.url.get_secret_value()).get("password")
+            except Exception:
+                pw = None
+            if pw:
+                out.append(str(pw))
+        return out
+
+
+# The platform's environment variables (deployment guide) and zsmon's own.
+ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "ZSMON_DATABASE_URL": ("database", "url"),
+    "DB_HOST": ("database", "host"),
+    "DB_PORT": ("database", "port"),
+    "DB_USER": ("database", "user"),
+    "DB_PASSWORD": ("database", "password"),
+    "DB_NAME": ("database", "name"),
+    "DB_SSLMODE": ("database", "sslmode"),
+    "DB_MAX_OPEN_CONNS": ("database", "max_connections"),
+    "REDIS_HOST": ("redis", "host"),
+    "REDIS_PORT": ("redis", "port"),
+    "REDIS_PASSWORD": ("redis", "password"),
+    "REDIS_TLS_ENABLED": ("redis", "tls"),
+    "LOG_LEVEL": ("logging", "level"),
+    "LOG_FORMAT": ("logging", "format"),
+    "ADMIN_TOKEN": ("http", "admin_token"),
+    "TLS_CERT_FILE": ("http", "tls_cert_file"),
+    "TLS_KEY_FILE": ("http", "tls_key_file"),
+}
+_SECRET_LEAVES = {"password", "url", "admin_token"}
+
+
+def _line_of(node: Any, path: tuple) -> int | None:
+    """The 1-based line of ``path`` in a composed YAML node tree, or of its nearest parent."""
+    line = None
+    for part in path:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key, value in node.value:
+            if key.value == str(part):
+                line, node = key.start_mark.line + 1, value
+                break
+        else:
+            break
+    return line
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (set --config or ZSMON_CONFIG to a readable YAML file)")
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}")
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path}{where}: invalid YAML: {problem}")
+    if data is None:
+        return {}, node
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections (database, redis, ...)")
+    return data, node
+
+
+def _set(data: dict, path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        child = data.get(part)
+        if not isinstance(child, dict):
+            child = data[part] = {}
+        data = child
+    data[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    if path is None and env.get("ZSMON_CONFIG"):
+        path = env["ZSMON_CONFIG"]
+    data: dict[str, Any] = {}
+    node = None
+    if path is not None:
+        data, node = _read_yaml(Path(path))
+    from_env: dict[tuple[str, ...], str] = {}
+    for var, key in ENV_KEYS.items():
+        if var in env:
+            value: Any = env[var]
+            if var == "REDIS_HOST" and value == "":
+                _set(data, ("redis", "enabled"), False)
+                continue
+            if var in ("TLS_CERT_FILE", "TLS_KEY_FILE") and value == "":
+                continue
+            _set(data, key, value)
+            from_env[key] = var
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path, node, from_env)) from None
+    config.source = str(path) if path else None
+    _validate_plugins(config, path, node)
+    return config
+
+
+def _explain(exc: ValidationError, path: Any, node: Any, from_env: dict) -> str:
+    err = exc.errors()[0]
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (see docs/configuration.md for the keys this section takes)"
+    elif loc and loc[-1] not in _SECRET_LEAVES and err["type"] != "missing":
+        shown = err.get("input")
+        if isinstance(shown, (str, int, float, bool)) and len(str(shown)) < 80:
+            msg += f" (got {shown!r})"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    for key_path, var in from_env.items():
+        if loc[: len(key_path)] == key_path:
+            return f"environment variable {var} ({key}): {msg}{more}"
+    where = f"config file {path}" if path else "configuration"
+    line = _line_of(node, loc) if node is not None else None
+    if line:
+        where += f" line {line}"
+    return f"{where}: {key}: {msg}{more}"
+
+
+def _validate_plugins(config: Config, path: Any, node: Any) -> None:
+    """Checker and exporter names must exist; their settings must match their models."""
+    from zsmon.checkers.registry import checker_classes
+    from zsmon.exporters.registry import exporter_classes
+
+    where = f"config file {path}" if path else "configuration"
+    for section, known, entries in (
+        ("checkers", checker_classes(), config.checkers),
+        ("exporters", exporter_classes(), config.exporters),
+    ):
+        for name, entry in entries.items():
+            line = _line_of(node, (section, name)) if node is not None else None
+            at = f"{where} line {line}" if line else where
+            if name not in known:
+                raise ConfigError(f"{at}: {section}.{name}: unknown name; known: {', '.join(known) or 'none'}")
+            try:
+                entry.settings = known[name].Settings.model_validate(entry.settings)  # type: ignore[assignment]
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = (section, name, "settings", *map(str, err["loc"]))
+                line = _line_of(node, loc) if node is not None else None
+                at = f"{where} line {line}" if line else where
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                raise ConfigError(f"{at}: {'.'.join(loc)}: {msg}") from None

@@ -1,0 +1,227 @@
+"""The HTTP service: a metrics listener and an API listener (FastAPI on uvicorn).
+
+Metrics listener: ``/metrics`` (from cached results only), ``/health``, ``/ready``.
+API listener: the checks API, ``/admin/verify-balances``, ``/health``, ``/ready`` and
+the OpenAPI document at ``/api/v1/openapi.json``. Every ``/api`` and ``/admin``
+route needs ``Authorization: Bearer $ADMIN_TOKEN`` (constant-time comparison);
+with no token configured those routes answer 403, never open.
+"""
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import zsmon
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over the configured size."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await JSONResponse({"detail": f"request body over {self.max_bytes} bytes"},
+                                          status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+# ---- response models (they make the OpenAPI document exact) --------------------
+class ViolationOut(BaseModel):
+    invariant: str
+    entity_type: str
+    entity_id: str
+    expected: str | None
+    actual: str | None
+    difference: str | None
+    detail: str
+
+
+class CheckOut(BaseModel):
+    checker: str
+    status: str
+    mode: str
+    duration_seconds: float
+    violation_counts: dict[str, int]
+    violations: list[ViolationOut]
+    skipped: dict[str, str]
+    summaries: dict[str, str]
+    error: str | None
+    started_at: float
+    producer: str | None
+
+
+class ChecksOut(BaseModel):
+    checks: list[CheckOut]
+
+
+class CheckerViolationOut(ViolationOut):
+    checker: str
+
+
+class ViolationsOut(BaseModel):
+    violations: list[CheckerViolationOut]
+    violation_counts: dict[str, dict[str, int]]
+
+
+class InvariantOut(BaseModel):
+    id: str
+    description: str
+    entity_type: str
+    severity: str
+    needs_memory: bool
+
+
+class CheckerOut(BaseModel):
+    name: str
+    description: str
+    source: str
+    interval_seconds: float
+    supports_incremental: bool
+    invariants: list[InvariantOut]
+
+
+class CheckersOut(BaseModel):
+    checkers: list[CheckerOut]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class Readiness(BaseModel):
+    status: str
+    reasons: list[str]
+
+
+_bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN")
+_AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "missing or wrong bearer token"},
+    403: {"model": Problem, "description": "the admin API is off: no ADMIN_TOKEN configured"},
+}
+
+
+def _health_routes(app: FastAPI, service: Any) -> None:
+    @app.get("/health", response_model=Readiness, tags=["health"])
+    def health() -> dict[str, Any]:
+        """Liveness: the process serves requests."""
+        return {"status": "ok", "reasons": []}
+
+    @app.get("/ready", response_model=Readiness, tags=["health"],
+             responses={503: {"model": Readiness, "description": "not ready"}})
+    def ready() -> Any:
+        """Readiness: the database answers and the scheduler runs."""
+        reasons = service.readiness()
+        if reasons:
+            return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
+        return {"status": "ready", "reasons": []}
+
+
+def create_api_app(service: Any) -> FastAPI:
+    http = service.config.http
+    app = FastAPI(title="zsmon API", version=zsmon.__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/api/v1/openapi.json",
+                  description="Invariant results of the ZeroState platform and on-demand checks.")
+
+    def require_token(creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        token = http.admin_token.get_secret_value() if http.admin_token else ""
+        if not token:
+            raise HTTPException(403, "the admin API is off: set ADMIN_TOKEN (or http.admin_token) to enable it")
+        given = creds.credentials if creds is not None else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    _health_routes(app, service)
+    auth = [Depends(require_token)]
+
+    def _run(name: str) -> dict[str, Any]:
+        if name not in service.runner.checkers:
+            raise HTTPException(404, f"no checker named {name!r}; known: {', '.join(service.runner.checkers)}")
+        result = service.runner.run_check(name)
+        if result is None:
+            raise HTTPException(409, f"another replica holds the lease for {name!r}; its latest result is at "
+                                     f"GET /api/v1/checks")
+        return result.to_dict()
+
+    @app.get("/api/v1/checks", response_model=ChecksOut, dependencies=auth, responses=_AUTH_RESPONSES,
+             tags=["checks"])
+    def list_checks() -> dict[str, Any]:
+        """The latest result of every checker (the output contract's objects)."""
+        return {"checks": [r.to_dict() for r in service.latest_results()]}
+
+    @app.get("/api/v1/checks/{name}", response_model=CheckOut, dependencies=auth, tags=["checks"],
+             responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "unknown checker or no run yet"}})
+    def get_check(name: str) -> dict[str, Any]:
+        for r in service.latest_results():
+            if r.checker == name:
+                return r.to_dict()
+        raise HTTPException(404, f"no result for checker {name!r} yet")
+
+    @app.post("/api/v1/checks/{name}/run", response_model=CheckOut, dependencies=auth, tags=["checks"],
+              responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "unknown checker"},
+                         409: {"model": Problem, "description": "another replica holds the lease"}})
+    def run_check(name: str) -> dict[str, Any]:
+        """Run a checker now and return its result."""
+        return _run(name)
+
+    @app.get("/api/v1/violations", response_model=ViolationsOut, dependencies=auth, responses=_AUTH_RESPONSES,
+             tags=["checks"])
+    def violations(checker: str | None = Query(None, max_length=200),
+                   invariant: str | None = Query(None, max_length=200)) -> dict[str, Any]:
+        """Current violations (a capped sample per invariant) and their full counts."""
+        out, counts = [], {}
+        for r in service.latest_results():
+            if r.status == "error" or (checker and r.checker != checker):
+                continue
+            counts[r.checker] = {k: v for k, v in r.violation_counts.items() if v and (not invariant or k == invariant)}
+            out.extend({**v.to_dict(), "checker": r.checker} for v in r.violations
+                       if not invariant or v.invariant == invariant)
+        return {"violations": out, "violation_counts": counts}
+
+    @app.get("/api/v1/checkers", response_model=CheckersOut, dependencies=auth, responses=_AUTH_RESPONSES,
+             tags=["checks"])
+    def checkers() -> dict[str, Any]:
+        """The registry: every checker with its invariants."""
+        return {"checkers": [service.describe_checker(n) for n in service.runner.checkers]}
+
+    @app.post("/admin/verify-balances", response_model=CheckOut, dependencies=auth, tags=["admin"],
+              responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "payments checker not enabled"},
+                         409: {"model": Problem, "description": "another replica holds the lease"}})
+    def verify_balances() -> dict[str, Any]:
+        """The deployment guide's manual verification: run the payments checker now."""
+        return _run("payments")
+
+    return app
+
+
+def create_metrics_app(service: Any) -> FastAPI:
+    app = FastAPI(title="zsmon metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    _health_routes(app, service)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:  # CPU only: no thread hop needed
+        body, content_type = service.metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    return app

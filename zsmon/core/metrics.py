@@ -1,0 +1,123 @@
+"""zsmon's Prometheus registry: invariant results, cached exporter families, self-health.
+
+Nothing here touches the database: collectors read the result store and the
+exporters' cached families, so a scrape costs the same however large the
+monitored database is.
+"""
+from __future__ import annotations
+
+import platform
+import threading
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+import zsmon
+from zsmon.core.store import ResultStore
+
+CHECK_STATUSES = ("pass", "fail", "error")
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ResultsCollector:
+    """Gauges computed from the latest results at scrape time."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[Metric]:
+        violations = GaugeMetricFamily(
+            "zerostate_invariant_violations", "Violations found by the latest completed run of each invariant.",
+            labels=["checker", "invariant"])
+        skipped = GaugeMetricFamily(
+            "zerostate_invariant_skipped", "1 when the latest run could not judge the invariant (see the API for why).",
+            labels=["checker", "invariant"])
+        last_success = GaugeMetricFamily(
+            "zerostate_invariant_check_last_success_timestamp_seconds",
+            "Unix time at which the checker last completed a run (pass or fail).", labels=["checker"])
+        up = GaugeMetricFamily(
+            "zerostate_invariant_check_up", "1 when the checker's latest run completed, 0 when it errored.",
+            labels=["checker"])
+        for name, state in sorted(self.store.states().items()):
+            latest = state.latest
+            if latest is None:
+                continue
+            up.add_metric([name], 0.0 if latest.status == "error" else 1.0)
+            if state.last_success_timestamp is not None:
+                last_success.add_metric([name], state.last_success_timestamp)
+            # An errored run exports no counts: the series go stale rather than freeze.
+            if latest.status != "error":
+                for inv, count in sorted(latest.violation_counts.items()):
+                    violations.add_metric([name, inv], float(count))
+                for inv in sorted(latest.skipped):
+                    skipped.add_metric([name, inv], 1.0)
+        yield from (violations, skipped, last_success, up)
+
+
+class CachedFamilies:
+    """The last families each exporter returned; swapped atomically per exporter."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._families: dict[str, list[Metric]] = {}
+
+    def set(self, exporter: str, families: list[Metric]) -> None:
+        with self._lock:
+            self._families[exporter] = families
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            snapshot = list(self._families.items())
+        for _, families in sorted(snapshot, key=lambda kv: kv[0]):
+            yield from families
+
+
+class Metrics:
+    def __init__(self, store: ResultStore, checker_names: Iterable[str] = (), job_names: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.check_runs = Counter("zerostate_invariant_check_runs", "Checker runs by outcome.",
+                                  ["checker", "status"], registry=r)
+        self.check_duration = Histogram("zerostate_invariant_check_duration_seconds", "Checker run duration.",
+                                        ["checker"], buckets=DURATION_BUCKETS, registry=r)
+        self.up = Gauge("zsmon_up", "1 while the zsmon process runs.", registry=r)
+        self.database_up = Gauge("zsmon_database_up", "1 when the monitored PostgreSQL answers zsmon.", registry=r)
+        self.redis_up = Gauge("zsmon_redis_up", "1 when zsmon's Redis answers (0 when down or not configured).",
+                              registry=r)
+        self.job_runs = Counter("zsmon_job_runs", "Scheduled job executions.", ["job"], registry=r)
+        self.job_errors = Counter("zsmon_job_errors", "Scheduled jobs that raised.", ["job"], registry=r)
+        self.job_skipped = Counter("zsmon_job_skipped", "Runs skipped because the previous one still ran.",
+                                   ["job"], registry=r)
+        self.job_lag = Gauge("zsmon_job_lag_seconds", "Delay between a job's scheduled and actual start.",
+                             ["job"], registry=r)
+        self.collector_duration = Gauge("zsmon_collector_duration_seconds", "Duration of the latest collection.",
+                                        ["collector"], registry=r)
+        self.collector_errors = Counter("zsmon_collector_errors", "Collections that failed.", ["collector"],
+                                        registry=r)
+        self.collector_last_success = Gauge("zsmon_collector_last_success_timestamp_seconds",
+                                            "Unix time of the collector's latest successful collection.",
+                                            ["collector"], registry=r)
+        build = Gauge("zsmon_build_info", "zsmon build information.", ["version", "python"], registry=r)
+        build.labels(zsmon.__version__, platform.python_version()).set(1)
+        self.up.set(1)
+        for name in checker_names:
+            for status in CHECK_STATUSES:
+                self.check_runs.labels(name, status)
+            self.check_duration.labels(name)
+        for job in job_names:
+            self.job_runs.labels(job)
+            self.job_errors.labels(job)
+            self.job_skipped.labels(job)
+        self.families = CachedFamilies()
+        r.register(ResultsCollector(store))
+        r.register(self.families)
+
+    def observe_result(self, result) -> None:
+        self.check_runs.labels(result.checker, result.status).inc()
+        self.check_duration.labels(result.checker).observe(result.duration_seconds)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

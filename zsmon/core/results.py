@@ -1,0 +1,112 @@
+"""The values a checker run produces: violations and one result per run.
+
+These objects are the output contract of ``shared/domain.md``: the CLI's JSON,
+the HTTP API and the status page all serialise them with ``to_dict``.
+Money stays ``Decimal`` until it is written out as a decimal string.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+Status = Literal["pass", "fail", "error"]
+Mode = Literal["full", "incremental"]
+
+
+def _out(value: Any) -> Any:
+    """Decimal and other scalars as they appear in JSON: money as strings, never floats."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    entity_type: str
+    entity_id: str
+    expected: Decimal | str | None = None
+    actual: Decimal | str | None = None
+    difference: Decimal | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "invariant": self.invariant,
+            "entity_type": self.entity_type,
+            "entity_id": self.entity_id,
+            "expected": _out(self.expected),
+            "actual": _out(self.actual),
+            "difference": _out(self.difference),
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class CheckResult:
+    checker: str
+    status: Status
+    mode: Mode = "full"
+    duration_seconds: float = 0.0
+    violation_counts: dict[str, int] = field(default_factory=dict)
+    violations: list[Violation] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    summaries: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    # Which replica produced the result (HA: results carry their producer's identity).
+    producer: str | None = None
+
+    @property
+    def total_violations(self) -> int:
+        return sum(self.violation_counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checker": self.checker,
+            "status": self.status,
+            "mode": self.mode,
+            "duration_seconds": round(self.duration_seconds, 6),
+            "violation_counts": dict(self.violation_counts),
+            "violations": [v.to_dict() for v in self.violations],
+            "skipped": dict(self.skipped),
+            "summaries": dict(self.summaries),
+            "error": self.error,
+            "started_at": self.started_at,
+            "producer": self.producer,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CheckResult":
+        def dec(v: Any) -> Any:
+            if v is None:
+                return None
+            try:
+                return Decimal(v)
+            except Exception:
+                return v
+
+        return cls(
+            checker=data["checker"],
+            status=data["status"],
+            mode=data.get("mode", "full"),
+            duration_seconds=float(data.get("duration_seconds", 0.0)),
+            violation_counts={k: int(v) for k, v in data.get("violation_counts", {}).items()},
+            violations=[
+                Violation(
+                    invariant=v["invariant"], entity_type=v["entity_type"], entity_id=v["entity_id"],
+                    expected=dec(v.get("expected")), actual=dec(v.get("actual")),
+                    difference=dec(v.get("difference")), detail=v.get("detail", ""),
+                )
+                for v in data.get("violations", [])
+            ],
+            skipped=dict(data.get("skipped", {})),
+            summaries=dict(data.get("summaries", {})),
+            error=data.get("error"),
+            started_at=float(data.get("started_at", 0.0)),
+            producer=data.get("producer"),
+        )

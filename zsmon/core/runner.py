@@ -1,0 +1,174 @@
+"""Runs checkers and exporter collections, and publishes what they produce.
+
+A checker run is one read-only snapshot transaction. Whatever goes wrong
+outside the checker's logic (database gone, timeout, a bug) makes the run
+``error`` with a one-line reason; it is never reported as ``pass``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import psycopg
+
+from zsmon.checkers.base import Checker, CheckContext
+from zsmon.core.config import Config
+from zsmon.core.db import Database, DatabaseUnavailable, explain
+from zsmon.core.logging import get_logger, redactor
+from zsmon.core.redis import ping as redis_ping
+from zsmon.core.results import CheckResult
+from zsmon.core.store import ResultStore
+from zsmon.exporters.base import CollectContext, Exporter
+
+log = get_logger("zsmon.runner")
+
+
+class LocalCoordinator:
+    """Single replica: always the leader. core/ha.py provides the Redis-lease version."""
+
+    identity = "local"
+
+    def acquire(self, job: str) -> Any:
+        return True
+
+    def still_leader(self, job: str, token: Any) -> bool:
+        return True
+
+
+class Runner:
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        redis: Any,
+        checkers: dict[str, Checker],
+        exporters: dict[str, Exporter] | None = None,
+        store: ResultStore | None = None,
+        metrics: Any = None,
+        coordinator: Any = None,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.redis = redis
+        self.checkers = checkers
+        self.exporters = exporters or {}
+        self.store = store or ResultStore()
+        self.metrics = metrics
+        self.coordinator = coordinator or LocalCoordinator()
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    # ---- checkers ------------------------------------------------------------
+    def choose_mode(self, name: str) -> str:
+        checker = self.checkers[name]
+        if not checker.supports_incremental:
+            return "full"
+        cfg = self.config.checker(name)
+        full_every = cfg.full_interval_seconds or checker.default_full_interval_seconds
+        last_full = self.store.state(name).last_full_timestamp
+        if last_full is None or time.time() - last_full >= full_every:
+            return "full"
+        return "incremental"
+
+    def run_check(self, name: str, mode: str | None = None, *, publish: bool = True,
+                  on_leader_lost: Callable[[], None] | None = None) -> CheckResult | None:
+        """Run one checker now. Returns None when another replica holds this checker's lease."""
+        checker = self.checkers[name]
+        token = self.coordinator.acquire(f"check:{name}")
+        if not token:
+            return None
+        with self._locks[name]:
+            result, ctx = self._execute(checker, mode or self.choose_mode(name))
+            if publish:
+                self._publish(checker, result, ctx, token)
+            return result
+
+    def _execute(self, checker: Checker, mode: str) -> tuple[CheckResult, CheckContext | None]:
+        cfg = self.config.checker(checker.name)
+        started = time.time()
+        t0 = time.perf_counter()
+        redis_reason = redis_ping(self.redis)
+        redis = self.redis if redis_reason is None else None
+        if redis is None and mode == "incremental":
+            mode = "full"  # watermarks live in Redis: without it, sweep everything
+        ctx: CheckContext | None = None
+        error = None
+        try:
+            with self.db.snapshot(cfg.statement_timeout_seconds) as conn:
+                ctx = CheckContext(checker, conn, mode=mode, sample_limit=self.config.checks.sample_limit,
+                                   redis=redis, key_prefix=self.config.redis.key_prefix,
+                                   log=log.bind(checker=checker.name))
+                ctx.redis_reason = redis_reason  # type: ignore[attr-defined]
+                checker.run(ctx)
+        except DatabaseUnavailable as exc:
+            error = str(exc)
+        except psycopg.Error as exc:
+            error = explain(exc)
+        except Exception as exc:  # a bug in a checker is an error result, not a dead scheduler
+            error = f"checker raised {type(exc).__name__}: {redactor.scrub(str(exc))}"
+            log.exception("checker_crashed", checker=checker.name)
+        duration = time.perf_counter() - t0
+        if error is not None or ctx is None:
+            log.warning("check_error", checker=checker.name, error=error)
+            return CheckResult(checker.name, "error", mode, duration, error=error or "checker did not run",
+                               started_at=started, producer=self.coordinator.identity), None
+        for inv in checker.invariants:
+            if inv.needs_memory and redis is None:
+                ctx.skip(inv.id, f"needs memory across runs: {redis_reason}")
+            elif inv.id not in ctx.counts and inv.id not in ctx.skipped:
+                ctx.skip(inv.id, f"not judged by this run (mode {ctx.mode})")
+        counts = {k: ctx.counts[k] for k in (i.id for i in checker.invariants) if k in ctx.counts}
+        sample = [v for inv in checker.invariants for v in ctx.samples.get(inv.id, [])]
+        status = "fail" if any(counts.values()) else "pass"
+        return CheckResult(checker.name, status, ctx.mode, duration, counts, sample, dict(ctx.skipped),
+                           dict(ctx.summaries), None, started, self.coordinator.identity), ctx
+
+    def _publish(self, checker: Checker, result: CheckResult, ctx: CheckContext | None, token: Any) -> None:
+        # Fencing: a replica that lost its lease while it ran (paused, partitioned) publishes nothing.
+        if not self.coordinator.still_leader(f"check:{checker.name}", token):
+            log.warning("result_discarded_lost_lease", checker=checker.name)
+            return
+        self.store.put(result)
+        if self.metrics is not None:
+            self.metrics.observe_result(result)
+        try:
+            checker.observe(result)
+        except Exception:
+            log.exception("checker_observe_failed", checker=checker.name)
+        if ctx is not None and result.status != "error":
+            for fn in ctx._after_success:
+                try:
+                    fn()
+                except Exception as exc:
+                    log.warning("after_success_failed", checker=checker.name, error=redactor.scrub(str(exc)))
+        log.info("check_done", checker=checker.name, status=result.status, mode=result.mode,
+                 duration_seconds=round(result.duration_seconds, 4), violations=result.total_violations,
+                 skipped=len(result.skipped))
+
+    # ---- exporters -----------------------------------------------------------
+    def collect(self, name: str) -> None:
+        exporter = self.exporters[name]
+        t0 = time.perf_counter()
+        try:
+            families = self._collect(exporter)
+            ok = True
+        except Exception as exc:
+            ok = False
+            reason = explain(exc) if isinstance(exc, psycopg.Error) else f"{type(exc).__name__}: {exc}"
+            log.warning("collect_error", collector=name, error=redactor.scrub(reason))
+            families = list(exporter.on_error(exc))
+        if self.metrics is not None:
+            self.metrics.families.set(name, families)
+            self.metrics.collector_duration.labels(name).set(time.perf_counter() - t0)
+            if ok:
+                self.metrics.collector_last_success.labels(name).set(time.time())
+            else:
+                self.metrics.collector_errors.labels(name).inc()
+
+    def _collect(self, exporter: Exporter) -> list:
+        if not exporter.needs_database:
+            return list(exporter.collect(CollectContext(exporter, None, self.redis, self.config, log)))
+        # Exporters get a short timeout of their own: a slow stats query must not hold a pool slot for 30 s.
+        with self.db.snapshot(min(10.0, self.config.database.statement_timeout_seconds)) as conn:
+            return list(exporter.collect(CollectContext(exporter, conn, self.redis, self.config, log)))

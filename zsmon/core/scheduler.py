@@ -1,0 +1,73 @@
+"""APScheduler jobs: one per checker, one per exporter, one health probe.
+
+Every job has ``max_instances=1`` and ``coalesce``: a slow run is never stacked
+on itself, missed runs collapse into one. Jitter spreads replicas and jobs.
+Overlaps and errors are counted by listeners, not logged once per tick.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES,
+                                EVENT_JOB_SUBMITTED, JobExecutionEvent, JobSubmissionEvent)
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from zsmon.core.logging import get_logger
+
+log = get_logger("zsmon.scheduler")
+
+
+class Scheduler:
+    def __init__(self, max_workers: int, jitter_ratio: float, misfire_grace_seconds: float, metrics: Any = None) -> None:
+        self.metrics = metrics
+        self.jitter_ratio = jitter_ratio
+        self._sched = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers), "health": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": int(misfire_grace_seconds)},
+            timezone=timezone.utc,
+        )
+        self._sched.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR
+                                 | EVENT_JOB_MAX_INSTANCES)
+        self.intervals: dict[str, float] = {}
+
+    def add(self, job_id: str, fn: Callable[[], Any], interval_seconds: float, *, executor: str = "default",
+            first_run_delay: float = 0.0) -> None:
+        jitter = interval_seconds * self.jitter_ratio
+        self.intervals[job_id] = interval_seconds
+        self._sched.add_job(
+            fn, IntervalTrigger(seconds=interval_seconds, jitter=jitter or None), id=job_id, name=job_id,
+            executor=executor, next_run_time=datetime.now(timezone.utc) + timedelta(seconds=first_run_delay),
+        )
+
+    def _on_event(self, event: Any) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        job = event.job_id
+        if event.code == EVENT_JOB_SUBMITTED and isinstance(event, JobSubmissionEvent):
+            if event.scheduled_run_times:
+                lag = time.time() - event.scheduled_run_times[-1].timestamp()
+                m.job_lag.labels(job).set(max(0.0, lag))
+        elif event.code == EVENT_JOB_EXECUTED:
+            m.job_runs.labels(job).inc()
+        elif event.code == EVENT_JOB_ERROR and isinstance(event, JobExecutionEvent):
+            m.job_runs.labels(job).inc()
+            m.job_errors.labels(job).inc()
+            log.error("job_failed", job=job, error=f"{type(event.exception).__name__}: {event.exception}")
+        elif event.code == EVENT_JOB_MAX_INSTANCES:
+            m.job_skipped.labels(job).inc()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._sched.running)
+
+    def start(self) -> None:
+        self._sched.start()
+
+    def shutdown(self) -> None:
+        if self._sched.running:
+            self._sched.shutdown(wait=False)

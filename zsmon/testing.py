@@ -1,0 +1,121 @@
+"""pytest fixtures for zsmon and for anyone writing a checker (``pytest_plugins = ["zsmon.testing"]``).
+
+Real services only: each test session creates its own database on the local
+PostgreSQL (``ZSMON_TEST_DSN``, default ``postgresql://postgres@127.0.0.1:5432/postgres``),
+loads the platform schema and drops the database at the end. Redis tests get
+their own key prefix on the local Redis (``ZSMON_TEST_REDIS``, default
+``redis://127.0.0.1:6379/0``), deleted afterwards.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Callable, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from zsmon.demo import schema_sql
+
+ADMIN_DSN = os.environ.get("ZSMON_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("ZSMON_TEST_REDIS", "redis://127.0.0.1:6379/0")
+PLATFORM_TABLES = ("channel_transactions", "payment_channels", "accounts", "bids", "auctions",
+                   "reputation_events", "reputation_scores", "tasks", "agents", "audit_logs")
+
+
+@pytest.fixture(scope="session")
+def db_url() -> Iterator[str]:
+    """DSN of a fresh database holding the platform schema, dropped after the session."""
+    name = f"zsmon_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = conninfo_to_dict(ADMIN_DSN)
+    params["dbname"] = name
+    url = make_conninfo(**params)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(schema_sql())
+        yield url
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def writer(db_url: str) -> Iterator[psycopg.Connection]:
+    """A read-write connection to the test database, as the platform would have; tables start empty."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, PLATFORM_TABLES))))
+        yield conn
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the local Redis; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"zsmon-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def _redis_env() -> dict[str, str]:
+    import redis
+
+    kw = redis.Redis.from_url(REDIS_URL).connection_pool.connection_kwargs
+    return {"REDIS_HOST": str(kw.get("host", "127.0.0.1")), "REDIS_PORT": str(kw.get("port", 6379))}
+
+
+@pytest.fixture
+def make_config(db_url: str, redis_prefix: str, tmp_path) -> Callable[..., Any]:
+    """Build a real Config (YAML file + env) pointing at the test database and Redis.
+
+    ``make_config(checkers={"payments": {"settings": {...}}}, redis=False)``
+    """
+    import yaml
+
+    from zsmon.core.config import load_config
+
+    def build(redis: bool = True, env: dict[str, str] | None = None, **sections: Any) -> Any:
+        data: dict[str, Any] = {"redis": {"key_prefix": redis_prefix}, **sections}
+        if not redis:
+            data["redis"] = {"enabled": False}
+        path = tmp_path / f"zsmon-{uuid.uuid4().hex[:6]}.yml"
+        path.write_text(yaml.safe_dump(data))
+        full_env = {"ZSMON_DATABASE_URL": db_url, **(_redis_env() if redis else {}), **(env or {})}
+        return load_config(path, env=full_env)
+
+    return build
+
+
+@pytest.fixture
+def run_check(make_config) -> Iterator[Callable[..., Any]]:
+    """Run one checker once against the test database: ``run_check("payments", mode="full", **config)``.
+
+    Returns the ``CheckResult``. Runners are reused per config so memory across runs
+    (Redis) and the last-full timestamp behave as in the sidecar when the same
+    ``config`` object is passed again via ``config=``.
+    """
+    from zsmon.core.service import build_runner
+
+    opened: list[Any] = []
+
+    def run(name: str, mode: str | None = None, config: Any = None, **sections: Any) -> Any:
+        cfg = config if config is not None else make_config(**sections)
+        runner = next((r for r in opened if r.config is cfg), None)
+        if runner is None:
+            runner = build_runner(cfg, only=[name])
+            opened.append(runner)
+        return runner.run_check(name, mode=mode)
+
+    yield run
+    for runner in opened:
+        runner.db.close()
