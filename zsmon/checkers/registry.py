@@ -40,6 +40,10 @@ def checker_classes() -> dict[str, type[Checker]]:
     plugins = _plugins()
     found: dict[str, type[Checker]] = {}
     for cls in named_subclasses(Checker):
+        # Only this package's modules: a class defined elsewhere (a test, a plugin not declared
+        # through an entry point) is not silently picked up.
+        if not cls.__module__.startswith(package.__name__ + "."):
+            continue
         name = cls.name
         if name in found and found[name] is not cls:
             raise RegistryError(f"two checkers are named {name!r}: {found[name].__module__} and {cls.__module__}")
