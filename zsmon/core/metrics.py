@@ -75,7 +75,8 @@ class CachedFamilies:
 
 
 class Metrics:
-    def __init__(self, store: ResultStore, checker_names: Iterable[str] = (), job_names: Iterable[str] = ()) -> None:
+    def __init__(self, store: ResultStore, checker_names: Iterable[str] = (), job_names: Iterable[str] = (),
+                 collector_names: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.check_runs = Counter("zerostate_invariant_check_runs", "Checker runs by outcome.",
@@ -110,6 +111,8 @@ class Metrics:
             self.job_runs.labels(job)
             self.job_errors.labels(job)
             self.job_skipped.labels(job)
+        for collector in collector_names:  # errors at 0 from the start, so rate() works before the first failure
+            self.collector_errors.labels(collector)
         self.families = CachedFamilies()
         r.register(ResultsCollector(store))
         r.register(self.families)

@@ -94,7 +94,7 @@ class Service:
         checkers = build_checkers(config)
         exporters = build_exporters(config)
         self.metrics = Metrics(self.store, checkers, [f"check:{n}" for n in checkers]
-                               + [f"collect:{n}" for n in exporters] + ["health"])
+                               + [f"collect:{n}" for n in exporters] + ["health"], collector_names=exporters)
         for checker in checkers.values():
             checker.register_metrics(self.metrics.registry)
         self.runner = build_runner(config, metrics=self.metrics, store=self.store, exporters=exporters)
