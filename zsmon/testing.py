@@ -119,3 +119,112 @@ def run_check(make_config) -> Iterator[Callable[..., Any]]:
     yield run
     for runner in opened:
         runner.db.close()
+
+
+# ---- a private PostgreSQL cluster a test may stop, pause and restart -------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivatePostgres:
+    """A throw-away cluster (initdb + pg_ctl from Debian's PostgreSQL) on its own port."""
+
+    BIN = os.environ.get("ZSMON_PG_BIN", "/usr/lib/postgresql/15/bin")
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="zsmon-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self.port = free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            import shutil
+
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(schema_sql())
+
+    def _run(self, tool: str, *args: str) -> None:
+        import subprocess
+
+        cmd = [os.path.join(self.BIN, tool), *args]
+        if self._as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def pid(self) -> int:
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            return int(f.readline())
+
+    def destroy(self) -> None:
+        import shutil
+
+        try:
+            self.stop()
+        except Exception:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    pg = PrivatePostgres()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+# ---- the whole sidecar, in process ----------------------------------------------------
+LOCAL_HTTP = {"metrics_listen": "127.0.0.1:0", "api_listen": "127.0.0.1:0"}
+
+
+class running_service:
+    """``with running_service(config) as svc:`` starts the sidecar on ephemeral ports.
+
+    ``svc.url("metrics", "/metrics")`` and ``svc.url("api", "/api/v1/checks")`` build URLs.
+    """
+
+    def __init__(self, config: Any) -> None:
+        from zsmon.core.service import Service
+
+        self.service = Service(config)
+
+    def __enter__(self) -> "running_service":
+        self.service.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.service.stop()
+
+    def url(self, listener: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.service.ports[listener]}{path}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
+    """Poll until ``predicate()`` is truthy; return its value or fail with the timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

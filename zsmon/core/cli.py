@@ -158,6 +158,27 @@ def checkers_list(ctx: click.Context) -> None:
         click.echo(f"{name:<14} {c.source:<8} every {every:g}s  {', '.join(i.id for i in c.invariants)}")
 
 
+@cli.group("config")
+def config_group() -> None:
+    """Validate the configuration or print its reference."""
+
+
+@config_group.command("check")
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Validate the config file and environment; print nothing but errors (exit 2) or 'ok'."""
+    config = _load(ctx)
+    click.echo(f"ok: {config.source or 'no file (defaults and environment)'}")
+
+
+@config_group.command("reference")
+def config_reference() -> None:
+    """Print docs/configuration.md: every key, its type, default, env var and meaning."""
+    from zsmon.core.config_docs import reference
+
+    click.echo(reference(), nl=False)
+
+
 @cli.command()
 def version() -> None:
     """Print zsmon's version."""

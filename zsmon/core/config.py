@@ -31,33 +31,42 @@ def _listen(value: str) -> str:
 
 
 class DatabaseConfig(_Strict):
+    """The monitored PostgreSQL. zsmon's sessions are read-only and time-bounded."""
+
     url: SecretStr | None = Field(None, description="A full libpq DSN; overrides host/port/user/password/name/sslmode.")
-    host: str = "127.0.0.1"
-    port: int = Field(5432, ge=1, le=65535)
-    user: str = "postgres"
-    password: SecretStr = SecretStr("")
-    name: str = "zerostate"
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
-    max_connections: int = Field(4, ge=1, le=1000)
-    statement_timeout_seconds: float = Field(30.0, gt=0)
-    lock_timeout_seconds: float = Field(5.0, gt=0)
-    connect_timeout_seconds: float = Field(5.0, gt=0)
+    host: str = Field("127.0.0.1", description="Database host.")
+    port: int = Field(5432, ge=1, le=65535, description="Database port.")
+    user: str = Field("postgres", description="Role to connect as (needs SELECT and pg_monitor; see docs/deployment.md).")
+    password: SecretStr = Field(SecretStr(""), description="Password; never logged.")
+    name: str = Field("zerostate", description="Database name.")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        "prefer", description="libpq sslmode.")
+    max_connections: int = Field(4, ge=1, le=1000, description="Pool size: checkers and exporters running at once.")
+    statement_timeout_seconds: float = Field(30.0, gt=0, description="Default statement_timeout of every session; "
+                                             "a checker may override it.")
+    lock_timeout_seconds: float = Field(5.0, gt=0, description="lock_timeout of every session.")
+    connect_timeout_seconds: float = Field(5.0, gt=0, description="How long to wait for a connection before the "
+                                           "run is an error.")
 
 
 class RedisConfig(_Strict):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(6379, ge=1, le=65535)
-    password: SecretStr | None = None
-    db: int = Field(0, ge=0)
-    tls: bool = False
-    key_prefix: str = "zsmon:"
-    socket_timeout_seconds: float = Field(2.0, gt=0)
+    """zsmon's memory across runs (watermarks, last-seen values, baselines) and HA leases. Optional."""
+
+    enabled: bool = Field(True, description="Use Redis. Without it, invariants needing memory report skipped.")
+    host: str = Field("127.0.0.1", description="Redis host; an empty REDIS_HOST disables Redis.")
+    port: int = Field(6379, ge=1, le=65535, description="Redis port.")
+    password: SecretStr | None = Field(None, description="Redis password; never logged.")
+    db: int = Field(0, ge=0, description="Redis database number.")
+    tls: bool = Field(False, description="Connect with TLS.")
+    key_prefix: str = Field("zsmon:", description="Prefix of every key zsmon writes.")
+    socket_timeout_seconds: float = Field(2.0, gt=0, description="Connect and read timeout.")
 
 
 class LoggingConfig(_Strict):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "console"
+    """Structured logs on stderr; secrets are redacted by a processor."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum level.")
+    format: Literal["json", "console"] = Field("console", description="json: one object per line; console: readable.")
 
     @field_validator("level", "format", mode="before")
     @classmethod
@@ -66,42 +75,54 @@ class LoggingConfig(_Strict):
 
 
 class HttpConfig(_Strict):
-    metrics_listen: str = "0.0.0.0:9090"
-    api_listen: str = "0.0.0.0:8080"
-    admin_token: SecretStr | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    max_body_bytes: int = Field(65536, ge=1024)
-    rate_limit_per_minute: int | None = Field(None, ge=1)
-    grafana_url: str | None = None
-    runbook_base_url: str = "https://github.com/zerostate/zsmon/blob/main/docs/runbooks"
+    """The two listeners: metrics (/metrics, /health, /ready) and API (checks API, admin, status page)."""
+
+    metrics_listen: str = Field("0.0.0.0:9090", description="HOST:PORT of the metrics listener.")
+    api_listen: str = Field("0.0.0.0:8080", description="HOST:PORT of the API listener.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /api and /admin; without it those "
+                                          "routes answer 403.")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve both listeners over TLS.")
+    tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
+    max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies get 413.")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="Requests per minute per client on /api and "
+                                              "/admin (unset: no limit).")
+    grafana_url: str | None = Field(None, description="Base URL of Grafana, for links from the status page.")
+    runbook_base_url: str = Field("https://github.com/zerostate/zsmon/blob/main/docs/runbooks",
+                                  description="Base URL of the runbooks linked from alerts and the status page.")
 
     _v_listen = field_validator("metrics_listen", "api_listen")(lambda cls, v: _listen(v))
 
 
 class SchedulerConfig(_Strict):
-    max_workers: int = Field(4, ge=1, le=64)
-    jitter_ratio: float = Field(0.1, ge=0, le=0.5)
-    health_interval_seconds: float = Field(5.0, gt=0)
-    misfire_grace_seconds: float = Field(30.0, gt=0)
+    """Every checker and exporter collection is a job with its own interval."""
+
+    max_workers: int = Field(4, ge=1, le=64, description="Jobs running at once.")
+    jitter_ratio: float = Field(0.1, ge=0, le=0.5, description="Random jitter as a share of each interval.")
+    health_interval_seconds: float = Field(5.0, gt=0, description="How often database and Redis health is probed "
+                                           "(drives /ready).")
+    misfire_grace_seconds: float = Field(30.0, gt=0, description="A run later than this is skipped, not run late.")
 
 
 class CheckerConfig(_Strict):
-    enabled: bool = True
-    interval_seconds: float | None = Field(None, gt=0)
-    full_interval_seconds: float | None = Field(None, gt=0)
-    statement_timeout_seconds: float | None = Field(None, gt=0)
-    settings: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = Field(True, description="Run this checker.")
+    interval_seconds: float | None = Field(None, gt=0, description="Seconds between runs (default: the checker's).")
+    full_interval_seconds: float | None = Field(None, gt=0, description="Seconds between full sweeps for checkers "
+                                                "with an incremental mode.")
+    statement_timeout_seconds: float | None = Field(None, gt=0, description="statement_timeout of this checker's runs.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="The checker's own settings (below).")
 
 
 class ExporterConfig(_Strict):
-    enabled: bool = True
-    interval_seconds: float | None = Field(None, gt=0)
-    settings: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = Field(True, description="Run this exporter.")
+    interval_seconds: float | None = Field(None, gt=0, description="Seconds between collections.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="The exporter's own settings (below).")
 
 
 class ChecksConfig(_Strict):
-    sample_limit: int = Field(100, ge=1, le=10000)
+    """Shared by every checker."""
+
+    sample_limit: int = Field(100, ge=1, le=10000, description="Violations listed per invariant (largest "
+                              "differences first); counts are always complete.")
 
 
 class Config(_Strict):
@@ -111,8 +132,8 @@ class Config(_Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
-    checkers: dict[str, CheckerConfig] = Field(default_factory=dict)
-    exporters: dict[str, ExporterConfig] = Field(default_factory=dict)
+    checkers: dict[str, CheckerConfig] = Field(default_factory=dict, description="Per-checker settings by name.")
+    exporters: dict[str, ExporterConfig] = Field(default_factory=dict, description="Per-exporter settings by name.")
     # Where the config came from, for messages (not a key).
     source: str | None = Field(None, exclude=True)
 

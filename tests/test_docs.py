@@ -1,0 +1,38 @@
+"""Docs that are generated must be current, and every config key must say what it does."""
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from zsmon.checkers.registry import checker_classes
+from zsmon.core.config import Config
+from zsmon.core.config_docs import reference
+from zsmon.exporters.registry import exporter_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_configuration_reference_is_current():
+    assert (ROOT / "docs/configuration.md").read_text() == reference(), \
+        "docs/configuration.md is stale: run `zsmon config reference > docs/configuration.md`"
+
+
+def _undocumented(model: type[BaseModel], prefix: str) -> list[str]:
+    missing = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            missing += _undocumented(ann, f"{prefix}{name}.")
+        elif not field.description:
+            missing.append(prefix + name)
+    return missing
+
+
+def test_every_key_has_a_description():
+    missing = _undocumented(Config, "")
+    for name, cls in checker_classes().items():
+        missing += _undocumented(cls.Settings, f"checkers.{name}.settings.")
+    for name, cls in exporter_classes().items():
+        missing += _undocumented(cls.Settings, f"exporters.{name}.settings.")
+    assert not missing, f"config keys without a description: {missing}"
