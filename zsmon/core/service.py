@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -58,11 +59,12 @@ def build_exporters(config: Config) -> dict[str, Exporter]:
 
 
 def build_runner(config: Config, only: Iterable[str] | None = None, metrics: Any = None,
-                 store: ResultStore | None = None, exporters: dict[str, Exporter] | None = None) -> Runner:
+                 store: ResultStore | None = None, exporters: dict[str, Exporter] | None = None,
+                 checkers: dict[str, Checker] | None = None) -> Runner:
     db = Database(config.database)
     db.open()
-    return Runner(config, db, make_redis(config.redis), build_checkers(config, only), exporters or {},
-                  store or ResultStore(), metrics)
+    return Runner(config, db, make_redis(config.redis), checkers if checkers is not None else build_checkers(config, only),
+                  exporters or {}, store or ResultStore(), metrics)
 
 
 def _interval(cls_default: float, configured: float | None) -> float:
@@ -97,8 +99,8 @@ class Service:
                                + [f"collect:{n}" for n in exporters] + ["health"], collector_names=exporters)
         for checker in checkers.values():
             checker.register_metrics(self.metrics.registry)
-        self.runner = build_runner(config, metrics=self.metrics, store=self.store, exporters=exporters)
-        self.runner.checkers = checkers
+        self.runner = build_runner(config, metrics=self.metrics, store=self.store, exporters=exporters,
+                                   checkers=checkers)
         self.scheduler = Scheduler(config.scheduler.max_workers, config.scheduler.jitter_ratio,
                                    config.scheduler.misfire_grace_seconds, self.metrics)
         self._db_reason: str | None = "database not checked yet"
@@ -118,7 +120,7 @@ class Service:
             "name": name, "description": checker.description, "source": checker.source,
             "interval_seconds": _interval(checker.default_interval_seconds, self.config.checker(name).interval_seconds),
             "supports_incremental": checker.supports_incremental,
-            "invariants": [vars(i) | {} for i in checker.invariants],
+            "invariants": [dataclasses.asdict(i) for i in checker.invariants],
         }
 
     def readiness(self) -> list[str]:
