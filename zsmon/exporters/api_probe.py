@@ -100,6 +100,8 @@ class ApiProbeExporter(Exporter):
             with requests.get(url, timeout=(timeout, timeout), stream=True, allow_redirects=False,
                               verify=self.settings.verify_tls, headers=self._headers) as response:
                 return _Outcome(response.status_code, time.perf_counter() - t0, None)
+        except requests.Timeout:  # connect or read: one reason, so a flapping cause does not log twice
+            return _Outcome(0, time.perf_counter() - t0, "Timeout")
         except requests.RequestException as exc:
             return _Outcome(0, time.perf_counter() - t0, type(exc).__name__)
 
