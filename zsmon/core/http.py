@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import zsmon
+from zsmon.core.status import register_status_page
 
 
 class BodyLimit:
@@ -153,6 +154,7 @@ def create_api_app(service: Any) -> FastAPI:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     _health_routes(app, service)
+    register_status_page(app, service)
     auth = [Depends(require_token)]
 
     def _run(name: str) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""The status page at GET / of the API listener: counts for everyone, details only after signing in."""
+from __future__ import annotations
+
+import contextlib
+import re
+from decimal import Decimal
+from types import SimpleNamespace
+
+import psycopg
+import requests
+
+from zsmon.core.results import CheckResult, Violation
+from zsmon.core.status import COOKIE, register_status_page, session_value
+from zsmon.testing import LOCAL_HTTP, running_service, wait_for
+
+TOKEN = "status-token-5e0b"
+# The planted fault: a column the schema checker requires, renamed away (restored afterwards).
+PLANTED_ENTITY = "reputation_events.score_delta"
+
+
+@contextlib.contextmanager
+def renamed_column(db_url: str):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE reputation_events RENAME COLUMN score_delta TO score_delta_gone")
+        try:
+            yield
+        finally:
+            conn.execute("ALTER TABLE reputation_events RENAME COLUMN score_delta_gone TO score_delta")
+
+
+def _config(make_config, **http):
+    return make_config(http={**LOCAL_HTTP, "admin_token": TOKEN, "grafana_url": "http://grafana.example:3000",
+                             **http},
+                       scheduler={"health_interval_seconds": 0.5}, checkers={"schema": {"interval_seconds": 0.5}})
+
+
+def _schema_failing(svc, cookies=None):
+    page = requests.get(svc.url("api", "/"), cookies=cookies, timeout=5)
+    return page if re.search(r'id="checker-schema">\s*<h2>schema</h2> <span class="badge fail">', page.text) else None
+
+
+def test_without_token_no_details_with_token_the_planted_entity(make_config, db_url):
+    with running_service(_config(make_config)) as svc, renamed_column(db_url):
+        page = wait_for(lambda: _schema_failing(svc), timeout=20)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        html = page.text
+        # What everyone sees: the checker, its status and counts, the links; never the entities.
+        assert '<meta http-equiv="refresh" content="10">' in html and 'name="viewport"' in html
+        assert "required_columns_present</code>: 1" in html and "mode full" in html and "last run" in html
+        assert 'href="http://grafana.example:3000/' in html and "/runbooks/schema.md" in html
+        assert PLANTED_ENTITY not in html and "score_delta" not in html and "skipped (" not in html
+        assert 'href="/login"' in html
+        assert "no-store" in page.headers["cache-control"] and "default-src 'none'" in page.headers[
+            "content-security-policy"]
+        assert "<script" not in html and "http://" not in html.replace("http://grafana.example:3000", "")
+
+        # A wrong token: 401, no cookie, still no details.
+        bad = requests.post(svc.url("api", "/login"), data={"token": "wrong"}, allow_redirects=False, timeout=5)
+        assert bad.status_code == 401 and COOKIE not in bad.cookies and "Wrong token" in bad.text
+        # The token itself as a cookie is no session (the cookie is derived from it).
+        assert PLANTED_ENTITY not in requests.get(svc.url("api", "/"), cookies={COOKIE: TOKEN}, timeout=5).text
+
+        # Signing in: a 303 to / with an HttpOnly, SameSite=Strict cookie that is not the token.
+        ok = requests.post(svc.url("api", "/login"), data={"token": TOKEN}, allow_redirects=False, timeout=5)
+        assert ok.status_code == 303 and ok.headers["location"] == "/"
+        set_cookie = ok.headers["set-cookie"]
+        assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
+        assert TOKEN not in set_cookie and ok.cookies[COOKIE] == session_value(TOKEN)
+        detailed = requests.get(svc.url("api", "/"), cookies=ok.cookies, timeout=5).text
+        assert f'<td class="entity">column {PLANTED_ENTITY}</td>' in detailed
+        assert "<td class=\"num\">present</td>" in detailed and "<td class=\"num\">missing</td>" in detailed
+        assert "Sign out" in detailed
+        # The login form never refreshes itself (it would wipe a half-typed token).
+        form = requests.get(svc.url("api", "/login"), timeout=5).text
+        assert 'http-equiv="refresh"' not in form and 'type="password"' in form
+
+        out = requests.post(svc.url("api", "/logout"), cookies=ok.cookies, allow_redirects=False, timeout=5)
+        assert out.status_code == 303 and 'zsmon_status=""' in out.headers["set-cookie"]
+
+
+def test_without_a_configured_token_nobody_signs_in(make_config):
+    cfg = make_config(http=LOCAL_HTTP, checkers={"schema": {"interval_seconds": 0.5}})
+    with running_service(cfg) as svc:
+        page = requests.get(svc.url("api", "/"), timeout=5)
+        assert page.status_code == 200 and 'id="checker-schema"' in page.text
+        r = requests.post(svc.url("api", "/login"), data={"token": ""}, allow_redirects=False, timeout=5)
+        assert r.status_code == 403 and "No admin token is configured" in r.text and COOKIE not in r.cookies
+        # A forged cookie for an empty token opens nothing.
+        assert "Sign out" not in requests.get(svc.url("api", "/"), cookies={COOKIE: session_value("")},
+                                              timeout=5).text
+
+
+def test_violation_text_is_escaped_and_error_and_skipped_need_the_session(tmp_path):
+    """Entity ids and details come from the monitored database: they are escaped, never markup."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from zsmon.core.config import load_config
+
+    config = load_config(env={"ADMIN_TOKEN": TOKEN})
+    evil = Violation("channel_conservation", "channel", "<script>alert(1)</script>", Decimal("100.00000000"),
+                     Decimal("105.00000000"), Decimal("5.00000000"), 'detail "<b>x</b>"')
+    results = [
+        CheckResult("payments", "fail", "full", 0.25, {"channel_conservation": 1}, [evil],
+                    {"sequence_regression": "needs memory across runs: Redis is off"}),
+        CheckResult("auctions", "error", "full", 0.1, error="database unreachable at db:5432"),
+    ]
+    checkers = {"payments": SimpleNamespace(description="Money is conserved.", invariants=()),
+                "auctions": SimpleNamespace(description="", invariants=()),
+                "reputation": SimpleNamespace(description="", invariants=())}
+    service = SimpleNamespace(config=config, latest_results=lambda: results, readiness=lambda: ["scheduler is "
+                              "not running"], runner=SimpleNamespace(checkers=checkers))
+    app = FastAPI()
+    register_status_page(app, service)
+    client = TestClient(app)
+    anonymous = client.get("/").text
+    assert "not ready" in anonymous and "scheduler is not running" in anonymous
+    assert 'id="checker-reputation"' in anonymous and "not run yet" in anonymous
+    assert "alert(1)" not in anonymous and "database unreachable" not in anonymous and "Redis is off" not in anonymous
+    client.cookies.set(COOKIE, session_value(TOKEN))
+    detailed = client.get("/").text
+    assert "<script>alert(1)</script>" not in detailed and "&lt;script&gt;alert(1)&lt;/script&gt;" in detailed
+    assert "&lt;b&gt;x&lt;/b&gt;" in detailed and "105.00000000" in detailed and "5.00000000" in detailed
+    assert "error: database unreachable at db:5432" in detailed
+    assert "Redis is off" in detailed
+    assert "<title>FAIL (1) - zsmon status</title>" in detailed
