@@ -55,6 +55,9 @@ class Checker:
     default_full_interval_seconds: ClassVar[float] = 3600.0
     # Where the checker came from: builtin, plugin (entry point) or yaml.
     source: ClassVar[str] = "builtin"
+    # A runbook of the checker's own (YAML checkers, plugins); None: the default page under
+    # http.runbook_base_url. Alerts and the status page link to it.
+    runbook_url: ClassVar[str | None] = None
 
     def __init__(self, settings: CheckerSettings | None = None) -> None:
         self.settings = settings if settings is not None else self.Settings()

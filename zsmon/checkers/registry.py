@@ -1,19 +1,22 @@
-"""Finds every checker: the modules of this package, then installed plugins.
+"""Finds every checker: the modules of this package, installed plugins, then YAML files.
 
-Adding a checker means adding one module here (or one installed package that
-declares a ``zsmon.checkers`` entry point). The scheduler, the metrics, the API
-and the renderers all read this registry, so nothing else needs editing.
+Adding a checker means adding one module here, one installed package that
+declares a ``zsmon.checkers`` entry point (``source = "plugin"``), or one YAML
+file on ``checks.paths`` / ``$ZSMON_CHECKERS_PATH`` (``source = "yaml"``, see
+``declarative.py``). The scheduler, the metrics, the API and the renderers all
+read this registry, so nothing else needs editing.
 """
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 
 import zsmon.checkers as package
+from zsmon.checkers import declarative
 from zsmon.checkers.base import Checker
 from zsmon.core.discovery import import_submodules, named_subclasses
 
 ENTRY_POINT_GROUP = "zsmon.checkers"
-_NOT_CHECKERS = {"base", "registry"}
+_NOT_CHECKERS = {"base", "registry", "declarative"}
 
 
 class RegistryError(Exception):
@@ -35,7 +38,10 @@ def _plugins() -> dict[str, type[Checker]]:
 
 
 def checker_classes() -> dict[str, type[Checker]]:
-    """Every checker class by name, built-in first, sorted by name."""
+    """Every checker class by name (built-in, plugin, YAML), sorted by name.
+
+    A YAML file that is invalid or reuses a taken name raises ``ConfigError``.
+    """
     import_submodules(package, _NOT_CHECKERS)
     plugins = _plugins()
     found: dict[str, type[Checker]] = {}
@@ -51,5 +57,11 @@ def checker_classes() -> dict[str, type[Checker]]:
     for name, cls in plugins.items():
         if name in found and found[name] is not cls:
             raise RegistryError(f"plugin checker {name!r} clashes with {found[name].__module__}")
+        found[name] = cls
+    for name, cls in declarative.load().items():
+        if name in found:
+            raise declarative.DeclarativeError(
+                f"checker file {cls.path}: name: {name!r} is already taken by the {found[name].source} "
+                f"checker in {found[name].__module__}; choose another name")
         found[name] = cls
     return dict(sorted(found.items()))

@@ -123,6 +123,14 @@ class ChecksConfig(_Strict):
 
     sample_limit: int = Field(100, ge=1, le=10000, description="Violations listed per invariant (largest "
                               "differences first); counts are always complete.")
+    paths: list[Path] = Field(default_factory=list, description="Directories (their *.yml/*.yaml files) or files "
+                              "of declarative YAML checkers (docs/writing-a-checker.md); relative to the config "
+                              "file. The environment variable takes a colon-separated list.")
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _split_paths(cls, v: Any) -> Any:
+        return [p for p in v.split(os.pathsep) if p.strip()] if isinstance(v, str) else v
 
 
 class Config(_Strict):
@@ -178,6 +186,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "ADMIN_TOKEN": ("http", "admin_token"),
     "TLS_CERT_FILE": ("http", "tls_cert_file"),
     "TLS_KEY_FILE": ("http", "tls_key_file"),
+    "ZSMON_CHECKERS_PATH": ("checks", "paths"),
 }
 _SECRET_LEAVES = {"password", "url", "admin_token"}
 
@@ -252,6 +261,12 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     except ValidationError as exc:
         raise ConfigError(_explain(exc, path, node, from_env)) from None
     config.source = str(path) if path else None
+    if path is not None and ("checks", "paths") not in from_env:
+        base = Path(path).parent
+        config.checks.paths = [p if p.is_absolute() else base / p for p in config.checks.paths]
+    from zsmon.checkers import declarative
+
+    declarative.configure(config.checks.paths)  # the registry reads YAML checkers from here
     _validate_plugins(config, path, node)
     return config
 

@@ -85,9 +85,13 @@ def reference() -> str:
         out += [f"## `{section}`", "", (model.__doc__ or "").strip(), "", *_table(model, f"{section}.", env), ""]
     from zsmon.core.config import CheckerConfig, ExporterConfig
 
-    out += ["## `checkers.<name>`", "", "Every checker takes these keys; its own settings go under `settings`.", "",
+    out += ["## `checkers.<name>`", "", "Every checker takes these keys; its own settings go under `settings`. "
+            "Below: the built-in checkers. Plugin and YAML checkers take the same keys; "
+            "`zsmon checkers explain NAME` prints their invariants and settings.", "",
             *_table(CheckerConfig, "checkers.<name>.", env), ""]
     for name, cls in checker_classes().items():
+        if cls.source != "builtin":  # installed plugins and YAML files vary by machine: `zsmon checkers explain`
+            continue
         out += [f"### checker `{name}`", "", cls.description, "",
                 f"Invariants: {', '.join(f'`{i.id}`' for i in cls.invariants)}. "
                 f"Default interval {cls.default_interval_seconds:g} s"
