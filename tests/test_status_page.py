@@ -67,8 +67,9 @@ def test_without_token_no_details_with_token_the_planted_entity(make_config, db_
         assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
         assert TOKEN not in set_cookie and ok.cookies[COOKIE] == session_value(TOKEN)
         detailed = requests.get(svc.url("api", "/"), cookies=ok.cookies, timeout=5).text
-        assert f'<td class="entity">column {PLANTED_ENTITY}</td>' in detailed
-        assert "<td class=\"num\">present</td>" in detailed and "<td class=\"num\">missing</td>" in detailed
+        assert f'<td data-label="entity" class="entity">column {PLANTED_ENTITY}</td>' in detailed
+        assert 'data-label="expected" class="num">present</td>' in detailed
+        assert 'data-label="actual" class="num">missing</td>' in detailed
         assert "Sign out" in detailed
         # The login form never refreshes itself (it would wipe a half-typed token).
         form = requests.get(svc.url("api", "/login"), timeout=5).text

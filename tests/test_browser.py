@@ -1,0 +1,168 @@
+"""The status page in a real browser: Debian's chromium, headless, against a running sidecar.
+
+Two views, as a person would meet them:
+- a passer-by: ``chromium --dump-dom`` and ``--screenshot`` of ``/`` (plain CLI) show the
+  failing checker and its count, and no entity;
+- an operator who signs in: chromium driven through its DevTools protocol over
+  ``--remote-debugging-pipe`` (no extra package, no port) opens ``/login``, types the
+  token into the form and submits it, exactly as by hand; the page it lands on shows
+  the planted violation's entity. The status page has no ``?token=`` shortcut, so the
+  login form is the only way in, and the test goes through it.
+Screenshots are saved under ``artifacts/`` (git-ignored) as test artifacts.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from zsmon.testing import LOCAL_HTTP, running_service, wait_for
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+TOKEN = "browser-token-91c2"
+PLANTED_ENTITY = "reputation_events.score_delta"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (.ci/run installs it)")
+
+
+@contextlib.contextmanager
+def renamed_column(db_url: str):
+    """The planted fault: a column the schema checker requires, renamed away (restored afterwards)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE reputation_events RENAME COLUMN score_delta TO score_delta_gone")
+        try:
+            yield
+        finally:
+            conn.execute("ALTER TABLE reputation_events RENAME COLUMN score_delta_gone TO score_delta")
+
+
+def chromium_cli(*args: str, timeout: float = 60) -> str:
+    with tempfile.TemporaryDirectory(prefix="zsmon-chromium-") as profile:
+        out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                             text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+class DevTools:
+    """Chromium's DevTools protocol over ``--remote-debugging-pipe``: JSON messages ended by NUL on fds 3/4."""
+
+    def __init__(self, window: str = "1100,900") -> None:
+        self.profile = tempfile.mkdtemp(prefix="zsmon-chromium-")
+        to_chrome_r, self._w = os.pipe()
+        self._r, from_chrome_w = os.pipe()
+
+        def fds() -> None:  # in the child: its fd 3 reads our commands, its fd 4 carries the answers
+            high_r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)  # out of the way of 3 and 4 first
+            high_w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe",
+             f"--window-size={window}", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=fds,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf = b""
+        self._id = 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method: str, session: str | None = None, **params):
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._w, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._r, 1 << 16)
+                if not chunk:
+                    raise EOFError("chromium closed the DevTools pipe")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._id:  # events (no id) are not needed here
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return answer["result"]
+
+    def page(self, method: str, **params):
+        return self.call(method, self.session, **params)
+
+    def eval(self, expression: str):
+        return self.page("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(10)
+        finally:
+            os.close(self._w)
+            os.close(self._r)
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def test_status_page_in_chromium(make_config, db_url):
+    ARTIFACTS.mkdir(exist_ok=True)
+    cfg = make_config(http={**LOCAL_HTTP, "admin_token": TOKEN}, scheduler={"health_interval_seconds": 0.5},
+                      checkers={"schema": {"interval_seconds": 0.5}})
+    with running_service(cfg) as svc, renamed_column(db_url):
+        url = svc.url("api", "/")
+        wait_for(lambda: "required_columns_present" in str([r.violation_counts for r in svc.service.latest_results()
+                                                            if r.status == "fail"]), timeout=20)
+
+        # A passer-by: the failing checker and its count, never the entity.
+        dom = chromium_cli("--dump-dom", url)
+        assert 'id="checker-schema"' in dom and '<span class="badge fail">fail</span>' in dom
+        assert "required_columns_present</code>: 1" in dom
+        assert PLANTED_ENTITY not in dom and "Sign in for violation details" in dom
+        shot = ARTIFACTS / "status-page-anonymous.png"
+        shot.unlink(missing_ok=True)
+        chromium_cli(f"--screenshot={shot}", "--window-size=1100,900", url)
+        assert shot.stat().st_size > 5000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # An operator signs in through the form, on a phone-sized window.
+        browser = DevTools(window="412,915")
+        try:
+            browser.page("Page.navigate", url=svc.url("api", "/login"))
+            wait_for(lambda: browser.eval("document.readyState === 'complete' && !!document.getElementById('token')"))
+            browser.eval(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+                         "document.querySelector('#login form').submit(); true")
+            wait_for(lambda: browser.eval("location.pathname === '/' && document.readyState === 'complete' "
+                                          "&& document.body.innerText.includes('Sign out')"), timeout=15)
+            text = browser.eval("document.body.innerText")
+            html = browser.eval("document.documentElement.outerHTML")
+            assert f"column {PLANTED_ENTITY}" in text and "present" in text and "missing" in text
+            assert f'<td data-label="entity" class="entity">column {PLANTED_ENTITY}</td>' in html
+            # The session cookie is HttpOnly: the page's scripts cannot read it.
+            assert "zsmon_status" not in browser.eval("document.cookie")
+            # Readable on a phone: nothing wider than the viewport but the scrollable violations table.
+            assert browser.eval("document.documentElement.scrollWidth <= window.innerWidth + 1")
+            phone = ARTIFACTS / "status-page-signed-in-phone.png"
+            browser.screenshot(phone)
+            assert phone.stat().st_size > 5000
+        finally:
+            browser.close()
+        assert browser.proc.returncode is not None
