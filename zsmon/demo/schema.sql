@@ -1,6 +1,6 @@
 -- The ZeroState platform's tables as zsmon reads them (see shared/domain.md).
 -- Used by the tests and the demo; zsmon itself never runs DDL against a monitored database.
-CREATE EXTENSION IF NOT EXISTS pgcrypto;
+-- gen_random_uuid() is built into PostgreSQL 13+: no pgcrypto needed (the embedded demo server ships no contrib).
 
 CREATE TABLE IF NOT EXISTS accounts (
     id              UUID PRIMARY KEY DEFAULT gen_random_uuid(),
