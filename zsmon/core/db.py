@@ -6,11 +6,19 @@ and ``READ ONLY`` transactions), time-bounded (``statement_timeout``,
 ``application_name=zsmon`` so a DBA can see it. psycopg-pool reconnects with
 exponential backoff after the database goes away. No error text built here
 carries the password: we only ever show host, port, database and user.
+
+A server that is paused (SIGSTOP, a frozen VM) or cut off by a partition that
+drops packets still accepts TCP and acknowledges data, so neither
+``statement_timeout`` (server side) nor TCP keepalives ever fire. Every
+round trip on a zsmon connection is therefore also bounded on the client: a
+wait longer than the statement timeout plus ``connect_timeout`` drops the
+connection and raises ``DatabaseUnresponsive`` (the run is ``error``; the pool
+opens a fresh connection once the server answers again).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, Iterator
 
 import psycopg
 from psycopg import IsolationLevel
@@ -22,6 +30,28 @@ from zsmon.core.config import ConfigError, DatabaseConfig
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached or a query failed for reasons outside the checker."""
+
+
+class DatabaseUnresponsive(psycopg.OperationalError):
+    """The server did not answer a round trip in time; the connection was dropped."""
+
+
+class BoundedConnection(psycopg.Connection):
+    """A connection whose every wait on the server is bounded by ``op_timeout`` seconds (client side)."""
+
+    op_timeout: float | None = None
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        if timeout is not None or not self.op_timeout:
+            return super().wait(gen, interval=interval, timeout=timeout)
+        try:
+            return super().wait(gen, interval=interval, timeout=self.op_timeout)
+        except psycopg.errors._WaitTimeout:  # noqa: SLF001 - psycopg's own signal for an expired wait
+            # The protocol state is unknown now: the connection cannot be reused.
+            with suppress(Exception):
+                self.pgconn.finish()
+            raise DatabaseUnresponsive(f"no answer from the database within {self.op_timeout:g}s "
+                                       "(server paused, overloaded or unreachable)") from None
 
 
 def _ms(seconds: float) -> int:
@@ -67,6 +97,17 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.read_only = True
 
 
+@contextmanager
+def _bounded(conn: Any, seconds: float) -> Iterator[None]:
+    """Bound every round trip on ``conn`` by ``seconds`` for the duration of the block."""
+    before = getattr(conn, "op_timeout", None)
+    conn.op_timeout = seconds
+    try:
+        yield
+    finally:
+        conn.op_timeout = before
+
+
 class Database:
     def __init__(self, cfg: DatabaseConfig) -> None:
         self.cfg = cfg
@@ -79,10 +120,21 @@ class Database:
             name="zsmon",
             timeout=cfg.connect_timeout_seconds,
             reconnect_timeout=0,  # never give up: keep retrying with backoff
-            configure=_configure,
-            check=ConnectionPool.check_connection,
+            configure=self._configure,
+            check=self._check,
+            connection_class=BoundedConnection,
             max_idle=300,
         )
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        _configure(conn)
+        # Round trips outside a snapshot (pool check, rollback on return) get the connect timeout.
+        conn.op_timeout = self.cfg.connect_timeout_seconds  # type: ignore[attr-defined]
+
+    def _check(self, conn: psycopg.Connection) -> None:
+        # A pooled connection to a paused server would hang its check forever: bound it.
+        with _bounded(conn, self.cfg.connect_timeout_seconds):
+            ConnectionPool.check_connection(conn)
 
     def open(self) -> None:
         self.pool.open(wait=False)
@@ -93,19 +145,22 @@ class Database:
     @contextmanager
     def snapshot(self, statement_timeout_seconds: float | None = None) -> Iterator[psycopg.Connection]:
         """One REPEATABLE READ READ ONLY transaction; rolled back at the end (nothing to commit)."""
+        timeout = statement_timeout_seconds or self.cfg.statement_timeout_seconds
         try:
             with self.pool.connection(timeout=self.cfg.connect_timeout_seconds) as conn:
-                with conn.transaction(force_rollback=True):
-                    timeout = statement_timeout_seconds or self.cfg.statement_timeout_seconds
-                    conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{_ms(timeout)}ms",))
-                    yield conn
+                # The server cancels a statement at statement_timeout; if it does not answer by then
+                # plus connect_timeout, it is not answering at all.
+                with _bounded(conn, timeout + self.cfg.connect_timeout_seconds):
+                    with conn.transaction(force_rollback=True):
+                        conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{_ms(timeout)}ms",))
+                        yield conn
         except PoolTimeout:
             raise DatabaseUnavailable(f"database {self.where} unavailable: no connection within "
                                       f"{self.cfg.connect_timeout_seconds:g}s") from None
 
     def ping(self, timeout: float = 2.0) -> None:
         try:
-            with self.pool.connection(timeout=timeout) as conn:
+            with self.pool.connection(timeout=timeout) as conn, _bounded(conn, timeout):
                 conn.execute("SELECT 1")
         except PoolTimeout:
             raise DatabaseUnavailable(f"database {self.where} unavailable: no connection within {timeout:g}s") from None
@@ -115,6 +170,10 @@ class Database:
 
 def explain(exc: BaseException) -> str:
     """A one-line reason for a database error, suitable for results, logs and the API."""
+    if isinstance(exc, DatabaseUnresponsive):
+        return str(exc)
+    if isinstance(exc, psycopg.errors.AdminShutdown):
+        return "connection terminated by the server mid-query (pg_terminate_backend, restart or shutdown)"
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return "query cancelled: statement_timeout exceeded (raise checkers.<name>.statement_timeout_seconds or add an index)"
     if isinstance(exc, psycopg.errors.LockNotAvailable):
