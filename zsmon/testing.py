@@ -171,9 +171,47 @@ class PrivatePostgres:
         with open(os.path.join(self.data, "postmaster.pid")) as f:
             return int(f.readline())
 
+    def pids(self) -> list[int]:
+        """The postmaster and every backend and auxiliary process it forked."""
+        root = self.pid()
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        out, todo = [], [root]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+        return out
+
+    def pause(self) -> None:
+        """SIGSTOP the whole server, as a frozen VM: TCP still connects, nothing answers."""
+        import signal
+
+        self._paused = self.pids()
+        for pid in self._paused:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        for pid in getattr(self, "_paused", []):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._paused = []
+
     def destroy(self) -> None:
         import shutil
 
+        self.resume()
         try:
             self.stop()
         except Exception:
@@ -188,6 +226,81 @@ def private_pg() -> Iterator[PrivatePostgres]:
         yield pg
     finally:
         pg.destroy()
+
+
+# ---- a private redis-server a test may stop, pause and restart ----------------------------
+class PrivateRedis:
+    """Debian's ``redis-server`` on its own port, no persistence; optionally password-protected.
+
+    ``stop()`` ends it, ``start()`` brings it back on the same port (empty), ``pause()``/``resume()``
+    send SIGSTOP/SIGCONT, ``client()`` returns a redis-py client.
+    """
+
+    BIN = os.environ.get("ZSMON_REDIS_SERVER", "/usr/bin/redis-server")
+
+    def __init__(self, password: str | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        self.proc: Any = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        cmd = [self.BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--daemonize", "no", "--loglevel", "warning"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client().ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def client(self, **kw: Any) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2,
+                           decode_responses=True, **kw)
+
+    def env(self) -> dict[str, str]:
+        """The environment variables pointing zsmon at this server."""
+        out = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(self.port)}
+        if self.password:
+            out["REDIS_PASSWORD"] = self.password
+        return out
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # ---- the whole sidecar, in process ----------------------------------------------------
