@@ -119,7 +119,10 @@ class Database:
             open=False,
             name="zsmon",
             timeout=cfg.connect_timeout_seconds,
-            reconnect_timeout=0,  # never give up: keep retrying with backoff
+            # No background backoff that could outlast an outage by minutes: a failed reconnect is
+            # retried once, then the next request (every run, every health probe) opens a new attempt,
+            # so zsmon reconnects within one interval of the database coming back.
+            reconnect_timeout=0,
             configure=self._configure,
             check=self._check,
             connection_class=BoundedConnection,
