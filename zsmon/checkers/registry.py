@@ -13,14 +13,15 @@ from importlib.metadata import entry_points
 import zsmon.checkers as package
 from zsmon.checkers import declarative
 from zsmon.checkers.base import Checker
+from zsmon.core.config import ConfigError
 from zsmon.core.discovery import import_submodules, named_subclasses
 
 ENTRY_POINT_GROUP = "zsmon.checkers"
 _NOT_CHECKERS = {"base", "registry", "declarative"}
 
 
-class RegistryError(Exception):
-    """A checker could not be loaded or two checkers share a name."""
+class RegistryError(ConfigError):
+    """A checker could not be loaded or two checkers share a name: a deployment mistake, one line, exit 2."""
 
 
 def _plugins() -> dict[str, type[Checker]]:

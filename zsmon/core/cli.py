@@ -137,25 +137,135 @@ def render(ctx: click.Context, out: str) -> None:
     click.echo(f"wrote {len(written)} files to {out}")
 
 
+@cli.command()
+@click.option("--duration", type=float, default=None, metavar="SECONDS", help="Stop after this long (default: Ctrl-C).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated traffic and faults.")
+@click.option("--faults/--no-faults", default=True, show_default=True, help="Plant a fault every --fault-every seconds.")
+@click.option("--fault-every", type=click.FloatRange(min=0.5), default=15.0, show_default=True, metavar="SECONDS")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Simulated platform operations per second, per simulator.")
+@click.option("--database-url", default=None, metavar="DSN",
+              help="Use this database instead of an embedded one (the simulators write to it; never production).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9090, show_default=True, help="0: any free port.")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
+@click.option("--check-interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True, metavar="SECONDS",
+              help="Seconds between runs of every checker.")
+def demo(duration: float | None, seed: int, faults: bool, fault_every: float, rate: float, database_url: str | None,
+         metrics_port: int, api_port: int, check_interval: float) -> None:
+    """Everything in one command: embedded PostgreSQL and Redis, simulated traffic with faults, the sidecar."""
+    from zsmon.demo.run import Options, main as demo_main
+
+    sys.exit(demo_main(Options(duration=duration, seed=seed, faults=faults, fault_every=fault_every, rate=rate,
+                               database_url=database_url, metrics_port=metrics_port, api_port=api_port,
+                               check_interval=check_interval)))
+
+
 @cli.group()
 def checkers() -> None:
     """Inspect the registry of checkers."""
 
 
-@checkers.command("list")
-@click.pass_context
-def checkers_list(ctx: click.Context) -> None:
-    """Every checker: name, source, interval, invariants."""
-    from zsmon.core.service import build_checkers
+def _checker_rows(config: Config) -> list[dict[str, Any]]:
+    """Every registered checker (enabled or not) as the list/explain commands show it."""
+    from zsmon.checkers.registry import checker_classes
 
+    rows = []
+    for name, cls in checker_classes().items():
+        cfg = config.checker(name)
+        raw = cfg.settings if isinstance(cfg.settings, cls.Settings) else cls.Settings.model_validate(cfg.settings)
+        rows.append({
+            "name": name, "source": cls.source, "enabled": cfg.enabled, "description": cls.description,
+            "origin": str(getattr(cls, "path", "") or cls.__module__),
+            "interval_seconds": cfg.interval_seconds or cls.default_interval_seconds,
+            "default_interval_seconds": cls.default_interval_seconds,
+            "supports_incremental": cls.supports_incremental,
+            "full_interval_seconds": (cfg.full_interval_seconds or cls.default_full_interval_seconds)
+            if cls.supports_incremental else None,
+            "statement_timeout_seconds": cfg.statement_timeout_seconds or config.database.statement_timeout_seconds,
+            "runbook_url": cls.runbook_url,
+            "invariants": [dict(vars(i)) for i in cls.invariants],
+            "settings": [{"key": key, "value": getattr(raw, key), "default": field.get_default(call_default_factory=True),
+                          "description": field.description or ""} for key, field in cls.Settings.model_fields.items()],
+            "sql": getattr(cls, "query", None),
+        })
+    return rows
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as one would write it in the YAML config."""
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        return str(value)
+    return json.dumps(value, default=str) if not isinstance(value, (int, float)) or isinstance(value, bool) \
+        else format(value, "g")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+@checkers.command("list")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_context
+def checkers_list(ctx: click.Context, fmt: str) -> None:
+    """Every checker: name, source (builtin, plugin, yaml), interval, invariants."""
     config = _load(ctx)
     try:
-        found = build_checkers(config)
+        rows = _checker_rows(config)
     except ConfigError as exc:
         _fail(str(exc))
-    for name, c in found.items():
-        every = config.checker(name).interval_seconds or c.default_interval_seconds
-        click.echo(f"{name:<14} {c.source:<8} every {every:g}s  {', '.join(i.id for i in c.invariants)}")
+    if fmt == "json":
+        keys = ("name", "source", "enabled", "interval_seconds", "invariants")
+        click.echo(json.dumps({"checkers": _jsonable([{k: r[k] for k in keys} for r in rows])}, indent=2))
+        return
+    width = max([len(r["name"]) for r in rows] + [7])
+    click.echo(f"{'CHECKER':<{width}}  {'SOURCE':<7}  {'INTERVAL':>8}  INVARIANTS")
+    for r in rows:
+        off = "" if r["enabled"] else "  (disabled)"
+        click.echo(f"{r['name']:<{width}}  {r['source']:<7}  {r['interval_seconds']:>7g}s  "
+                   f"{', '.join(i['id'] for i in r['invariants'])}{off}")
+
+
+@checkers.command("explain")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_context
+def checkers_explain(ctx: click.Context, name: str, fmt: str) -> None:
+    """One checker in full: invariants, settings with their values, the SQL of a YAML checker."""
+    config = _load(ctx)
+    try:
+        rows = {r["name"]: r for r in _checker_rows(config)}
+    except ConfigError as exc:
+        _fail(str(exc))
+    if name not in rows:
+        _fail(f"unknown checker {name!r}; known: {', '.join(rows)} (zsmon checkers list)")
+    r = rows[name]
+    if fmt == "json":
+        click.echo(json.dumps(_jsonable(r), indent=2))
+        return
+    out = [f"{r['name']} ({r['source']}, {r['origin']})", f"  {r['description']}", ""]
+    every = f"every {r['interval_seconds']:g}s"
+    if r["interval_seconds"] != r["default_interval_seconds"]:
+        every += f" (default {r['default_interval_seconds']:g}s)"
+    if r["supports_incremental"]:
+        every += f", incremental; full sweep every {r['full_interval_seconds']:g}s"
+    out += [f"  runs:              {every}{'' if r['enabled'] else ' - disabled'}",
+            f"  statement timeout: {r['statement_timeout_seconds']:g}s"]
+    if r["runbook_url"]:
+        out.append(f"  runbook:           {r['runbook_url']}")
+    out += ["", "  invariants:"]
+    for i in r["invariants"]:
+        memory = ", needs memory (Redis)" if i["needs_memory"] else ""
+        out += [f"    {i['id']}  [{i['severity']}, entity {i['entity_type']}{memory}]", f"      {i['description']}"]
+    if r["settings"]:
+        out += ["", f"  settings (checkers.{name}.settings):"]
+        for s in r["settings"]:
+            changed = "" if s["value"] == s["default"] else f" (default {_shown(s['default'])})"
+            out += [f"    {s['key']} = {_shown(s['value'])}{changed}", f"      {s['description']}"]
+    if r["sql"]:
+        out += ["", "  SQL (each row is a violation):", *("    " + line for line in r["sql"].splitlines())]
+    click.echo("\n".join(out))
 
 
 @cli.group("config")
