@@ -1,0 +1,142 @@
+"""``zsmon demo`` as a newcomer runs it: a subprocess that finds violations and leaves nothing running."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import requests
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from zsmon.demo import schema_sql
+from zsmon.demo.run import process_gone
+from zsmon.testing import ADMIN_DSN
+
+ZSMON = str(Path(sys.executable).with_name("zsmon"))
+PID = re.compile(r"\(pid (\d+)")
+
+
+class Demo:
+    """The demo in a subprocess; its stdout is read line by line on a thread."""
+
+    def __init__(self, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("ADMIN_TOKEN", "ZSMON_CONFIG")}
+        self.proc = subprocess.Popen([ZSMON, "demo", "--metrics-port", "0", "--api-port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                self.reader.join(5)
+                m = re.search(pattern, self.text)
+                if m:
+                    return m
+                raise AssertionError(f"demo exited {self.proc.returncode} before {pattern!r}:\n{self.text}\n"
+                                     f"{self.proc.stderr.read() if self.proc.stderr else ''}")
+            time.sleep(0.1)
+        raise AssertionError(f"no {pattern!r} within {timeout}s:\n{self.text}")
+
+    def finish(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.reader.join(5)
+        return rc
+
+    def pids(self) -> list[int]:
+        """The embedded PostgreSQL's and Redis's server pids, as the demo printed them."""
+        return [int(p) for p in PID.findall(self.text)]
+
+
+def _gone(pids: list[int], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not all(process_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_demo_finds_a_violation_and_leaves_nothing_running():
+    demo = Demo("--duration", "20", "--seed", "1")
+    demo.wait_for(r"admin token\s+(\S+)", 30)
+    pids = demo.pids()
+    assert len(pids) == 2 and not any(process_gone(p) for p in pids), demo.text
+    base = re.search(r"data in (/\S+?)/pgdata\)", demo.text).group(1)
+    assert Path(base).is_dir() and not base.startswith(str(Path.home()))
+    # Where to look works while it runs.
+    metrics = demo.wait_for(r"metrics\s+(http://\S+/metrics)", 1).group(1)
+    status = demo.wait_for(r"status page\s+(http://\S+/)", 1).group(1)
+    demo.wait_for(r"VIOLATION \S+/\S+ ", 25)
+    assert "zerostate_invariant_violations" in requests.get(metrics, timeout=5).text
+    page = requests.get(status, timeout=5)
+    assert page.status_code == 200 and "zsmon status" in page.text
+    rc = demo.finish(60)
+    assert rc == 0, demo.text + (demo.proc.stderr.read() if demo.proc.stderr else "")
+    assert "FAULT planted" in demo.text and re.search(r"summary: \d+ faults planted, [1-9]\d* violations found",
+                                                     demo.text)
+    assert _gone(pids), f"left running: {[p for p in pids if not process_gone(p)]}"
+    assert not Path(base).exists()
+
+
+def test_ctrl_c_stops_everything():
+    demo = Demo("--seed", "2", "--no-faults")
+    demo.wait_for(r"Ctrl-C stops it", 30)
+    pids = demo.pids()
+    assert len(pids) == 2
+    demo.proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    assert demo.finish(30) == 0
+    assert time.monotonic() - t0 < 15
+    assert "stopped: nothing left running" in demo.text and "FAULT" not in demo.text
+    assert _gone(pids), f"left running: {[p for p in pids if not process_gone(p)]}"
+
+
+def test_an_existing_database_keeps_its_schema():
+    name = f"zsmon_demo_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_conninfo(**{**conninfo_to_dict(ADMIN_DSN), "dbname": name})
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(schema_sql())
+        demo = Demo("--duration", "3", "--no-faults", "--database-url", url)
+        assert demo.finish(60) == 0, demo.text
+        assert "schema not loaded" in demo.text and "embedded PostgreSQL" not in demo.text
+        with psycopg.connect(url) as conn:  # the simulators' traffic went there
+            assert conn.execute("SELECT count(*) FROM reputation_scores").fetchone()[0] > 0
+        bad = subprocess.run([ZSMON, "demo", "--duration", "1", "--metrics-port", "0", "--api-port", "0",
+                              "--database-url", "postgresql://postgres@127.0.0.1:1/nope"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "zsmon: error: cannot connect to --database-url" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

