@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from zsmon.core.config import RedisConfig
 
@@ -24,6 +26,9 @@ def make_redis(cfg: RedisConfig) -> redis.Redis | None:
         socket_timeout=cfg.socket_timeout_seconds,
         socket_connect_timeout=cfg.socket_timeout_seconds,
         health_check_interval=30,
+        # redis-py's default (10 retries, exponential backoff) turns a Redis outage into ~10 s stalls of
+        # every run; one immediate retry covers a stale pooled socket, then the run goes on without Redis.
+        retry=Retry(NoBackoff(), 1),
         decode_responses=True,
     )
 
