@@ -257,19 +257,20 @@ def test_invalid_files_name_file_line_and_key(tmp_path, case, line_text, key, li
 
 
 QUERY_BAD = [
-    ("two statements", "SELECT 1 AS entity_id; SELECT 2", "expected exactly one SQL statement, found 2"),
-    ("a write", "DELETE FROM tasks RETURNING task_id AS entity_id", "declarative checkers only read"),
-    ("lone percent", "SELECT 'a%b' AS entity_id", "write %% for a literal percent sign"),
-    ("unknown param", "SELECT %(nope)s::text AS entity_id", "declares no 'nope'"),
+    ("two statements", "SELECT 1 AS entity_id; SELECT 2", 6, "expected exactly one SQL statement, found 2"),
+    ("a write", "DELETE FROM tasks RETURNING task_id AS entity_id", 6, "declarative checkers only read"),
+    ("lone percent", "SELECT 1 AS entity_id\n      WHERE 'a' LIKE 'a%'", 8, "write %% for a literal percent sign"),
+    ("unknown param", "SELECT %(nope)s::text AS entity_id", 7, "declares no 'nope'"),
 ]
 
 
-@pytest.mark.parametrize("case,query,message", QUERY_BAD, ids=[q[0] for q in QUERY_BAD])
-def test_queries_are_refused_before_they_run(tmp_path, case, query, message):
+@pytest.mark.parametrize("case,query,line,message", QUERY_BAD, ids=[q[0] for q in QUERY_BAD])
+def test_queries_are_refused_before_they_run(tmp_path, case, query, line, message):
     path = _write(tmp_path, "probe.yml", MINIMAL.format(name="probe", query=query))
     with pytest.raises(ConfigError) as err:
         declarative.load([path])
-    assert str(err.value).startswith(f"checker file {path} line 6: query: ") and message in str(err.value)
+    assert str(err.value).startswith(f"checker file {path} line {line}: query: "), str(err.value)
+    assert message in str(err.value)
 
 
 def test_semicolons_in_literals_and_comments_are_one_statement(tmp_path):

@@ -172,27 +172,38 @@ def _statements(sql: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
-def _check_query(spec: CheckerSpec) -> str | None:
-    """Problems a query can be refused for before it ever runs (None when fine)."""
+def _check_query(spec: CheckerSpec) -> tuple[str, int | None] | None:
+    """Why a query is refused before it ever runs, with the offset in the query to point at (None: fine)."""
     statements = _statements(spec.query)
     if len(statements) != 1:
-        return f"expected exactly one SQL statement, found {len(statements)}"
+        return f"expected exactly one SQL statement, found {len(statements)}", None
     if not _QUERY_START.match(statements[0]):
-        return "expected a query (SELECT, WITH, VALUES or TABLE): declarative checkers only read"
-    names = set()
+        return "expected a query (SELECT, WITH, VALUES or TABLE): declarative checkers only read", None
+    used: dict[str, int] = {}
     i = spec.query.find("%")
     while i >= 0:
         token = _PLACEHOLDER.match(spec.query, i)
         if token is None:
             return ("a lone % in the query: write %% for a literal percent sign, "
-                    "%(param)s for a threshold declared under params")
+                    "%(param)s for a threshold declared under params"), i
         if token.group("name"):
-            names.add(token.group("name"))
+            used.setdefault(token.group("name"), i)
         i = spec.query.find("%", token.end())
-    unknown = sorted(names - set(spec.params))
-    if unknown:
-        return f"the query uses %({unknown[0]})s but params declares no {unknown[0]!r}"
+    for name, at in used.items():
+        if name not in spec.params:
+            return f"the query uses %({name})s but params declares no {name!r}", at
     return None
+
+
+def _query_line(node: Any, offset: int | None) -> int | None:
+    """The file line of ``offset`` in the query's text: exact for block scalars (``|``, ``>``), else the key's line."""
+    key_line = _line_of(node, ("query",))
+    if offset is None or not isinstance(node, yaml.MappingNode):
+        return key_line
+    for key, value in node.value:
+        if key.value == "query" and isinstance(value, yaml.ScalarNode) and value.style == "|":
+            return value.start_mark.line + 2 + value.value.count("\n", 0, offset)
+    return key_line
 
 
 # ---- the generated checker ------------------------------------------------------------
@@ -329,7 +340,7 @@ def load_file(path: Path) -> type[DeclarativeChecker]:
         raise _fail(path, line, ".".join(loc) or "(top level)", msg) from None
     problem = _check_query(spec)
     if problem:
-        raise _fail(path, _line_of(node, ("query",)), "query", problem)
+        raise _fail(path, _query_line(node, problem[1]), "query", problem[0])
     return build_class(spec, path)
 
 
