@@ -1,0 +1,436 @@
+"""Benchmark: /metrics latency of zsmon against query-exporter, on a small and a large database.
+
+    .venv/bin/python bench/scrape.py                       # 10k -> 1M channels, 1,000 scrapes each
+    .venv/bin/python bench/scrape.py --large-channels 200000 --scrapes 300 --no-query-exporter
+
+What it does:
+1. Creates its own database on the local PostgreSQL (dropped at the end) holding the
+   platform schema, and fills it set-based (generate_series, no row loop): the small
+   size first, then grows it to the large one (default 1M channels with their ledger,
+   10k agents with reputation rows and events, auctions with bids).
+2. At each size, starts ``zsmon run`` as a subprocess with every checker and exporter
+   (exporters collecting every second, so collections overlap the scrapes), waits
+   until every checker and exporter has run, then times 1,000 back-to-back scrapes of
+   ``/metrics`` over one keep-alive connection and reports p50/p99/max.
+3. The same for query-exporter (installed from PyPI into its own venv under /tmp),
+   configured with the very SQL zsmon's database exporters run: the statements are
+   recorded from one real collection of each exporter, parameters bound, and every
+   numeric column becomes a gauge, every text column a label. It runs twice: queries
+   on every scrape (query-exporter's default, no ``interval``) and on a 1 s interval
+   (cached, like zsmon).
+
+Figures are printed, never asserted: this is a benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zsmon.demo import schema_sql  # noqa: E402
+
+ADMIN_DSN = os.environ.get("ZSMON_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+ZSMON = str(ROOT / ".venv" / "bin" / "zsmon")
+
+
+# ---- data --------------------------------------------------------------------------------
+def grow(conn: psycopg.Connection, channels: tuple[int, int], agents: tuple[int, int], users: int) -> None:
+    """Add channels (lo, hi] and agents (lo, hi] set-based; everything consistent with the platform's transitions."""
+    c_lo, c_hi = channels
+    a_lo, a_hi = agents
+    conn.execute("""
+        INSERT INTO agents (did, name, status, max_capacity, current_load, region, last_seen_at)
+        SELECT 'did:bench:agent:' || i, 'agent ' || i, CASE WHEN i %% 10 = 0 THEN 'offline' ELSE 'active' END,
+               10, i %% 10, (ARRAY['eu', 'us', 'ap'])[1 + i %% 3], now() - (i %% 600) * interval '1 second'
+        FROM generate_series(%(lo)s + 1, %(hi)s) i
+    """, {"lo": a_lo, "hi": a_hi})
+    # Ten task outcomes per agent: 8 successes (+2) and 2 failures (-5) from 50 -> 56.
+    conn.execute("""
+        INSERT INTO reputation_scores (agent_did, overall_score, total_tasks, successful_tasks, failed_tasks)
+        SELECT 'did:bench:agent:' || i, 56, 10, 8, 2 FROM generate_series(%(lo)s + 1, %(hi)s) i
+    """, {"lo": a_lo, "hi": a_hi})
+    conn.execute("""
+        INSERT INTO reputation_events (agent_did, event_type, task_id, score_delta, created_at)
+        SELECT 'did:bench:agent:' || i, CASE WHEN k <= 8 THEN 'task_completed' ELSE 'task_failed' END,
+               'task-' || i || '-' || k, CASE WHEN k <= 8 THEN 2 ELSE -5 END,
+               now() - interval '1 day' + k * interval '1 minute'
+        FROM generate_series(%(lo)s + 1, %(hi)s) i, generate_series(1, 10) k
+    """, {"lo": a_lo, "hi": a_hi})
+    # Channels opened with a deposit (ledger row), a fifth of them with a settled task.
+    conn.execute("""
+        WITH c AS (
+            INSERT INTO payment_channels (payer_did, payee_did, total_deposit, current_balance, total_settled,
+                                          state, sequence_number, created_at, updated_at)
+            SELECT 'did:bench:user:' || (i %% %(users)s), 'did:bench:agent:' || (1 + i %% %(agents)s),
+                   100, CASE WHEN i %% 5 = 0 THEN 90 ELSE 100 END, CASE WHEN i %% 5 = 0 THEN 10 ELSE 0 END,
+                   'open', CASE WHEN i %% 5 = 0 THEN 2 ELSE 0 END,
+                   now() - interval '2 days' + (i %% 86400) * interval '1 second', now() - interval '1 day'
+            FROM generate_series(%(lo)s + 1, %(hi)s) i
+            RETURNING id, total_settled, created_at
+        )
+        INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id, created_at)
+        SELECT id, 'deposit', 100, NULL, created_at FROM c
+        UNION ALL SELECT id, 'escrow', 10, 'task-' || id, created_at + interval '1 minute' FROM c WHERE total_settled > 0
+        UNION ALL SELECT id, 'release', 10, 'task-' || id, created_at + interval '2 minutes' FROM c
+                  WHERE total_settled > 0
+    """, {"lo": c_lo, "hi": c_hi, "users": users, "agents": a_hi})
+    # One auction per ten channels, closed without a winner, with three bids each.
+    conn.execute("""
+        WITH a AS (
+            INSERT INTO auctions (task_id, user_id, auction_type, status, expires_at, reserve_price, max_price,
+                                  created_at, updated_at)
+            SELECT 'auction-task-' || i, 'did:bench:user:' || (i %% %(users)s), 'first_price', 'closed',
+                   now() - interval '1 day', 0, 50, now() - interval '1 day' - interval '30 seconds',
+                   now() - interval '1 day'
+            FROM generate_series(%(lo)s / 10 + 1, %(hi)s / 10) i
+            RETURNING id, created_at
+        )
+        INSERT INTO bids (auction_id, agent_did, price, reputation_score, composite_score, created_at)
+        SELECT a.id, 'did:bench:agent:' || (1 + (abs(hashtext(a.id::text)) + k) %% %(agents)s), 10 + k, 56, 50 + k,
+               a.created_at + k * interval '1 second'
+        FROM a, generate_series(1, 3) k
+    """, {"lo": c_lo, "hi": c_hi, "users": users, "agents": a_hi})
+    conn.execute("VACUUM ANALYZE")
+
+
+def db_size(conn: psycopg.Connection) -> str:
+    return conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
+
+
+# ---- processes -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str = "/metrics", timeout: float = 10) -> tuple[int, bytes]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"bench: {what} not ready within {timeout:g}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@dataclass
+class Figures:
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    body_bytes: int
+
+
+def measure(port: int, scrapes: int, warmup: int = 20) -> Figures:
+    """Back-to-back scrapes over one keep-alive connection, as Prometheus does; time to the full body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    times: list[float] = []
+    size = 0
+    for i in range(warmup + scrapes):
+        t0 = time.perf_counter()
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        body = r.read()
+        dt = time.perf_counter() - t0
+        if r.status != 200:
+            raise SystemExit(f"bench: /metrics answered {r.status}: {body[:200]!r}")
+        if i >= warmup:
+            times.append(dt)
+            size = len(body)
+    conn.close()
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, max(0, round(q * len(times)) - 1))]  # noqa: E731 - nearest rank
+    return Figures(pick(0.50) * 1000, pick(0.99) * 1000, times[-1] * 1000, statistics.fmean(times) * 1000, size)
+
+
+# ---- zsmon -----------------------------------------------------------------------------------
+def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int) -> Path:
+    from zsmon.checkers.registry import checker_classes
+    from zsmon.exporters.registry import exporter_classes
+
+    exporters: dict[str, Any] = {name: {"interval_seconds": 1} for name in exporter_classes()}
+    exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
+    cfg = {
+        "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": f"127.0.0.1:{api_port}"},
+        "redis": {"key_prefix": f"zsmon-bench-{os.getpid()}:"},
+        "logging": {"level": "warning", "format": "console"},
+        "exporters": exporters,
+        "checkers": {name: {"statement_timeout_seconds": 600} for name in checker_classes()},
+    }
+    path = workdir / "zsmon.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _zsmon_ready(port: int) -> bool:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from zsmon.checkers.registry import checker_classes
+    from zsmon.exporters.registry import exporter_classes
+
+    status, body = get(port)
+    if status != 200:
+        return False
+    checkers, collectors = set(), set()
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name == "zerostate_invariant_check_up":
+                checkers.add(s.labels["checker"])
+            elif s.name == "zsmon_collector_last_success_timestamp_seconds":
+                collectors.add(s.labels["collector"])
+    return set(checker_classes()) <= checkers and set(exporter_classes()) <= collectors
+
+
+def collection_costs(port: int) -> str:
+    """The latest duration of every collector and checker, from zsmon's own metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, body = get(port)
+    out = []
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name == "zsmon_collector_duration_seconds":
+                out.append(f"collect:{s.labels['collector']}={s.value * 1000:.0f}ms")
+            elif s.name == "zerostate_invariant_check_duration_seconds_sum":
+                out.append(f"check:{s.labels['checker']}(sum)={s.value:.2f}s")
+    return ", ".join(sorted(out))
+
+
+def bench_zsmon(workdir: Path, dsn: str, scrapes: int) -> tuple[Figures, str]:
+    mport, aport = free_port(), free_port()
+    cfg = zsmon_config(workdir, dsn, mport, aport)
+    env = {**os.environ, "ZSMON_DATABASE_URL": dsn, "REDIS_HOST": os.environ.get("REDIS_HOST", "127.0.0.1")}
+    log = open(workdir / "zsmon.log", "ab")
+    proc = subprocess.Popen([ZSMON, "--config", str(cfg), "run"], env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: _zsmon_ready(mport), 900, "zsmon (every checker and exporter once)")
+        figures = measure(mport, scrapes)
+        return figures, collection_costs(mport)
+    finally:
+        stop(proc)
+        log.close()
+
+
+# ---- query-exporter ------------------------------------------------------------------------
+NUMERIC_OIDS = {20, 21, 23, 26, 700, 701, 1700}  # int8, int2, int4, oid, float4, float8, numeric
+BOOL_OID = 16
+TEXT_OIDS = {19, 25, 1043}  # name, text, varchar
+
+
+class _Quiet:
+    """A logger that drops everything: recording runs the exporters outside the service."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+def recorded_queries(dsn: str) -> list[tuple[str, str, dict[str, int]]]:
+    """(exporter, SQL with parameters bound, {column: type oid}) for every query zsmon's database exporters run."""
+    from pydantic import SecretStr
+
+    from zsmon.core.config import DatabaseConfig
+    from zsmon.core.db import Database
+    from zsmon.exporters.base import CollectContext
+    from zsmon.exporters.registry import exporter_classes
+
+    recorded: list[tuple[str, str, dict[str, int]]] = []
+
+    class Recording(CollectContext):
+        def query(self, statement: Any, params: Any = None) -> list[dict[str, Any]]:
+            rows = super().query(statement, params)
+            bound = psycopg.ClientCursor(self.conn).mogrify(statement, params)
+            with self.conn.cursor() as cur:
+                cur.execute(f"SELECT * FROM ({bound}) AS q LIMIT 0")
+                types = {c.name: c.type_code for c in cur.description}
+            recorded.append((self.exporter.name, bound, types))
+            return rows
+
+    db = Database(DatabaseConfig(url=SecretStr(dsn)))
+    db.open()
+    try:
+        for name, cls in exporter_classes().items():
+            if not cls.needs_database:
+                continue
+            exporter = cls()
+            with db.snapshot(60) as conn:
+                list(exporter.collect(Recording(exporter, conn, None, None, _Quiet())))
+    finally:
+        db.close()
+    return recorded
+
+
+def query_exporter_config(dsn: str, interval: int | None) -> dict[str, Any]:
+    params = conninfo_to_dict(dsn)
+    url = f"postgresql+psycopg2://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:" \
+          f"{params.get('port', 5432)}/{params['dbname']}"
+    metrics: dict[str, Any] = {}
+    queries: dict[str, Any] = {}
+    for i, (exporter, statement, types) in enumerate(recorded_queries(dsn)):
+        numeric = [k for k, t in types.items() if t in NUMERIC_OIDS or t == BOOL_OID]
+        labels = [k for k, t in types.items() if t in TEXT_OIDS]
+        if not numeric:
+            continue
+        names = {k: re.sub(r"\W", "_", f"qe_{exporter}_{i}_{k}") for k in numeric}
+        for k, metric in names.items():
+            metrics[metric] = {"type": "gauge", "description": f"{exporter} query {i}: {k}",
+                               **({"labels": labels} if labels else {})}
+        values = [f'coalesce(q."{k}"::int, 0)::float8 AS {names[k]}' if types[k] == BOOL_OID
+                  else f'coalesce(q."{k}"::float8, 0) AS {names[k]}' for k in numeric]
+        select = ", ".join(values + [f'coalesce(q."{k}"::text, \'\') AS "{k}"' for k in labels])
+        queries[f"{exporter}_{i}"] = {
+            "databases": ["bench"], "metrics": list(names.values()),
+            "sql": f"SELECT {select} FROM (\n{statement.strip()}\n) AS q",
+            **({"interval": interval} if interval else {}),
+        }
+    return {"databases": {"bench": {"dsn": url}}, "metrics": metrics, "queries": queries}
+
+
+def install_query_exporter(venv: Path) -> Path:
+    exe = venv / "bin" / "query-exporter"
+    if not exe.exists():
+        print(f"bench: installing query-exporter into {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "query-exporter", "psycopg2-binary"],
+                       check=True)
+    return exe
+
+
+def bench_query_exporter(exe: Path, workdir: Path, dsn: str, scrapes: int, interval: int | None) -> Figures:
+    cfg = query_exporter_config(dsn, interval)
+    path = workdir / f"query-exporter-{interval or 'scrape'}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    port = free_port()
+    log = open(workdir / "query-exporter.log", "ab")
+    proc = subprocess.Popen([str(exe), "--config", str(path), "-H", "127.0.0.1", "-p", str(port), "-L", "warning"],
+                            stdout=log, stderr=log)
+    first_metric = next(iter(cfg["metrics"]))
+    try:
+        wait_until(lambda: first_metric.encode() + b"{" in get(port, timeout=120)[1]
+                   or (first_metric.encode() + b" ") in get(port, timeout=120)[1], 120, "query-exporter")
+        return measure(port, scrapes)
+    finally:
+        stop(proc)
+        log.close()
+
+
+# ---- main ----------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small-channels", type=int, default=10_000)
+    ap.add_argument("--small-agents", type=int, default=100)
+    ap.add_argument("--large-channels", type=int, default=1_000_000)
+    ap.add_argument("--large-agents", type=int, default=10_000)
+    ap.add_argument("--scrapes", type=int, default=1000)
+    ap.add_argument("--no-query-exporter", action="store_true")
+    ap.add_argument("--qe-venv", type=Path, default=Path(tempfile.gettempdir()) / "zsmon-bench-query-exporter")
+    ap.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
+    args = ap.parse_args()
+
+    name = f"zsmon_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    params = conninfo_to_dict(ADMIN_DSN)
+    params["dbname"] = name
+    dsn = make_conninfo(**params)
+    workdir = Path(tempfile.mkdtemp(prefix="zsmon-bench-"))
+    exe = None
+    if not args.no_query_exporter:
+        try:
+            exe = install_query_exporter(args.qe_venv)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            print(f"bench: query-exporter could not be installed ({exc}); measuring zsmon only")
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    rows: list[tuple[str, str, str, Figures]] = []
+    notes: list[str] = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(schema_sql())
+            sizes = [("small", args.small_channels, args.small_agents),
+                     ("large", args.large_channels, args.large_agents)]
+            have = (0, 0)
+            for label, channels, agents in sizes:
+                t0 = time.perf_counter()
+                grow(conn, (have[0], channels), (have[1], agents), users=max(100, channels // 10))
+                have = (channels, agents)
+                size = db_size(conn)
+                where = f"{channels:,} channels, {agents:,} agents, {size}"
+                print(f"bench: {label} database ready ({where}) in {time.perf_counter() - t0:.1f}s", flush=True)
+                fig, costs = bench_zsmon(workdir, dsn, args.scrapes)
+                rows.append((label, where, "zsmon", fig))
+                notes.append(f"{label}: zsmon latest collection costs: {costs}")
+                print(f"bench:   zsmon p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms", flush=True)
+                if exe is not None:
+                    for interval, tool in ((None, "query-exporter (queries on scrape)"),
+                                           (1, "query-exporter (interval 1s)")):
+                        try:
+                            fig = bench_query_exporter(exe, workdir, dsn, args.scrapes, interval)
+                        except SystemExit as exc:
+                            notes.append(f"{label}: {tool} failed: {exc} (log: {workdir / 'query-exporter.log'})")
+                            continue
+                        rows.append((label, where, tool, fig))
+                        print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms", flush=True)
+    finally:
+        if not args.keep_db:
+            with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    print()
+    print(f"/metrics latency over {args.scrapes} back-to-back scrapes (keep-alive, time to full body)")
+    print(f"{'size':<6} {'tool':<36} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8} {'bytes':>8}")
+    for label, where, tool, f in rows:
+        print(f"{label:<6} {tool:<36} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} {f.max_ms:>8.2f} {f.mean_ms:>8.2f} "
+              f"{f.body_bytes:>8}")
+    print()
+    for label, channels, agents in sizes:
+        print(f"{label}: {next(w for l, w, _, _ in rows if l == label)}")
+    for note in notes:
+        print(note)
+    print(f"logs: {workdir}")
+
+
+if __name__ == "__main__":
+    main()
