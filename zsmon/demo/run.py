@@ -163,7 +163,10 @@ def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
         conn = psycopg.connect(url, autocommit=True)
         try:
             params = inspect.signature(cls).parameters
-            obj = cls(conn, seed=seed) if "seed" in params else cls(conn)
+            kwargs: dict[str, Any] = {"seed": seed} if "seed" in params else {}
+            if "realtime" in params:  # the demo runs on the wall clock, not a simulator's virtual one
+                kwargs["realtime"] = True
+            obj = cls(conn, **kwargs)
         except Exception as exc:  # a simulator that cannot start must not stop the demo
             conn.close()
             say(f"simulator {name}: could not start: {type(exc).__name__}: {exc}", stamp=False)
@@ -174,6 +177,11 @@ def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
                     p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                     for p in inspect.signature(fn).parameters.values()):
                 sim.faults.append((attr, fn))
+        # Faults kept as a module-level catalogue: FAULTS = {name: ...} and inject_fault(conn, name).
+        catalogue, inject = getattr(module, "FAULTS", None), getattr(module, "inject_fault", None)
+        if isinstance(catalogue, dict) and callable(inject):
+            for fault in catalogue:
+                sim.faults.append((fault, lambda f=fault, c=conn, i=inject: i(c, f)))
         sims.append(sim)
     return sims
 
