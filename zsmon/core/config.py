@@ -8,6 +8,7 @@ they print as ``**********`` and their values never appear in an error.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -133,6 +134,80 @@ class ChecksConfig(_Strict):
         return [p for p in v.split(os.pathsep) if p.strip()] if isinstance(v, str) else v
 
 
+_MATCHERS = re.compile(r'^\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*'
+                       r'(,\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*)*$')
+_METRIC = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+class RenderConfig(_Strict):
+    """What `zsmon render` writes: Prometheus, Alertmanager and Grafana configuration."""
+
+    scrape_interval_seconds: int = Field(10, ge=1, le=300, description="Prometheus scrape interval; also the "
+                                         "step of the generated promtool tests.")
+    evaluation_interval_seconds: int = Field(10, ge=1, le=300, description="Prometheus rule evaluation interval.")
+    zsmon_targets: list[str] = Field(["zsmon:9090"], min_length=1, description="HOST:PORT of zsmon's metrics "
+                                     "listener (scrape job `zsmon`).")
+    api_targets: list[str] = Field(["api:9090"], min_length=1, description="HOST:PORT serving the platform API's "
+                                   "own /metrics (scrape job `zerostate-api`).")
+    api_metrics_path: str = Field("/metrics", description="Path of the platform API's metrics.")
+    postgres_exporter_targets: list[str] = Field(["postgres-exporter:9187"], min_length=1,
+                                                 description="postgres-exporter (scrape job `postgres`).")
+    redis_exporter_targets: list[str] = Field(["redis-exporter:9121"], min_length=1,
+                                              description="redis-exporter (scrape job `redis`).")
+    alertmanager_targets: list[str] = Field(["alertmanager:9093"], min_length=1,
+                                            description="Alertmanagers Prometheus sends alerts to.")
+    prometheus_url: str = Field("http://prometheus:9090", description="Prometheus URL as Grafana reaches it.")
+    grafana_datasource: str = Field("Prometheus", description="Name of the provisioned Grafana datasource (the "
+                                    "dashboards' `${datasource}` variable defaults to it).")
+    http_requests_metric: str = Field("http_requests_total", description="The API's request counter "
+                                      "(labels method, path, status).")
+    http_duration_metric: str = Field("http_request_duration_seconds", description="The API's request duration "
+                                      "histogram (without `_bucket`).")
+    http_error_matcher: str = Field('status=~"5.."', description="Label matcher(s) selecting failed requests, "
+                                    "e.g. `status=~\"5..\"`.")
+    high_error_rate_ratio: float = Field(0.05, gt=0, lt=1, description="HighErrorRate fires above this share of "
+                                         "failed requests over 5 minutes.")
+    availability_slo: float = Field(0.999, gt=0, lt=1, description="API availability objective (share of "
+                                    "requests that do not fail); burn-rate factors are computed from it.")
+    slo_period_days: int = Field(30, ge=1, le=365, description="Period of the availability objective.")
+    staleness_factor: float = Field(3.0, ge=1.5, le=100, description="A checker or collector with no successful "
+                                    "run for this many of its intervals alerts as stale.")
+    critical_invariant_for_seconds: int = Field(0, ge=0, description="`for` of alerts on critical (money) "
+                                                "invariants: a violation seen in one snapshot is real.")
+    warning_invariant_for_seconds: int = Field(300, ge=0, description="`for` of alerts on warning and info "
+                                               "invariants.")
+    pager_webhook_url: str = Field("http://pager.invalid/zsmon", description="Webhook that pages (severity "
+                                   "critical). The default resolves nowhere: set it.")
+    chat_webhook_url: str = Field("http://chat.invalid/zsmon", description="Webhook for tickets and chat "
+                                  "(severity warning).")
+    watchdog_webhook_url: str = Field("http://deadmansswitch.invalid/zsmon", description="Dead man's switch "
+                                      "webhook receiving the always-firing Watchdog alert.")
+    pager_group_wait_seconds: int = Field(5, ge=0, le=600, description="Alertmanager group_wait for pages (part "
+                                          "of the time from a bad commit to a page).")
+
+    @field_validator("http_error_matcher")
+    @classmethod
+    def _matchers(cls, v: str) -> str:
+        if not _MATCHERS.match(v):
+            raise ValueError('expected PromQL label matchers such as status=~"5.."')
+        return v.strip()
+
+    @field_validator("http_requests_metric", "http_duration_metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if not _METRIC.match(v):
+            raise ValueError("expected a Prometheus metric name")
+        return v
+
+    @field_validator("zsmon_targets", "api_targets", "postgres_exporter_targets", "redis_exporter_targets",
+                     "alertmanager_targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        for target in v:
+            _listen(target)
+        return v
+
+
 class Config(_Strict):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -142,6 +217,7 @@ class Config(_Strict):
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     checkers: dict[str, CheckerConfig] = Field(default_factory=dict, description="Per-checker settings by name.")
     exporters: dict[str, ExporterConfig] = Field(default_factory=dict, description="Per-exporter settings by name.")
+    render: RenderConfig = Field(default_factory=RenderConfig, description="What `zsmon render` writes.")
     # Where the config came from, for messages (not a key).
     source: str | None = Field(None, exclude=True)
 

@@ -1,0 +1,292 @@
+"""What the renderers render: the config and the registries of checkers and exporters, as plain values.
+
+Rules, Alertmanager routing, dashboards, runbooks and the promtool tests all read
+one ``Model``, so a checker or invariant added to the registry appears in every
+one of them without a list to edit anywhere.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from zsmon.core.config import Config, ConfigError
+
+API_JOB = "zerostate-api"
+ZSMON_JOB = "zsmon"
+POSTGRES_JOB = "postgres"
+REDIS_JOB = "redis"
+
+# Multi-window, multi-burn-rate alerts (Google SRE workbook, chapter 5): the share of the
+# period's error budget that may burn within the long window before the alert fires.
+# The factor is computed, never written down: share x period / long window.
+BURN_WINDOWS = (
+    # (alert, severity, long, short, budget share)
+    ("ApiErrorBudgetFastBurn", "critical", "1h", "5m", Decimal("0.02")),
+    ("ApiErrorBudgetFastBurn", "critical", "6h", "30m", Decimal("0.05")),
+    ("ApiErrorBudgetSlowBurn", "warning", "1d", "2h", Decimal("0.10")),
+    ("ApiErrorBudgetSlowBurn", "warning", "3d", "6h", Decimal("0.10")),
+)
+
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def seconds_of(duration: str) -> int:
+    """``"1h30m"`` -> 5400 (the subset of Prometheus durations this package writes)."""
+    total, rest = 0, duration
+    for unit, size in _UNITS:
+        m = re.match(rf"^(\d+){unit}", rest)
+        if m:
+            total += int(m.group(1)) * size
+            rest = rest[m.end():]
+    if rest:
+        raise ValueError(f"unsupported duration {duration!r}")
+    return total
+
+
+def duration(seconds: float) -> str:
+    """A Prometheus duration for ``seconds`` (rounded up to whole seconds): 90 -> ``1m30s``, 0 -> ``0s``."""
+    left = int(math.ceil(seconds))
+    if left <= 0:
+        return "0s"
+    out = ""
+    for unit, size in _UNITS:
+        if left >= size:
+            out += f"{left // size}{unit}"
+            left %= size
+    return out
+
+
+def camel(snake: str) -> str:
+    """``channel_conservation`` -> ``ChannelConservation``."""
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^A-Za-z0-9]+", snake) if part)
+
+
+def promql_string(value: str) -> str:
+    """A PromQL double-quoted string literal."""
+    return json.dumps(value)
+
+
+def safe_prom_text(text: str) -> str:
+    """Text copied into an alert annotation must not open a Go template action."""
+    return text.replace("{{", "{ {").replace("}}", "} }")
+
+
+@dataclass(frozen=True)
+class InvariantView:
+    checker: str
+    id: str
+    description: str
+    entity_type: str
+    severity: str
+    needs_memory: bool
+    alert: str
+    for_seconds: int
+    runbook_url: str
+
+    @property
+    def selector(self) -> str:
+        return f"checker={promql_string(self.checker)}, invariant={promql_string(self.id)}"
+
+
+@dataclass(frozen=True)
+class CheckerView:
+    name: str
+    description: str
+    interval_seconds: float
+    stale_after_seconds: int
+    failing_for_seconds: int
+    invariants: tuple[InvariantView, ...]
+    # The checker's own runbook (plugins, YAML checkers); None: zsmon generates one per invariant.
+    own_runbook: str | None = None
+
+    @property
+    def selector(self) -> str:
+        return f"checker={promql_string(self.name)}"
+
+    @property
+    def worst_severity(self) -> str:
+        order = {"critical": 0, "warning": 1, "info": 2}
+        return min((i.severity for i in self.invariants), key=order.__getitem__, default="info")
+
+
+@dataclass(frozen=True)
+class CollectorView:
+    name: str
+    interval_seconds: float
+    stale_after_seconds: int
+
+    @property
+    def selector(self) -> str:
+        return f"collector={promql_string(self.name)}"
+
+
+@dataclass(frozen=True)
+class BurnRate:
+    alert: str
+    severity: str
+    long: str
+    short: str
+    share: Decimal
+    factor: Decimal
+    period_days: int
+
+    @property
+    def budget_gone_in(self) -> str:
+        """How long the whole period's budget lasts at this burn rate, e.g. ``2d 2h``."""
+        hours = int(Decimal(self.period_days * 24) / self.factor)
+        days, hours = divmod(hours, 24)
+        return (f"{days}d " if days else "") + f"{hours}h"
+
+
+@dataclass
+class Model:
+    config: Config
+    checkers: list[CheckerView]
+    collectors: list[CollectorView]
+    burn_rates: list[BurnRate]
+    slo_budget: str  # 1 - objective, as an exact decimal string ("0.001")
+    static: dict[str, Any] = field(default_factory=dict)
+
+    # ---- lookups the templates use ------------------------------------------------
+    def checker(self, name: str) -> CheckerView | None:
+        return next((c for c in self.checkers if c.name == name), None)
+
+    def runbook(self, alert: str) -> str:
+        return runbook_url(self.config, alert)
+
+    @property
+    def invariants(self) -> list[InvariantView]:
+        return [inv for c in self.checkers for inv in c.invariants]
+
+    @property
+    def scrape(self) -> int:
+        return self.config.render.scrape_interval_seconds
+
+    @property
+    def absent_for(self) -> str:
+        """`for` of absent() alerts: at least two scrapes, and never under a minute."""
+        return duration(max(2 * self.scrape, 60))
+
+    @property
+    def balance_failure_window(self) -> str:
+        """Window of ``increase()`` over the balance-failure counter: about a minute (longer than the
+        alert's ``for``, or a new failure could never fire it), a whole number of scrapes."""
+        s = self.scrape
+        wanted = max(4 * s, 60, self.config.render.critical_invariant_for_seconds + 2 * s)
+        return duration(s * math.ceil(wanted / s))
+
+    def slo_windows(self) -> list[str]:
+        """Every window a recording rule must provide, shortest first."""
+        names = {"5m"} | {b.long for b in self.burn_rates} | {b.short for b in self.burn_rates}
+        return sorted(names, key=seconds_of)
+
+    def context(self) -> dict[str, Any]:
+        r = self.config.render
+        return {
+            "model": self,
+            "render": r,
+            "checkers": self.checkers,
+            "collectors": self.collectors,
+            "burn_rates": self.burn_rates,
+            "slo": {
+                "objective": r.availability_slo,
+                "objective_percent": percent(r.availability_slo),
+                "budget": self.slo_budget,
+                "period_days": r.slo_period_days,
+                "windows": self.slo_windows(),
+            },
+            "jobs": {"api": API_JOB, "zsmon": ZSMON_JOB, "postgres": POSTGRES_JOB, "redis": REDIS_JOB},
+            "http": {
+                "requests": r.http_requests_metric,
+                "duration_bucket": r.http_duration_metric + "_bucket",
+                "all": f'{r.http_requests_metric}{{job="{API_JOB}"}}',
+                "errors": f'{r.http_requests_metric}{{job="{API_JOB}", {r.http_error_matcher}}}',
+                "error_matcher": r.http_error_matcher,
+                "api_sel": f'job="{API_JOB}"',
+            },
+            "runbook": self.runbook,
+            "checker": self.checker,
+            "invariants": self.invariants,
+            "dur": duration,
+            "scrape": self.scrape,
+            "absent_for": self.absent_for,
+            "balance_window": self.balance_failure_window,
+        }
+
+
+def percent(ratio: float) -> str:
+    return format(Decimal(str(ratio)) * 100, "f").rstrip("0").rstrip(".") + "%"
+
+
+def runbook_url(config: Config, alert: str) -> str:
+    return f"{config.http.runbook_base_url.rstrip('/')}/{alert}.md"
+
+
+def invariant_alert(checker: str, invariant: str) -> str:
+    return f"{camel(checker)}{camel(invariant)}Violation"
+
+
+def build_model(config: Config, checker_classes: dict[str, type] | None = None,
+                exporter_classes: dict[str, type] | None = None) -> Model:
+    """The model for ``config`` and the registries (the real ones unless given)."""
+    if checker_classes is None:
+        from zsmon.checkers.registry import checker_classes as _checkers
+
+        checker_classes = _checkers()
+    if exporter_classes is None:
+        from zsmon.exporters.registry import exporter_classes as _exporters
+
+        exporter_classes = _exporters()
+    r = config.render
+    checkers: list[CheckerView] = []
+    seen_alerts: dict[str, str] = {}
+    for name, cls in sorted(checker_classes.items()):
+        cfg = config.checker(name)
+        if not cfg.enabled:
+            continue
+        interval = float(cfg.interval_seconds or cls.default_interval_seconds)
+        stale = int(math.ceil(max(r.staleness_factor * interval, 2 * r.scrape_interval_seconds)))
+        failing_for = int(math.ceil(max(1.5 * interval, 60)))
+        own = getattr(cls, "runbook_url", None) or None
+        invs = []
+        for inv in cls.invariants:
+            alert = invariant_alert(name, inv.id)
+            if alert in seen_alerts:
+                raise ConfigError(f"alert name {alert} is derived from both {seen_alerts[alert]} and {name}.{inv.id}: "
+                                  f"rename one invariant")
+            seen_alerts[alert] = f"{name}.{inv.id}"
+            severity = inv.severity if inv.severity in ("critical", "warning", "info") else "warning"
+            for_s = r.critical_invariant_for_seconds if severity == "critical" else r.warning_invariant_for_seconds
+            invs.append(InvariantView(
+                checker=name, id=inv.id, description=safe_prom_text(" ".join(inv.description.split())),
+                entity_type=inv.entity_type, severity=severity, needs_memory=inv.needs_memory, alert=alert,
+                for_seconds=for_s, runbook_url=own or runbook_url(config, alert)))
+        checkers.append(CheckerView(name=name, description=safe_prom_text(" ".join(cls.description.split())),
+                                    interval_seconds=interval, stale_after_seconds=stale,
+                                    failing_for_seconds=failing_for, invariants=tuple(invs), own_runbook=own))
+    collectors = []
+    for name, cls in sorted(exporter_classes.items()):
+        cfg = config.exporter(name)
+        if not cfg.enabled:
+            continue
+        interval = float(cfg.interval_seconds or cls.default_interval_seconds)
+        collectors.append(CollectorView(name, interval, int(math.ceil(
+            max(r.staleness_factor * interval, 2 * r.scrape_interval_seconds)))))
+    budget = Decimal(1) - Decimal(str(r.availability_slo))
+    period_hours = Decimal(r.slo_period_days * 24)
+    burn_rates = []
+    for alert, severity, long, short, share in BURN_WINDOWS:
+        factor = share * period_hours / (Decimal(seconds_of(long)) / Decimal(3600))
+        burn_rates.append(BurnRate(alert, severity, long, short, share, _exact(factor), r.slo_period_days))
+    return Model(config=config, checkers=checkers, collectors=collectors, burn_rates=burn_rates,
+                 slo_budget=format(_exact(budget), "f"))
+
+
+def _exact(value: Decimal) -> Decimal:
+    """A decimal without trailing zeros or exponent noise: 14.400 -> 14.4."""
+    value = value.quantize(Decimal("1e-9")).normalize()
+    return value.quantize(Decimal(1)) if value == value.to_integral() else value

@@ -1,0 +1,183 @@
+"""Grafana dashboards from compact Jinja2 specs.
+
+A spec (``templates/<name>.dashboard.yml.j2``) says what an on-call engineer
+sees: rows of panels with a title, a unit, a description, PromQL targets and
+the runbooks they relate to. This module adds what Grafana needs around it
+(ids, grid positions, the ``${datasource}`` variable, field config, options),
+so every dashboard is built the same way and stays valid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from zsmon.alerts.model import Model
+from zsmon.alerts.templating import environment, render_yaml
+
+TEMPLATES = Path(__file__).parent / "templates"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+SCHEMA_VERSION = 38
+GRID_WIDTH = 24
+PANEL_TYPES = {"timeseries", "stat", "gauge", "table", "heatmap", "text", "bargauge"}
+
+
+class SpecError(ValueError):
+    """A dashboard spec is missing something every panel must have."""
+
+
+def dashboard_specs() -> list[str]:
+    return sorted(p.name for p in TEMPLATES.glob("*.dashboard.yml.j2"))
+
+
+def build_dashboards(model: Model) -> dict[str, dict[str, Any]]:
+    """Every dashboard, keyed by uid."""
+    env = environment(TEMPLATES)
+    out: dict[str, dict[str, Any]] = {}
+    for name in dashboard_specs():
+        spec = render_yaml(env, name, model.context())
+        board = build_dashboard(spec, model)
+        if board["uid"] in out:
+            raise SpecError(f"{name}: uid {board['uid']} is used twice")
+        out[board["uid"]] = board
+    return out
+
+
+def build_dashboard(spec: dict[str, Any], model: Model) -> dict[str, Any]:
+    uid = spec["uid"]
+    panels: list[dict[str, Any]] = []
+    next_id = 1
+    y = 0
+    for row in spec.get("rows", []):
+        panels.append({"id": next_id, "type": "row", "title": row["title"], "collapsed": False,
+                       "gridPos": {"h": 1, "w": GRID_WIDTH, "x": 0, "y": y}, "panels": []})
+        next_id += 1
+        y += 1
+        x, row_height = 0, 0
+        for p in row.get("panels") or []:
+            w, h = int(p.get("w", 12)), int(p.get("h", 8))
+            if x + w > GRID_WIDTH:
+                x, y = 0, y + row_height
+                row_height = 0
+            panels.append(_panel(p, next_id, {"h": h, "w": w, "x": x, "y": y}, model, uid))
+            next_id += 1
+            x += w
+            row_height = max(row_height, h)
+        y += row_height
+    links = [{"title": "Runbooks", "type": "link", "url": model.config.http.runbook_base_url,
+              "targetBlank": True, "icon": "doc"},
+             {"title": "ZeroState dashboards", "type": "dashboards", "tags": ["zerostate"], "asDropdown": True,
+              "includeVars": True, "keepTime": True}]
+    for alert in spec.get("runbooks", []):
+        links.append({"title": f"Runbook: {alert}", "type": "link", "url": model.runbook(alert), "targetBlank": True,
+                      "icon": "doc"})
+    return {
+        "uid": uid,
+        "title": spec["title"],
+        "description": spec["description"],
+        "tags": sorted({"zerostate", "zsmon", *spec.get("tags", [])}),
+        "editable": False,
+        "graphTooltip": 1,
+        "id": None,
+        "links": links,
+        "panels": panels,
+        "refresh": "30s",
+        "schemaVersion": SCHEMA_VERSION,
+        "time": {"from": spec.get("from", "now-6h"), "to": "now"},
+        "timepicker": {},
+        "timezone": "utc",
+        "version": 1,
+        "annotations": {"list": [{
+            "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True, "hide": True,
+            "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard"}]},
+        "templating": {"list": [{
+            "name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+            "current": {"selected": False, "text": model.config.render.grafana_datasource,
+                        "value": model.config.render.grafana_datasource},
+            "hide": 0, "refresh": 1, "regex": "", "options": [], "includeAll": False, "multi": False}]},
+    }
+
+
+def _panel(p: dict[str, Any], pid: int, grid: dict[str, int], model: Model, uid: str) -> dict[str, Any]:
+    kind = p.get("type", "timeseries")
+    where = f"dashboard {uid}, panel {p.get('title')!r}"
+    if kind not in PANEL_TYPES:
+        raise SpecError(f"{where}: unknown panel type {kind!r}")
+    for key in ("title", "description", "unit"):
+        if not p.get(key):
+            raise SpecError(f"{where}: every panel needs a {key}")
+    panel: dict[str, Any] = {
+        "id": pid, "type": kind, "title": p["title"], "description": " ".join(str(p["description"]).split()),
+        "gridPos": grid, "datasource": DATASOURCE,
+    }
+    links = [{"title": f"Runbook: {a}", "url": model.runbook(a), "targetBlank": True} for a in p.get("runbooks", [])]
+    if links:
+        panel["links"] = links
+    defaults: dict[str, Any] = {"unit": p["unit"]}
+    for key in ("min", "max", "decimals"):
+        if key in p:
+            defaults[key] = p[key]
+    steps = [{"color": "green", "value": None}]
+    for color, value in p.get("thresholds", []):
+        steps.append({"color": color, "value": value})
+    defaults["thresholds"] = {"mode": "absolute", "steps": steps}
+    if p.get("mappings"):
+        defaults["mappings"] = p["mappings"]
+    defaults["color"] = {"mode": "thresholds" if kind in ("stat", "gauge", "bargauge") else "palette-classic"}
+    if kind == "timeseries":
+        defaults["custom"] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never",
+                              "spanNulls": False,
+                              "stacking": {"mode": "normal" if p.get("stack") else "none", "group": "A"},
+                              "thresholdsStyle": {"mode": "line" if p.get("thresholds") else "off"}}
+    panel["fieldConfig"] = {"defaults": defaults, "overrides": []}
+    panel["options"] = _options(kind, p)
+    if kind == "text":
+        panel.pop("datasource")
+        return panel
+    targets = p.get("targets") or []
+    if not targets:
+        raise SpecError(f"{where}: a {kind} panel needs at least one target")
+    panel["targets"] = []
+    for i, t in enumerate(targets):
+        target = {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": " ".join(t["expr"].split()),
+                  "legendFormat": t.get("legend", "__auto"), "range": not t.get("instant", False),
+                  "instant": bool(t.get("instant", False)), "editorMode": "code"}
+        if kind == "heatmap":
+            target["format"] = "heatmap"
+        elif kind == "table" or t.get("format") == "table":
+            target["format"] = "table"
+        else:
+            target["format"] = "time_series"
+        panel["targets"].append(target)
+    if kind == "table":
+        panel["transformations"] = [{"id": "merge", "options": {}},
+                                    {"id": "organize", "options": {"excludeByName": {"Time": True}}}]
+    return panel
+
+
+def _options(kind: str, p: dict[str, Any]) -> dict[str, Any]:
+    if kind == "text":
+        return {"mode": "markdown", "content": p["content"].strip() + "\n"}
+    if kind == "timeseries":
+        return {"legend": {"displayMode": "table" if p.get("legend_table") else "list", "placement": "bottom",
+                           "showLegend": True, "calcs": ["lastNotNull", "max"] if p.get("legend_table") else []},
+                "tooltip": {"mode": "multi", "sort": "desc"}}
+    if kind in ("stat", "gauge", "bargauge"):
+        opts = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "orientation": "auto", "text": {}}
+        if kind == "stat":
+            opts.update({"colorMode": "background", "graphMode": "none", "justifyMode": "auto", "textMode": "auto"})
+        if kind == "gauge":
+            opts.update({"showThresholdLabels": False, "showThresholdMarkers": True})
+        if kind == "bargauge":
+            opts.update({"displayMode": "gradient", "showUnfilled": True})
+        return opts
+    if kind == "heatmap":
+        return {"calculate": False, "cellGap": 1, "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64,
+                                                           "exponent": 0.5, "fill": "dark-orange", "reverse": False},
+                "yAxis": {"axisPlacement": "left", "unit": p.get("y_unit", "short")},
+                "rowsFrame": {"layout": "auto"}, "legend": {"show": True},
+                "tooltip": {"show": True, "yHistogram": True}, "exemplars": {"color": "rgba(255,0,255,0.7)"},
+                "cellValues": {}, "filterValues": {"le": 1e-9}, "showValue": "never"}
+    if kind == "table":
+        return {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"]}}
+    return {}
