@@ -137,13 +137,27 @@ au AS (
     LEFT JOIN bids w ON w.id = a.winning_bid_id AND w.auction_id = a.id
     LEFT JOIN bid_stats s ON s.auction_id = a.id
     LEFT JOIN second_ranked sr ON sr.auction_id = a.id
+),
+-- Cheap boolean tests first; detail text is built only for the auctions that fail one.
+af AS (
+    SELECT au.*,
+           au.status = 'awarded' AND (au.winning_bid_id IS NULL OR au.w_id IS NULL OR au.final_price IS NULL)
+               AS f_no_winner,
+           au.status IS DISTINCT FROM 'awarded' AND (au.winning_bid_id IS NOT NULL OR au.final_price IS NOT NULL)
+               AS f_stray_winner,
+           au.status = 'awarded' AND au.w_id IS NOT NULL AND au.w_score {WORSE} au.best_score AS f_not_top,
+           au.status = 'awarded' AND au.w_id IS NOT NULL AND au.final_price IS NOT NULL
+               AND au.final_price IS DISTINCT FROM au.rule_price
+               AND NOT (au.auction_type = 'second_price'
+                        AND coalesce(au.final_price = ANY (au.second_prices), false)) AS f_price_rule,
+           au.final_price IS NOT NULL AND au.max_price > 0 AND au.final_price > au.max_price AS f_over_budget
+    FROM au
 )
 SELECT x.invariant, 'auction' AS entity_type, au.id::text AS entity_id, au.id AS auction_id, x.kind,
        x.expected, x.actual, x.difference, x.detail
-FROM au
+FROM (SELECT * FROM af WHERE f_no_winner OR f_stray_winner OR f_not_top OR f_price_rule OR f_over_budget) au
 CROSS JOIN LATERAL (VALUES
-    ('awarded_has_winner',
-     au.status = 'awarded' AND (au.winning_bid_id IS NULL OR au.w_id IS NULL OR au.final_price IS NULL),
+    ('awarded_has_winner', au.f_no_winner,
      CASE WHEN au.winning_bid_id IS NULL THEN 'awarded auctions with no winning_bid_id'
           WHEN au.w_id IS NULL THEN 'awarded auctions whose winning_bid_id is not one of their bids'
           ELSE 'awarded auctions with no final_price' END,
@@ -156,8 +170,7 @@ CROSS JOIN LATERAL (VALUES
                || ', which is not a bid of this auction'
           ELSE 'auction is awarded to bid ' || au.winning_bid_id || ' but has no final_price' END
          || ': the award was written incompletely; nothing defines what the payment channel should hold'),
-    ('unawarded_has_no_winner',
-     au.status IS DISTINCT FROM 'awarded' AND (au.winning_bid_id IS NOT NULL OR au.final_price IS NOT NULL),
+    ('unawarded_has_no_winner', au.f_stray_winner,
      'unawarded auctions carrying a winner or final price',
      'winning_bid_id=null, final_price=null',
      'winning_bid_id=' || coalesce(au.winning_bid_id::text, 'null') || ', final_price='
@@ -165,17 +178,13 @@ CROSS JOIN LATERAL (VALUES
      au.final_price,
      'auction is ' || au.status || ' yet carries a winner or final price: either its status or its award '
          || 'is wrong (a payment may follow an auction that was never awarded)'),
-    ('winner_is_top_ranked',
-     au.status = 'awarded' AND au.w_id IS NOT NULL AND au.w_score {WORSE} au.best_score,
+    ('winner_is_top_ranked', au.f_not_top,
      'awarded auctions whose winner is not top-ranked',
      au.best_score::text, au.w_score::text, au.w_score - au.best_score,
      'winning bid ' || au.w_id || ' has composite_score ' || au.w_score || ' but the best bid of the auction has '
          || au.best_score || ' ({RANKING}): the award went to the wrong agent (or the ranking setting '
          || 'does not match the deployed platform)'),
-    ('final_price_rule',
-     au.status = 'awarded' AND au.w_id IS NOT NULL AND au.final_price IS NOT NULL
-         AND au.final_price IS DISTINCT FROM au.rule_price
-         AND NOT (au.auction_type = 'second_price' AND coalesce(au.final_price = ANY (au.second_prices), false)),
+    ('final_price_rule', au.f_price_rule,
      coalesce(au.auction_type, 'null') || ' auctions paying the wrong final_price',
      au.rule_price::text, au.final_price::text, au.final_price - au.rule_price,
      CASE au.auction_type
@@ -187,8 +196,7 @@ CROSS JOIN LATERAL (VALUES
          ELSE 'auction of unknown type ' || coalesce(au.auction_type, 'null')
               || ' pays like first_price: the winner''s price ' || au.w_price
      END || ', but final_price is ' || au.final_price || ': the user is charged the wrong amount'),
-    ('price_within_bounds',
-     au.final_price IS NOT NULL AND au.max_price > 0 AND au.final_price > au.max_price,
+    ('price_within_bounds', au.f_over_budget,
      'auctions whose final_price exceeds max_price',
      au.max_price::text, au.final_price::text, au.final_price - au.max_price,
      'final_price ' || au.final_price || ' exceeds the auction''s budget max_price ' || au.max_price
@@ -199,34 +207,41 @@ WHERE x.bad
 UNION ALL
 
 SELECT x.invariant, 'bid', b.id::text, b.auction_id, x.kind, x.expected, x.actual, x.difference, x.detail
-FROM bids b
-JOIN {A} a ON a.id = b.auction_id
+FROM (
+    SELECT b.id, b.auction_id, b.agent_did, b.price, b.reputation_score, b.created_at,
+           a.id AS a_id, a.max_price, a.reserve_price, a.min_reputation, a.expires_at,
+           a.max_price > 0 AND b.price > a.max_price AS f_above,
+           a.reserve_price > 0 AND b.price < a.reserve_price AS f_below,
+           a.min_reputation > 0 AND b.reputation_score < a.min_reputation AS f_low_rep,
+           b.created_at > a.expires_at AS f_late
+    FROM bids b
+    JOIN {A} a ON a.id = b.auction_id
+    WHERE (a.max_price > 0 AND b.price > a.max_price) OR (a.reserve_price > 0 AND b.price < a.reserve_price)
+       OR (a.min_reputation > 0 AND b.reputation_score < a.min_reputation) OR b.created_at > a.expires_at
+) b
 CROSS JOIN LATERAL (VALUES
-    ('price_within_bounds',
-     (a.max_price > 0 AND b.price > a.max_price) OR (a.reserve_price > 0 AND b.price < a.reserve_price),
-     CASE WHEN a.max_price > 0 AND b.price > a.max_price THEN 'bids priced above their auction''s max_price'
+    ('price_within_bounds', b.f_above OR b.f_below,
+     CASE WHEN b.f_above THEN 'bids priced above their auction''s max_price'
           ELSE 'bids priced below their auction''s reserve_price' END,
-     CASE WHEN a.max_price > 0 AND b.price > a.max_price THEN a.max_price ELSE a.reserve_price END::text,
+     CASE WHEN b.f_above THEN b.max_price ELSE b.reserve_price END::text,
      b.price::text,
-     b.price - CASE WHEN a.max_price > 0 AND b.price > a.max_price THEN a.max_price ELSE a.reserve_price END,
-     CASE WHEN a.max_price > 0 AND b.price > a.max_price
-          THEN 'bid price ' || b.price || ' exceeds max_price ' || a.max_price || ' of auction ' || a.id
+     b.price - CASE WHEN b.f_above THEN b.max_price ELSE b.reserve_price END,
+     CASE WHEN b.f_above
+          THEN 'bid price ' || b.price || ' exceeds max_price ' || b.max_price || ' of auction ' || b.a_id
                || ': the platform must refuse bids above the budget'
-          ELSE 'bid price ' || b.price || ' is below reserve_price ' || a.reserve_price || ' of auction ' || a.id
+          ELSE 'bid price ' || b.price || ' is below reserve_price ' || b.reserve_price || ' of auction ' || b.a_id
                || ': the platform must refuse bids under the reserve' END),
-    ('bid_meets_min_reputation',
-     a.min_reputation > 0 AND b.reputation_score < a.min_reputation,
+    ('bid_meets_min_reputation', b.f_low_rep,
      'bids from agents below the auction''s min_reputation',
-     a.min_reputation::text, b.reputation_score::text, b.reputation_score - a.min_reputation,
-     'agent ' || b.agent_did || ' bid with reputation ' || b.reputation_score || ' on auction ' || a.id
-         || ' which requires ' || a.min_reputation || ': the platform must refuse it'),
-    ('bid_after_expiry',
-     b.created_at > a.expires_at,
+     b.min_reputation::text, b.reputation_score::text, b.reputation_score - b.min_reputation,
+     'agent ' || b.agent_did || ' bid with reputation ' || b.reputation_score || ' on auction ' || b.a_id
+         || ' which requires ' || b.min_reputation || ': the platform must refuse it'),
+    ('bid_after_expiry', b.f_late,
      'bids placed after their auction expired',
-     to_char(a.expires_at AT TIME ZONE 'UTC', '{ISO}'), to_char(b.created_at AT TIME ZONE 'UTC', '{ISO}'),
-     round(extract(epoch FROM b.created_at - a.expires_at)::numeric, 3),
-     'bid placed ' || round(extract(epoch FROM b.created_at - a.expires_at)::numeric, 3)
-         || ' s after auction ' || a.id || ' expired: the platform must refuse late bids')
+     to_char(b.expires_at AT TIME ZONE 'UTC', '{ISO}'), to_char(b.created_at AT TIME ZONE 'UTC', '{ISO}'),
+     round(extract(epoch FROM b.created_at - b.expires_at)::numeric, 3),
+     'bid placed ' || round(extract(epoch FROM b.created_at - b.expires_at)::numeric, 3)
+         || ' s after auction ' || b.a_id || ' expired: the platform must refuse late bids')
 ) AS x(invariant, bad, kind, expected, actual, difference, detail)
 WHERE x.bad
 
