@@ -363,3 +363,19 @@ def test_a_yaml_checker_reaches_metrics_api_and_status_page(writer, make_config)
         assert described["stuck_tasks"]["invariants"][0]["id"] == "stuck_executing_task"
         page = requests.get(svc.url("api", "/"), timeout=5).text
         assert "agent_capacity" in page and "payment_audit_trail" in page
+
+
+def test_a_yaml_checker_gets_its_alert_and_panel_from_render(make_config):
+    from zsmon.alerts.render import alert_rules, render_files
+
+    config = _yaml_config(make_config, EXAMPLES, redis=False)
+    files = render_files(config)
+    alerts = {r["alert"]: r for r in alert_rules(files)}
+    alert = alerts["AgentCapacityAgentOverCapacityViolation"]
+    assert alert["labels"] == {"severity": "warning", "checker": "agent_capacity", "invariant": "agent_over_capacity"}
+    assert 'checker="agent_capacity", invariant="agent_over_capacity"' in alert["expr"]
+    assert alert["annotations"]["runbook_url"].endswith("/agent_capacity.md")  # the file's own runbook link
+    assert "prometheus/rules/zsmon-checker-agent_capacity.rules.yml" in files
+    board = json.loads(files["grafana/dashboards/zsmon-invariants.json"])
+    titles = [p.get("title", "") for p in board["panels"]]
+    assert any("agent_capacity" in t for t in titles), titles

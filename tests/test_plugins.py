@@ -112,3 +112,15 @@ def test_a_broken_plugin_is_one_line_and_exit_2(tmp_path):
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("zsmon: error: plugin entry point 'broken' (no_such_module.checker:Broken) failed "
                            "to load: No module named 'no_such_module'"), line
+
+
+def test_plugin_gets_its_alert_and_panel_from_render(make_config):
+    from zsmon.alerts.render import alert_rules, render_files
+
+    files = render_files(make_config(redis=False))
+    alerts = {r["alert"]: r for r in alert_rules(files)}
+    alert = alerts["AgentLivenessSilentActiveAgentViolation"]
+    assert alert["labels"]["invariant"] == "silent_active_agent" and alert["labels"]["severity"] == "warning"
+    assert alert["annotations"]["runbook_url"].endswith("examples/plugin/README.md#runbook")
+    board = json.loads(files["grafana/dashboards/zsmon-invariants.json"])
+    assert any("agent_liveness" in p.get("title", "") for p in board["panels"])

@@ -122,16 +122,20 @@ def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode:
 
 @cli.command()
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Directory to write into.")
+@click.option("--format", "fmt", type=click.Choice(["files", "kubernetes"]), default="files", show_default=True,
+              help="files: Prometheus, Alertmanager and Grafana config files; kubernetes: a Deployment, Service, "
+                   "ServiceMonitor, PrometheusRules and dashboard ConfigMaps (kubectl apply -k DIR).")
 @click.pass_context
-def render(ctx: click.Context, out: str) -> None:
-    """Render Prometheus rules and config, Alertmanager config and Grafana dashboards."""
+def render(ctx: click.Context, out: str, fmt: str) -> None:
+    """Render Prometheus rules and config, Alertmanager config and Grafana dashboards (or Kubernetes manifests)."""
     config = _load(ctx)
     try:
+        from zsmon.alerts.kubernetes import render_kubernetes
         from zsmon.alerts.render import render_all
     except ImportError:
         _fail("rendering is not available in this build")
     try:
-        written = render_all(config, Path(out))
+        written = (render_kubernetes if fmt == "kubernetes" else render_all)(config, Path(out))
     except ConfigError as exc:
         _fail(str(exc))
     click.echo(f"wrote {len(written)} files to {out}")

@@ -208,6 +208,38 @@ class RenderConfig(_Strict):
         return v
 
 
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class KubernetesConfig(_Strict):
+    """What `zsmon render --format kubernetes` writes: zsmon's Deployment and Service, a ServiceMonitor and
+    PrometheusRules for the prometheus-operator, and dashboard ConfigMaps for the Grafana sidecar."""
+
+    namespace: str = Field("monitoring", max_length=63, pattern=_K8S_NAME, description="Namespace of every object.")
+    name: str = Field("zsmon", max_length=40, pattern=_K8S_NAME, description="Name of the Deployment, Service and "
+                      "ServiceMonitor; prefix of the ConfigMaps and PrometheusRules.")
+    image: str = Field("zsmon:local", min_length=1, description="zsmon's container image (built as in "
+                       "docker-compose.monitoring.yml, pushed where the cluster pulls from).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent",
+                                                                         description="imagePullPolicy.")
+    replicas: int = Field(1, ge=1, le=10, description="zsmon replicas; more than one needs Redis (ha.*) so that "
+                          "one replica runs each check.")
+    secret_name: str = Field("zsmon", max_length=253, pattern=_K8S_NAME, description="Existing Secret with the keys "
+                             "DB_PASSWORD, REDIS_PASSWORD and ADMIN_TOKEN (ZSMON_DATABASE_URL instead of "
+                             "DB_PASSWORD when database.url is set); zsmon never writes secrets into manifests.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object, e.g. "
+                                   "`release: kube-prometheus-stack` for the operator's rule and ServiceMonitor "
+                                   "selectors.")
+    dashboard_label: str = Field("grafana_dashboard", min_length=1, description="Label the Grafana sidecar "
+                                 "watches for dashboard ConfigMaps.")
+    dashboard_label_value: str = Field("1", description="Value of dashboard_label.")
+    dashboard_folder: str | None = Field("ZeroState", description="Grafana folder (annotation grafana_folder, "
+                                         "honoured by the sidecar's folderAnnotation); unset: no annotation.")
+    cpu_request: str = Field("100m", description="CPU request of the zsmon container.")
+    memory_request: str = Field("128Mi", description="Memory request of the zsmon container.")
+    memory_limit: str = Field("512Mi", description="Memory limit of the zsmon container.")
+
+
 class Config(_Strict):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -218,6 +250,8 @@ class Config(_Strict):
     checkers: dict[str, CheckerConfig] = Field(default_factory=dict, description="Per-checker settings by name.")
     exporters: dict[str, ExporterConfig] = Field(default_factory=dict, description="Per-exporter settings by name.")
     render: RenderConfig = Field(default_factory=RenderConfig, description="What `zsmon render` writes.")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig,
+                                         description="What `zsmon render --format kubernetes` writes.")
     # Where the config came from, for messages (not a key).
     source: str | None = Field(None, exclude=True)
 
