@@ -104,6 +104,20 @@ class SchedulerConfig(_Strict):
     misfire_grace_seconds: float = Field(30.0, gt=0, description="A run later than this is skipped, not run late.")
 
 
+class HaConfig(_Strict):
+    """High availability: N replicas share the work through Redis leases (see docs/deployment.md)."""
+
+    enabled: bool = Field(False, description="Run as one of several replicas: each checker and collector runs "
+                          "on the replica holding its Redis lease; results are shared through Redis.")
+    lease_seconds: float = Field(15.0, ge=0.5, le=600, description="Lease length. The holder renews it every "
+                                 "third of it; a dead holder's jobs move to another replica after at most this long.")
+    identity: str | None = Field(None, max_length=200, description="This replica's name in results (`producer`) "
+                                 "and leases (default: HOSTNAME-PID; in Kubernetes use the pod name).")
+    on_redis_down: Literal["run_locally", "stand_by"] = Field(
+        "run_locally", description="Without Redis, leases cannot be held: run_locally keeps every check running on "
+        "every replica (duplicated results, never a blind spot); stand_by runs nothing until Redis is back.")
+
+
 class CheckerConfig(_Strict):
     enabled: bool = Field(True, description="Run this checker.")
     interval_seconds: float | None = Field(None, gt=0, description="Seconds between runs (default: the checker's).")
@@ -247,6 +261,7 @@ class Config(_Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    ha: HaConfig = Field(default_factory=HaConfig)
     checkers: dict[str, CheckerConfig] = Field(default_factory=dict, description="Per-checker settings by name.")
     exporters: dict[str, ExporterConfig] = Field(default_factory=dict, description="Per-exporter settings by name.")
     render: RenderConfig = Field(default_factory=RenderConfig, description="What `zsmon render` writes.")
@@ -296,6 +311,8 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "ADMIN_TOKEN": ("http", "admin_token"),
     "TLS_CERT_FILE": ("http", "tls_cert_file"),
     "TLS_KEY_FILE": ("http", "tls_key_file"),
+    "ZSMON_HA_ENABLED": ("ha", "enabled"),
+    "ZSMON_HA_IDENTITY": ("ha", "identity"),
     "ZSMON_CHECKERS_PATH": ("checks", "paths"),
 }
 _SECRET_LEAVES = {"password", "url", "admin_token"}
