@@ -36,6 +36,10 @@ class LocalCoordinator:
     def still_leader(self, job: str, token: Any) -> bool:
         return True
 
+    def publish(self, job: str, token: Any, result: CheckResult) -> bool:
+        """Called before a result is published: False discards it (fencing)."""
+        return self.still_leader(job, token)
+
 
 class Runner:
     def __init__(
@@ -126,7 +130,7 @@ class Runner:
 
     def _publish(self, checker: Checker, result: CheckResult, ctx: CheckContext | None, token: Any) -> None:
         # Fencing: a replica that lost its lease while it ran (paused, partitioned) publishes nothing.
-        if not self.coordinator.still_leader(f"check:{checker.name}", token):
+        if not self.coordinator.publish(f"check:{checker.name}", token, result):
             log.warning("result_discarded_lost_lease", checker=checker.name)
             return
         self.store.put(result)
@@ -149,6 +153,15 @@ class Runner:
     # ---- exporters -----------------------------------------------------------
     def collect(self, name: str) -> None:
         exporter = self.exporters[name]
+        if not self.coordinator.acquire(f"collect:{name}"):
+            # Another replica collects and exports these families (HA); this one's own gauges go away.
+            if self.metrics is not None:
+                for gauge in (self.metrics.collector_duration, self.metrics.collector_last_success):
+                    try:
+                        gauge.remove(name)
+                    except KeyError:
+                        pass
+            return
         t0 = time.perf_counter()
         try:
             families = self._collect(exporter)

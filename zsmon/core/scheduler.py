@@ -61,6 +61,11 @@ class Scheduler:
         elif event.code == EVENT_JOB_MAX_INSTANCES:
             m.job_skipped.labels(job).inc()
 
+    def run_now(self, job_id: str) -> None:
+        """Bring a job's next run forward to now (e.g. a replica that just took over its lease)."""
+        if self._sched.running and self._sched.get_job(job_id) is not None:
+            self._sched.modify_job(job_id, next_run_time=datetime.now(timezone.utc))
+
     @property
     def running(self) -> bool:
         return bool(self._sched.running)

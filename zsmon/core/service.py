@@ -60,11 +60,11 @@ def build_exporters(config: Config) -> dict[str, Exporter]:
 
 def build_runner(config: Config, only: Iterable[str] | None = None, metrics: Any = None,
                  store: ResultStore | None = None, exporters: dict[str, Exporter] | None = None,
-                 checkers: dict[str, Checker] | None = None) -> Runner:
+                 checkers: dict[str, Checker] | None = None, coordinator: Any = None) -> Runner:
     db = Database(config.database)
     db.open()
     return Runner(config, db, make_redis(config.redis), checkers if checkers is not None else build_checkers(config, only),
-                  exporters or {}, store or ResultStore(), metrics)
+                  exporters or {}, store or ResultStore(), metrics, coordinator)
 
 
 def _interval(cls_default: float, configured: float | None) -> float:
@@ -95,12 +95,30 @@ class Service:
         self.store = ResultStore()
         checkers = build_checkers(config)
         exporters = build_exporters(config)
-        self.metrics = Metrics(self.store, checkers, [f"check:{n}" for n in checkers]
+        self.coordinator: Any = None
+        exported: Any = self.store
+        if config.ha.enabled:  # N replicas: leases per job, shared results, series only from the holder
+            from zsmon.core.ha import LeaderView, make_coordinator
+
+            self.coordinator = make_coordinator(config, self.store, on_acquired=self._on_acquired)
+            exported = LeaderView(self.store, self.coordinator.leads)
+        self.metrics = Metrics(exported, checkers, [f"check:{n}" for n in checkers]
                                + [f"collect:{n}" for n in exporters] + ["health"], collector_names=exporters)
-        for checker in checkers.values():
-            checker.register_metrics(self.metrics.registry)
+        if self.coordinator is not None:
+            from zsmon.core.ha import LeasedFamilies
+
+            registry = self.metrics.registry
+            registry.unregister(self.metrics.families)
+            self.metrics.families = LeasedFamilies(self.coordinator.leads)
+            registry.register(self.metrics.families)
+            registry.register(self.coordinator)
+        for name, checker in checkers.items():
+            if self.coordinator is None:
+                checker.register_metrics(self.metrics.registry)
+            else:
+                self._register_leader_only(name, checker)
         self.runner = build_runner(config, metrics=self.metrics, store=self.store, exporters=exporters,
-                                   checkers=checkers)
+                                   checkers=checkers, coordinator=self.coordinator)
         self.scheduler = Scheduler(config.scheduler.max_workers, config.scheduler.jitter_ratio,
                                    config.scheduler.misfire_grace_seconds, self.metrics)
         self._db_reason: str | None = "database not checked yet"
@@ -109,6 +127,26 @@ class Service:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ports: dict[str, int] = {}
+
+    def _register_leader_only(self, name: str, checker: Checker) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from zsmon.core.ha import LeaderOnly
+
+        own = CollectorRegistry(auto_describe=True)
+        checker.register_metrics(own)
+        self.metrics.registry.register(LeaderOnly(own, lambda: self.coordinator.leads(f"check:{name}")))
+
+    def _on_acquired(self, job: str) -> None:
+        """This replica just took a job over: run it now unless its latest shared result is still fresh."""
+        kind, _, name = job.partition(":")
+        if kind == "check" and name in self.runner.checkers:
+            every = _interval(self.runner.checkers[name].default_interval_seconds,
+                              self.config.checker(name).interval_seconds)
+            latest = self.store.state(name).latest
+            if latest is not None and time.time() - latest.started_at < every:
+                return
+        self.scheduler.run_now(job)
 
     # ---- state the HTTP layer reads ----------------------------------------------
     def latest_results(self) -> list[CheckResult]:
@@ -220,12 +258,18 @@ class Service:
             self.ports[name] = server.servers[0].sockets[0].getsockname()[1]
         self._schedule()
         self.scheduler.start()
+        if self.coordinator is not None:
+            self.coordinator.watch(j for j in self.scheduler.intervals if j != "health")
+            self.coordinator.start()
         log.info("zsmon_started", database=self.runner.db.where, checkers=list(self.runner.checkers),
                  exporters=list(self.runner.exporters), metrics_port=self.ports["metrics"],
-                 api_port=self.ports["api"], redis="on" if self.runner.redis is not None else "off")
+                 api_port=self.ports["api"], redis="on" if self.runner.redis is not None else "off",
+                 ha=self.coordinator.identity if self.coordinator is not None else "off")
 
     def stop(self) -> None:
         self.scheduler.shutdown()
+        if self.coordinator is not None:
+            self.coordinator.stop()  # releases the leases: another replica takes over at once
         for s in self._servers:
             s.should_exit = True
         if self._thread is not None:

@@ -1,0 +1,378 @@
+"""High availability: N replicas, each job run by exactly one of them, through Redis leases.
+
+Leases
+  Every scheduled job (``check:<name>``, ``collect:<name>``) has a lease: the Redis
+  key ``<prefix>ha:lease:<job>`` holding ``<identity>|<token>``, set with
+  ``NX PX lease_ms``. The token comes from ``INCR <prefix>ha:fence:<job>``, so every
+  new holder gets a larger one. Leadership is sticky: the holder renews all its
+  leases every third of ``lease_seconds`` from a background thread (so a run longer
+  than the lease keeps it), and a replica whose turn comes while another holds the
+  lease skips the run. The same thread acquires free leases, so when a holder dies
+  (or is paused past its lease) another replica takes its jobs over within
+  ``lease_seconds`` plus a third of it, and runs them at once if their latest result
+  is older than one interval.
+
+Fencing
+  A paused or partitioned leader may wake up with a result computed under a lease it
+  has lost. Publishing is conditional on the lease still holding its token, checked
+  and written in one Lua script: a stale leader's result is discarded, never shown.
+  Locally, a replica also stops considering itself leader once the lease it last
+  renewed would have expired (monotonic clock), even before Redis tells it so.
+
+Publishing without double counting
+  The leader writes each result to ``<prefix>ha:result:<checker>``; every replica
+  pulls those into its result store, so the API and the status page answer the same
+  on every replica, with the producing replica's identity in ``producer``.
+  ``/metrics`` is different: Prometheus scrapes every replica, so the platform-state
+  series (invariant results, exporter families, a checker's own metrics) are
+  exported only by the replica holding that job's lease. ``sum``/``max`` over
+  instances therefore count each violation once. Counters of runs
+  (``zerostate_invariant_check_runs_total``) are per replica and only grow where runs
+  happen, so ``sum(rate(...))`` is the cluster's rate. ``zsmon_*`` series describe
+  each replica itself and are exported by all.
+
+Without Redis
+  Leases cannot be held. ``ha.on_redis_down: run_locally`` (default) keeps every
+  replica running every job on its own, exporting its own results (duplicated series
+  until Redis is back, ``zsmon_ha_degraded 1``): a monitor that goes blind during a
+  Redis outage would miss the very violation it exists for, while running a
+  read-only check twice costs only database time. ``stand_by`` runs nothing until
+  Redis answers, for deployments where duplicate load is the worse evil.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+
+from zsmon.core.config import Config
+from zsmon.core.logging import get_logger
+from zsmon.core.metrics import CachedFamilies
+from zsmon.core.redis import redis_error
+from zsmon.core.results import CheckResult
+from zsmon.core.store import CheckerState, ResultStore
+
+log = get_logger("zsmon.ha")
+
+# KEYS[1] lease, KEYS[2] fence counter; ARGV[1] identity, ARGV[2] lease ms.
+# Returns the lease's value: ours if we got (or already had) it, the holder's otherwise.
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local sep = string.find(cur, '|', 1, true)
+  if sep and string.sub(cur, 1, sep - 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
+  return cur
+end
+local token = redis.call('INCR', KEYS[2])
+local value = ARGV[1] .. '|' .. token
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return value
+"""
+# KEYS[1] lease; ARGV[1] expected value, ARGV[2] lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_STILL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+# KEYS[1] lease, KEYS[2] result; ARGV[1] expected lease value, ARGV[2] result JSON, ARGV[3] ttl ms.
+_PUBLISH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+RESULT_TTL_MS = 7 * 24 * 3600 * 1000
+LOCAL = "local"  # the token of a run made without Redis (on_redis_down: run_locally)
+
+
+def default_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RedisCoordinator:
+    """Per-job Redis leases with fencing tokens; the runner's ``coordinator``."""
+
+    def __init__(self, client: redis.Redis, *, key_prefix: str, lease_seconds: float, identity: str | None = None,
+                 on_redis_down: str = "run_locally", store: ResultStore | None = None,
+                 on_acquired: Callable[[str], None] | None = None) -> None:
+        self.redis = client
+        self.prefix = key_prefix
+        self.lease_seconds = lease_seconds
+        self.lease_ms = max(1, int(lease_seconds * 1000))
+        self.identity = identity or default_identity()
+        self.on_redis_down = on_redis_down
+        self.store = store
+        self.on_acquired = on_acquired
+        self.tick_seconds = max(0.1, lease_seconds / 3)
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[str, float]] = {}  # job -> (lease value, valid until, monotonic)
+        self._jobs: set[str] = set()
+        self._degraded: str | None = None  # the reason, while Redis does not answer
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._scripts = {name: client.register_script(src) for name, src in (
+            ("acquire", _ACQUIRE), ("renew", _RENEW), ("still", _STILL), ("publish", _PUBLISH),
+            ("release", _RELEASE))}
+
+    # ---- keys ------------------------------------------------------------------
+    def _lease_key(self, job: str) -> str:
+        return f"{self.prefix}ha:lease:{job}"
+
+    def _fence_key(self, job: str) -> str:
+        return f"{self.prefix}ha:fence:{job}"
+
+    def _result_key(self, checker: str) -> str:
+        return f"{self.prefix}ha:result:{checker}"
+
+    # ---- Redis health ------------------------------------------------------------
+    def _redis_failed(self, exc: BaseException) -> None:
+        reason = redis_error(exc)
+        if self._degraded is None:
+            what = ("every replica runs every job on its own until it is back" if self.on_redis_down == "run_locally"
+                    else "this replica runs nothing until it is back (ha.on_redis_down: stand_by)")
+            log.error("ha_degraded", error=reason, policy=self.on_redis_down,
+                      detail=f"leases unavailable: {what}")
+        self._degraded = reason
+        with self._lock:
+            self._held.clear()
+
+    def _redis_ok(self) -> None:
+        if self._degraded is not None:
+            log.warning("ha_restored", detail="Redis answers again: leases resume")
+        self._degraded = None
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded is not None
+
+    # ---- the runner's contract -------------------------------------------------------
+    def acquire(self, job: str) -> Any:
+        """A token when this replica may run ``job`` now, else None."""
+        with self._lock:
+            self._jobs.add(job)
+        if self._degraded is not None:
+            return LOCAL if self.on_redis_down == "run_locally" else None
+        sent = time.monotonic()
+        try:
+            value = self._scripts["acquire"](keys=[self._lease_key(job), self._fence_key(job)],
+                                             args=[self.identity, self.lease_ms])
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            return LOCAL if self.on_redis_down == "run_locally" else None
+        self._redis_ok()
+        if value.split("|", 1)[0] != self.identity:
+            with self._lock:
+                self._held.pop(job, None)
+            return None
+        with self._lock:
+            new = job not in self._held
+            self._held[job] = (value, sent + self.lease_seconds * 0.9)
+        if new:
+            log.info("ha_lease_acquired", job=job, fence=int(value.rsplit("|", 1)[1]), identity=self.identity)
+        return value
+
+    def still_leader(self, job: str, token: Any) -> bool:
+        if token == LOCAL:
+            return True
+        try:
+            return bool(self._scripts["still"](keys=[self._lease_key(job)], args=[token]))
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            return False
+
+    def publish(self, job: str, token: Any, result: CheckResult) -> bool:
+        """Fenced publish: write the shared result only while the lease still holds ``token``."""
+        if token == LOCAL:
+            return True
+        try:
+            ok = bool(self._scripts["publish"](
+                keys=[self._lease_key(job), self._result_key(result.checker)],
+                args=[token, json.dumps(result.to_dict(), sort_keys=True), RESULT_TTL_MS]))
+        except redis.RedisError as exc:
+            # The lease cannot be confirmed: publishing could show a stale result next to a new leader's.
+            self._redis_failed(exc)
+            return False
+        if not ok:
+            with self._lock:
+                self._held.pop(job, None)
+            log.warning("ha_lease_lost", job=job, detail="result discarded: another replica holds the lease")
+        return ok
+
+    def leads(self, job: str) -> bool:
+        """Whether this replica exports ``job``'s series now (local view, no Redis round trip)."""
+        if self._degraded is not None:
+            return self.on_redis_down == "run_locally"
+        with self._lock:
+            held = self._held.get(job)
+        return held is not None and time.monotonic() < held[1]
+
+    # ---- the background loop: renew, take over, share results ------------------------------
+    def watch(self, jobs: Iterable[str]) -> None:
+        with self._lock:
+            self._jobs.update(jobs)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="zsmon-ha", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self._lock:
+            held = dict(self._held)
+            self._held.clear()
+        for job, (value, _) in held.items():  # hand over at once on a clean shutdown
+            try:
+                self._scripts["release"](keys=[self._lease_key(job)], args=[value])
+            except redis.RedisError:
+                break
+        self.redis.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # never let the HA thread die
+                log.exception("ha_tick_failed")
+            self._stop.wait(self.tick_seconds)
+
+    def tick(self) -> None:
+        """One round: renew held leases, acquire free ones, pull shared results."""
+        if self._degraded is not None:
+            try:
+                self.redis.ping()
+            except redis.RedisError as exc:
+                self._redis_failed(exc)
+                return
+            self._redis_ok()
+        with self._lock:
+            jobs = sorted(self._jobs)
+            held = dict(self._held)
+        try:
+            for job in jobs:
+                if job in held:
+                    sent = time.monotonic()
+                    if self._scripts["renew"](keys=[self._lease_key(job)], args=[held[job][0], self.lease_ms]):
+                        with self._lock:
+                            if job in self._held:
+                                self._held[job] = (held[job][0], sent + self.lease_seconds * 0.9)
+                        continue
+                    with self._lock:
+                        self._held.pop(job, None)
+                    log.warning("ha_lease_lost", job=job, detail="lease expired or taken over (paused?)")
+                if self.acquire(job) and job not in held and self.on_acquired is not None:
+                    try:
+                        self.on_acquired(job)
+                    except Exception:
+                        log.exception("ha_on_acquired_failed", job=job)
+            self.sync()
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+
+    def sync(self) -> None:
+        """Pull the leaders' latest results into this replica's store."""
+        if self.store is None:
+            return
+        checkers = [j.split(":", 1)[1] for j in self._jobs if j.startswith("check:")]
+        if not checkers:
+            return
+        values = self.redis.mget([self._result_key(c) for c in checkers])
+        for checker, raw in zip(checkers, values):
+            if not raw:
+                continue
+            try:
+                shared = CheckResult.from_dict(json.loads(raw))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ha_bad_shared_result", checker=checker)
+                continue
+            mine = self.store.state(checker).latest
+            if mine is None or shared.started_at > mine.started_at:
+                self.store.put(shared)
+
+    # ---- metrics -------------------------------------------------------------------
+    def collect(self) -> Iterable[Any]:
+        leader = GaugeMetricFamily("zsmon_ha_leader", "1 when this replica holds the job's lease and exports its "
+                                   "series.", labels=["job"])
+        with self._lock:
+            jobs = sorted(self._jobs)
+        for job in jobs:
+            leader.add_metric([job], 1.0 if self.leads(job) else 0.0)
+        degraded = GaugeMetricFamily("zsmon_ha_degraded", "1 while Redis is unreachable and leases cannot be held.")
+        degraded.add_metric([], 1.0 if self.degraded else 0.0)
+        yield leader
+        yield degraded
+
+
+# ---- exporting only what this replica leads ----------------------------------------------------
+class LeaderView:
+    """The result store as ``/metrics`` sees it: only the checkers whose lease this replica holds."""
+
+    def __init__(self, store: ResultStore, leads: Callable[[str], bool]) -> None:
+        self.store = store
+        self.leads = leads
+
+    def states(self) -> dict[str, CheckerState]:
+        return {k: v for k, v in self.store.states().items() if self.leads(f"check:{k}")}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+class LeasedFamilies(CachedFamilies):
+    """Exporter families, served only by the replica holding the collector's lease."""
+
+    def __init__(self, leads: Callable[[str], bool]) -> None:
+        super().__init__()
+        self.leads = leads
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            snapshot = list(self._families.items())
+        for name, families in sorted(snapshot, key=lambda kv: kv[0]):
+            if self.leads(f"collect:{name}"):
+                yield from families
+
+
+class LeaderOnly:
+    """Wraps a checker's own metrics (a registry of its own) so only the lease holder exports them."""
+
+    def __init__(self, registry: Any, leads: Callable[[], bool]) -> None:
+        self.registry = registry
+        self.leads = leads
+
+    def collect(self) -> Iterable[Any]:
+        if self.leads():
+            yield from self.registry.collect()
+
+
+def make_coordinator(config: Config, store: ResultStore,
+                     on_acquired: Callable[[str], None] | None = None) -> RedisCoordinator:
+    from zsmon.core.config import ConfigError
+    from zsmon.core.redis import make_redis
+
+    client = make_redis(config.redis)
+    if client is None:
+        raise ConfigError("ha.enabled needs Redis: set REDIS_HOST (redis.enabled must be true)")
+    return RedisCoordinator(client, key_prefix=config.redis.key_prefix, lease_seconds=config.ha.lease_seconds,
+                            identity=config.ha.identity, on_redis_down=config.ha.on_redis_down, store=store,
+                            on_acquired=on_acquired)
