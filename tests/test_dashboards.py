@@ -1,0 +1,152 @@
+"""Rendered Grafana dashboards: shape, stable uids, the datasource variable, runbook links, and queries that parse.
+
+Grafana cannot be installed here, so the JSON is checked by shape and every target's expr is
+parsed by promql-parser after Grafana's variables are substituted.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import promql_parser
+import pytest
+import yaml
+
+from zsmon.alerts.model import build_model
+from zsmon.alerts.render import golden_files, render_model
+from zsmon.checkers.registry import checker_classes
+from zsmon.core.config import Config
+from zsmon.dashboards.build import SpecError, build_dashboard
+
+from test_alert_rules import lint_expr
+
+GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+UIDS = {"zsmon-api", "zsmon-database", "zsmon-payments", "zsmon-auctions", "zsmon-reputation", "zsmon-invariants",
+        "zsmon-self"}
+
+
+@pytest.fixture(scope="module")
+def files():
+    return render_model(build_model(Config()))
+
+
+@pytest.fixture(scope="module")
+def boards(files):
+    return {json.loads(t)["uid"]: json.loads(t) for p, t in files.items() if p.startswith("grafana/dashboards/")}
+
+
+def _panels(board):
+    return [p for p in board["panels"] if p["type"] != "row"]
+
+
+def _exprs(board):
+    return [(p["title"], t["expr"]) for p in _panels(board) for t in p.get("targets", [])]
+
+
+def test_stable_uids_and_file_names(files, boards):
+    assert set(boards) == UIDS
+    for uid in boards:
+        assert f"grafana/dashboards/{uid}.json" in files
+    assert set(json.loads(t)["uid"] for p, t in golden_files().items() if p.endswith(".json")) == UIDS
+
+
+def test_every_dashboard_uses_the_datasource_variable(boards):
+    for uid, board in boards.items():
+        var = board["templating"]["list"][0]
+        assert (var["name"], var["type"], var["query"]) == ("datasource", "datasource", "prometheus"), uid
+        for p in _panels(board):
+            if p["type"] == "text":
+                continue
+            assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, (uid, p["title"])
+            for t in p["targets"]:
+                assert t["datasource"]["uid"] == "${datasource}"
+
+
+def test_every_panel_has_title_unit_description(boards):
+    for uid, board in boards.items():
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids)), uid
+        for p in _panels(board):
+            assert p["title"] and p["description"] and p["fieldConfig"]["defaults"]["unit"], (uid, p)
+            g = p["gridPos"]
+            assert 0 <= g["x"] and g["x"] + g["w"] <= 24, (uid, p["title"])
+
+
+def test_every_query_parses_and_uses_rate_interval(boards):
+    count = 0
+    for uid, board in boards.items():
+        for title, expr in _exprs(board):
+            for rng in re.findall(r"\[([^\]]+)\]", expr):
+                assert rng == "$__rate_interval", f"{uid} / {title}: range [{rng}] must be [$__rate_interval]"
+            text = expr
+            for var, value in GRAFANA_VARS.items():
+                text = text.replace(var, value)
+            assert "$" not in text, f"{uid} / {title}: unknown variable in {expr}"
+            promql_parser.parse(text)  # raises on a query that does not parse
+            assert not lint_expr(text), (uid, title, lint_expr(text))
+            count += 1
+    assert count > 60
+
+
+def test_dashboards_link_runbooks(boards):
+    base = Config().http.runbook_base_url
+    for uid, board in boards.items():
+        assert any(link.get("url") == base for link in board["links"]), uid
+    panel_links = [link["url"] for b in boards.values() for p in _panels(b) for link in p.get("links", [])]
+    assert panel_links and all(u.startswith(base + "/") and u.endswith(".md") for u in panel_links)
+
+
+def test_the_panels_the_guide_names(boards):
+    def titles(uid):
+        return {p["title"] for p in _panels(boards[uid])}
+
+    assert {"Request rate by status", "Latency percentiles", "Error rate"} <= titles("zsmon-api")
+    assert {"Connections vs max_connections", "Slowest statements (mean time)", "Busiest statements",
+            "Longest transaction and query"} <= titles("zsmon-database")
+    assert {"Channel operations", "Money by bucket", "Violations by invariant",
+            "Failing balance checks"} <= titles("zsmon-payments")
+    assert {"Open auctions", "Bid rate", "Allocation success"} <= titles("zsmon-auctions")
+    assert {"Score distribution", "Reputation events", "Drift from baseline"} <= titles("zsmon-reputation")
+    heat = next(p for p in _panels(boards["zsmon-reputation"]) if p["type"] == "heatmap")
+    assert heat["targets"][0]["expr"] == "sum by (le) (zerostate_reputation_score_bucket)"
+    assert heat["targets"][0]["format"] == "heatmap" and heat["options"]["calculate"] is False
+    api = json.dumps(boards["zsmon-api"])
+    assert "histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket" in api
+
+
+def test_invariants_overview_shows_every_invariant_with_last_success_and_duration(boards):
+    board = boards["zsmon-invariants"]
+    exprs = [e for _, e in _exprs(board)]
+    for name, cls in checker_classes().items():
+        for inv in cls.invariants:
+            assert any(f'invariant="{inv.id}"' in e and f'checker="{name}"' in e for e in exprs), (name, inv.id)
+        assert any(f'checker="{name}"' in e and "last_success_timestamp" in e for e in exprs), name
+        assert any(f'checker="{name}"' in e and "check_duration_seconds_bucket" in e for e in exprs), name
+    for panel in _panels(board):
+        if panel["type"] == "stat" and "invariant=" in panel["targets"][0]["expr"]:
+            assert panel.get("links"), f"invariant panel {panel['title']} links its runbook"
+
+
+def test_domain_dashboards_get_their_checkers_invariants(boards):
+    for uid, checker in (("zsmon-payments", "payments"), ("zsmon-auctions", "auctions"),
+                         ("zsmon-reputation", "reputation")):
+        cls = checker_classes().get(checker)
+        if cls is None:
+            continue
+        exprs = [e for _, e in _exprs(boards[uid])]
+        for inv in cls.invariants:
+            assert any(f'invariant="{inv.id}"' in e for e in exprs), (uid, inv.id)
+
+
+def test_grafana_provisioning(files):
+    ds = yaml.safe_load(files["grafana/provisioning/datasources/zsmon.yml"])
+    assert ds["datasources"][0]["name"] == "Prometheus" and ds["datasources"][0]["url"] == "http://prometheus:9090"
+    prov = yaml.safe_load(files["grafana/provisioning/dashboards/zsmon.yml"])
+    assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/zsmon"
+
+
+def test_a_panel_without_a_unit_is_refused():
+    spec = {"uid": "x", "title": "x", "description": "x",
+            "rows": [{"title": "r", "panels": [{"title": "p", "description": "d", "targets": [{"expr": "up"}]}]}]}
+    with pytest.raises(SpecError, match="unit"):
+        build_dashboard(spec, build_model(Config()))
