@@ -127,11 +127,8 @@ def generated_runbooks(model: Model) -> dict[str, str]:
 
 def render_all(config: Config, out: Path) -> list[Path]:
     """Render everything into ``out`` atomically; returns the written paths. User mistakes raise ConfigError."""
-    try:
-        files = render_files(config)
-    except ConfigError:
-        raise
-    out = Path(out)
+    files = render_files(config)
+    out = Path(os.path.abspath(out))  # "." or "dir/" have no usable name or parent otherwise
     _check_target(out)
     parent = out.parent
     try:

@@ -221,6 +221,13 @@ class RenderConfig(_Strict):
             _listen(target)
         return v
 
+    @field_validator("pager_webhook_url", "chat_webhook_url", "watchdog_webhook_url", "prometheus_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", v):
+            raise ValueError("expected an http(s) URL such as https://hooks.example.com/zsmon")
+        return v
+
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
