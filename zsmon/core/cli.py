@@ -37,7 +37,7 @@ def _load(ctx: click.Context) -> Config:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="ZSMON_CONFIG",
+@click.option("--config", "config_path", type=click.Path(), envvar="ZSMON_CONFIG",
               help="YAML config file (default: $ZSMON_CONFIG; env vars such as DB_HOST override it).")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:

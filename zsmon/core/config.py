@@ -347,9 +347,12 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], Any]:
         raise ConfigError(f"config file {path} does not exist (set --config or ZSMON_CONFIG to a readable YAML file)")
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): is it the YAML file?")
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text)
+        _no_duplicate_keys(node, ())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -360,6 +363,22 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections (database, redis, ...)")
     return data, node
+
+
+def _no_duplicate_keys(node: Any, path: tuple[str, ...]) -> None:
+    """YAML lets a later key silently replace an earlier one: refuse, naming the line."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {'.'.join((*path, name))}",
+                                           problem_mark=key.start_mark)
+            seen.add(name)
+            _no_duplicate_keys(value, (*path, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _no_duplicate_keys(item, path)
 
 
 def _set(data: dict, path: tuple[str, ...], value: Any) -> None:
