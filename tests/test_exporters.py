@@ -314,8 +314,8 @@ def test_postgres_families_have_sane_values(make_config, db_url, writer):
     assert value(found, "zsmon_collector_errors_total", collector="postgres") == 0
     assert value(found, "zsmon_collector_duration_seconds", collector="postgres") > 0
     assert value(found, "zsmon_collector_last_success_timestamp_seconds", collector="postgres") > time.time() - 60
-    assert value(found, "zsmon_job_runs_total", job="collect:postgres") >= 1
-    assert value(found, "zsmon_job_lag_seconds", job="collect:postgres") >= 0
+    assert value(found, "zsmon_job_runs_total", scheduler_job="collect:postgres") >= 1
+    assert value(found, "zsmon_job_lag_seconds", scheduler_job="collect:postgres") >= 0
     assert any(name == "zsmon_build_info" for name, _ in found)
 
 

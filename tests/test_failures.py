@@ -186,7 +186,7 @@ def test_paused_database_errors_within_the_timeouts_ready_503_then_recovers(make
     with running_service(fast_config(make_config, private_pg.dsn)) as svc:
         wait_for(lambda: ready(svc).status_code == 200)
         wait_for(lambda: latest(svc, "schema").get("status") == "pass")
-        runs_before = metric(scrape(svc), "zsmon_job_runs_total", job="check:schema")
+        runs_before = metric(scrape(svc), "zsmon_job_runs_total", scheduler_job="check:schema")
         private_pg.pause()
         try:
             paused_at = time.monotonic()
@@ -202,7 +202,7 @@ def test_paused_database_errors_within_the_timeouts_ready_503_then_recovers(make
             assert metric(text, "zsmon_database_up") == 0
             assert metric(text, "zerostate_invariant_check_runs_total", checker="schema", status="error") >= 1
             # The scheduler keeps ticking: runs finish (as errors) instead of piling up behind a hung one.
-            wait_for(lambda: metric(scrape(svc), "zsmon_job_runs_total", job="check:schema") >= runs_before + 3,
+            wait_for(lambda: metric(scrape(svc), "zsmon_job_runs_total", scheduler_job="check:schema") >= runs_before + 3,
                      timeout=15)
             assert svc.service.scheduler.running
         finally:

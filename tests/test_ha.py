@@ -185,8 +185,8 @@ def test_two_replicas_run_each_check_once_per_interval_and_fail_over(tmp_path, d
         assert 'zerostate_invariant_violations{checker="schema"' in ta
         assert 'zerostate_invariant_violations{checker="schema"' not in tb
         assert "zerostate_postgres_up" in ta and "zerostate_postgres_up" not in tb
-        assert metric(ta, "zsmon_ha_leader", job="check:schema") == 1
-        assert metric(tb, "zsmon_ha_leader", job="check:schema") == 0
+        assert metric(ta, "zsmon_ha_leader", scheduler_job="check:schema") == 1
+        assert metric(tb, "zsmon_ha_leader", scheduler_job="check:schema") == 0
         # ... while the API answers the same on both, naming the producer.
         assert a.schema_result()["started_at"] == b.schema_result()["started_at"] or \
             abs(a.schema_result()["started_at"] - b.schema_result()["started_at"]) <= interval
@@ -203,7 +203,7 @@ def test_two_replicas_run_each_check_once_per_interval_and_fail_over(tmp_path, d
         wait_for(lambda: b.schema_result().get("producer") == "replica-b", timeout=interval)
         tb = b.scrape()
         assert 'zerostate_invariant_violations{checker="schema"' in tb
-        assert metric(tb, "zsmon_ha_leader", job="check:schema") == 1
+        assert metric(tb, "zsmon_ha_leader", scheduler_job="check:schema") == 1
     finally:
         a.stop()
         b.stop()
@@ -228,7 +228,7 @@ def test_a_paused_leader_gives_way_and_stops_exporting(tmp_path, db_url, private
         time.sleep(2 * interval)
         assert a.runs() == a_runs
         assert b.schema_result()["producer"] == "replica-b"
-        assert metric(a.scrape(), "zsmon_ha_leader", job="check:schema") == 0
+        assert metric(a.scrape(), "zsmon_ha_leader", scheduler_job="check:schema") == 0
     finally:
         a.stop()
         b.stop()

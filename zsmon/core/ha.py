@@ -312,7 +312,7 @@ class RedisCoordinator:
     # ---- metrics -------------------------------------------------------------------
     def collect(self) -> Iterable[Any]:
         leader = GaugeMetricFamily("zsmon_ha_leader", "1 when this replica holds the job's lease and exports its "
-                                   "series.", labels=["job"])
+                                   "series.", labels=["scheduler_job"])
         with self._lock:
             jobs = sorted(self._jobs)
         for job in jobs:

@@ -87,12 +87,12 @@ class Metrics:
         self.database_up = Gauge("zsmon_database_up", "1 when the monitored PostgreSQL answers zsmon.", registry=r)
         self.redis_up = Gauge("zsmon_redis_up", "1 when zsmon's Redis answers (0 when down or not configured).",
                               registry=r)
-        self.job_runs = Counter("zsmon_job_runs", "Scheduled job executions.", ["job"], registry=r)
-        self.job_errors = Counter("zsmon_job_errors", "Scheduled jobs that raised.", ["job"], registry=r)
+        self.job_runs = Counter("zsmon_job_runs", "Scheduled job executions.", ["scheduler_job"], registry=r)
+        self.job_errors = Counter("zsmon_job_errors", "Scheduled jobs that raised.", ["scheduler_job"], registry=r)
         self.job_skipped = Counter("zsmon_job_skipped", "Runs skipped because the previous one still ran.",
-                                   ["job"], registry=r)
+                                   ["scheduler_job"], registry=r)
         self.job_lag = Gauge("zsmon_job_lag_seconds", "Delay between a job's scheduled and actual start.",
-                             ["job"], registry=r)
+                             ["scheduler_job"], registry=r)
         self.collector_duration = Gauge("zsmon_collector_duration_seconds", "Duration of the latest collection.",
                                         ["collector"], registry=r)
         self.collector_errors = Counter("zsmon_collector_errors", "Collections that failed.", ["collector"],
