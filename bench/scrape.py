@@ -16,7 +16,7 @@ What it does:
    configured with the very SQL zsmon's database exporters run: the statements are
    recorded from one real collection of each exporter, parameters bound, and every
    numeric column becomes a gauge, every text column a label. It runs twice: queries
-   on every scrape (query-exporter's default, no ``interval``) and on a 1 s interval
+   on every scrape (query-exporter's default, no ``interval``) and on the same interval as zsmon
    (cached, like zsmon).
 
 Figures are printed, never asserted: this is a benchmark, not a test.
@@ -189,11 +189,11 @@ def measure(port: int, scrapes: int, warmup: int = 20) -> Figures:
 
 
 # ---- zsmon -----------------------------------------------------------------------------------
-def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int) -> Path:
+def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, interval: float) -> Path:
     from zsmon.checkers.registry import checker_classes
     from zsmon.exporters.registry import exporter_classes
 
-    exporters: dict[str, Any] = {name: {"interval_seconds": 1} for name in exporter_classes()}
+    exporters: dict[str, Any] = {name: {"interval_seconds": interval} for name in exporter_classes()}
     exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
     cfg = {
         "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": f"127.0.0.1:{api_port}"},
@@ -241,9 +241,9 @@ def collection_costs(port: int) -> str:
     return ", ".join(sorted(out))
 
 
-def bench_zsmon(workdir: Path, dsn: str, scrapes: int) -> tuple[Figures, str]:
+def bench_zsmon(workdir: Path, dsn: str, scrapes: int, interval: float) -> tuple[Figures, str]:
     mport, aport = free_port(), free_port()
-    cfg = zsmon_config(workdir, dsn, mport, aport)
+    cfg = zsmon_config(workdir, dsn, mport, aport, interval)
     env = {**os.environ, "ZSMON_DATABASE_URL": dsn, "REDIS_HOST": os.environ.get("REDIS_HOST", "127.0.0.1")}
     log = open(workdir / "zsmon.log", "ab")
     proc = subprocess.Popen([ZSMON, "--config", str(cfg), "run"], env=env, stdout=log, stderr=log)
@@ -335,8 +335,10 @@ def install_query_exporter(venv: Path) -> Path:
     if not exe.exists():
         print(f"bench: installing query-exporter into {venv} ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "query-exporter", "psycopg2-binary"],
-                       check=True)
+        proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "query-exporter", "psycopg2-binary"],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise OSError(f"pip install query-exporter failed: {proc.stderr.strip().splitlines()[-1:]}")
     return exe
 
 
@@ -366,6 +368,9 @@ def main() -> None:
     ap.add_argument("--large-channels", type=int, default=1_000_000)
     ap.add_argument("--large-agents", type=int, default=10_000)
     ap.add_argument("--scrapes", type=int, default=1000)
+    ap.add_argument("--interval", type=float, default=1.0,
+                    help="collection interval of every exporter, zsmon's and query-exporter's (s); short, so "
+                         "collections overlap the scrapes")
     ap.add_argument("--no-query-exporter", action="store_true")
     ap.add_argument("--qe-venv", type=Path, default=Path(tempfile.gettempdir()) / "zsmon-bench-query-exporter")
     ap.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
@@ -399,34 +404,38 @@ def main() -> None:
                 size = db_size(conn)
                 where = f"{channels:,} channels, {agents:,} agents, {size}"
                 print(f"bench: {label} database ready ({where}) in {time.perf_counter() - t0:.1f}s", flush=True)
-                fig, costs = bench_zsmon(workdir, dsn, args.scrapes)
+                fig, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval)
                 rows.append((label, where, "zsmon", fig))
                 notes.append(f"{label}: zsmon latest collection costs: {costs}")
-                print(f"bench:   zsmon p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms", flush=True)
+                print(f"bench:   zsmon p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms "
+                      f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)", flush=True)
                 if exe is not None:
                     for interval, tool in ((None, "query-exporter (queries on scrape)"),
-                                           (1, "query-exporter (interval 1s)")):
+                                           (max(1, round(args.interval)),
+                                            f"query-exporter (interval {max(1, round(args.interval))}s)")):
                         try:
                             fig = bench_query_exporter(exe, workdir, dsn, args.scrapes, interval)
                         except SystemExit as exc:
                             notes.append(f"{label}: {tool} failed: {exc} (log: {workdir / 'query-exporter.log'})")
                             continue
                         rows.append((label, where, tool, fig))
-                        print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms", flush=True)
+                        print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms "
+                              f"(load average {os.getloadavg()[0]:.2f})", flush=True)
     finally:
         if not args.keep_db:
             with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     print()
-    print(f"/metrics latency over {args.scrapes} back-to-back scrapes (keep-alive, time to full body)")
+    print(f"/metrics latency over {args.scrapes} back-to-back scrapes (keep-alive, time to full body); "
+          f"collections every {args.interval:g}s; {os.cpu_count()} CPUs")
     print(f"{'size':<6} {'tool':<36} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8} {'bytes':>8}")
     for label, where, tool, f in rows:
         print(f"{label:<6} {tool:<36} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} {f.max_ms:>8.2f} {f.mean_ms:>8.2f} "
               f"{f.body_bytes:>8}")
     print()
-    for label, channels, agents in sizes:
-        print(f"{label}: {next(w for l, w, _, _ in rows if l == label)}")
+    for label, where in dict((r[0], r[1]) for r in rows).items():
+        print(f"{label}: {where}")
     for note in notes:
         print(note)
     print(f"logs: {workdir}")
