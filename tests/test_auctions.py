@@ -233,3 +233,24 @@ def test_cli_exit_codes(writer, db_url, redis_prefix, tmp_path):
     (check,) = json.loads(dirty.stdout)["checks"]
     assert check["violation_counts"]["stale_open_auction"] == 1
     assert [v["entity_id"] for v in check["violations"]] == [stuck]
+
+
+def test_live_steps_follow_the_wall_clock(writer, run_check):
+    sim = AuctionSimulator(writer, seed=13)  # a demo loop: bare step()s are live traffic
+    for _ in range(40):
+        sim.step()
+    oldest = writer.execute("SELECT min(created_at) > now() - interval '1 minute' FROM auctions").fetchone()[0]
+    assert oldest is True
+    result = run_check("auctions", redis=False)
+    assert result.status == "pass", result.to_dict()
+    assert len(sim.open) <= sim.concurrency + 1
+
+
+def test_auction_worlds_keep_the_payments_checker_clean(writer, run_check):
+    from zsmon.checkers.registry import checker_classes
+
+    if "payments" not in checker_classes():
+        pytest.skip("payments checker not in this build")
+    world(writer)
+    result = run_check("payments", redis=False)
+    assert result.status == "pass", result.to_dict()

@@ -15,9 +15,12 @@ write (shared/domain.md):
   type, and a payment channel for it: the payer's account is credited and debited
   by the deposit (so the payments checker stays clean), the channel holds
   ``final_price``, and the ledger has its ``deposit`` row;
-* ``step()``/``run(n)``/``run_until(auctions=n)`` — a traffic driver on a virtual
-  clock (default: starting 50 minutes ago, so everything lands in the success
-  window without sleeping); ``realtime=True`` follows the database clock instead.
+* ``step()``/``run(n)``/``run_until(auctions=n)`` — a traffic driver with rates per
+  second of simulated time. ``run``/``run_until`` build *history* on a virtual clock
+  (default: starting 50 minutes ago, so everything lands in the success window
+  without sleeping) and close what they opened; a bare ``step()`` is *live* traffic
+  on the database clock (what a demo loop wants). ``realtime=True`` makes
+  everything live, ``realtime=False`` everything virtual.
 
 Each ``inject_*`` plants one invariant's violation and returns the id of the
 entity the checker must name (``"global"`` for the allocation burst). Faults stamp
@@ -51,8 +54,13 @@ class Agent:
 
 
 class AuctionSimulator:
+    # Traffic rates, per second of simulated time.
+    EXTRA_AUCTIONS_PER_SECOND = 0.03   # beyond keeping ``concurrency`` auctions open
+    BIDS_PER_AUCTION_SECOND = 0.15
+    CANCELS_PER_SECOND = 0.003
+
     def __init__(self, conn: psycopg.Connection, seed: int = 0, ranking: str = "highest_composite", *,
-                 start: datetime | None = None, realtime: bool = False, concurrency: int = 4,
+                 start: datetime | None = None, realtime: bool | None = None, concurrency: int = 4,
                  agents: int = 12, users: int = 5, unknown_type_share: float = 0.05) -> None:
         if ranking not in ("highest_composite", "lowest_composite"):
             raise ValueError(f"ranking must be highest_composite or lowest_composite, not {ranking!r}")
@@ -64,6 +72,7 @@ class AuctionSimulator:
         self.unknown_type_share = unknown_type_share
         self.t0 = self._db_now()
         self.clock = self.t0 if realtime else (start or self.t0 - timedelta(minutes=50))
+        self._live = False  # whether the clock has switched to the database's
         # The virtual clock never gets closer to the real one than this, so every auction it opens has
         # expired (and been closed by finish()) before the checker looks.
         self._clock_cap = self.t0 - timedelta(seconds=150)
@@ -83,12 +92,22 @@ class AuctionSimulator:
     def _db_now(self) -> datetime:
         return self.conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
 
-    def _tick(self) -> datetime:
-        if self.realtime:
-            self.clock = self._db_now()
+    def _tick(self, live: bool) -> float:
+        """Advance the clock; returns the seconds that passed."""
+        before = self.clock
+        if live:
+            if not self._live:  # the jump from history (or from construction) to the wall clock is no traffic
+                self._live, before = True, max(self.clock, self._db_now())
+            self.clock = max(self.clock, self._db_now())
+            return min(10.0, max(0.0, (self.clock - before).total_seconds()))
         else:
+            if self._live:
+                raise RuntimeError("history (run/run_until on the virtual clock) must be built before live step()s")
             self.clock = min(self.clock + timedelta(seconds=self.rng.uniform(1.0, 5.0)), self._clock_cap)
-        return self.clock
+        return max(0.0, (self.clock - before).total_seconds())
+
+    def _chance(self, rate: float, dt: float) -> bool:
+        return self.rng.random() < min(1.0, rate * dt)
 
     # ---- the platform's operations ---------------------------------------------------
     def composite(self, price: Decimal, budget: Decimal | None, reputation: Decimal, quality: Decimal) -> Decimal:
@@ -232,36 +251,44 @@ class AuctionSimulator:
         return self.create_auction(atype, max_price=max_price, reserve_price=reserve, min_reputation=min_rep)
 
     def step(self) -> None:
-        """One tick: close what expired, maybe open an auction, let agents bid on the open ones."""
-        now = self._tick()
+        """One tick of live traffic (virtual when ``realtime=False``): close what expired, maybe open an
+        auction, let agents bid on the open ones."""
+        self._step(live=self.realtime is not False)
+
+    def _step(self, live: bool) -> None:
+        dt = self._tick(live)
+        now = self.clock
         for aid, expires in sorted(self.open.items(), key=lambda kv: kv[1]):
             if expires <= now:
-                self.close_auction(aid, at=expires + timedelta(seconds=self.rng.uniform(0, 5)))
-        if len(self.open) < self.concurrency or self.rng.random() < 0.1:
+                # The closer job runs a little after expiry; live, it runs now.
+                self.close_auction(aid, at=now if live else expires + timedelta(seconds=self.rng.uniform(0, 5)))
+        if len(self.open) < self.concurrency or self._chance(self.EXTRA_AUCTIONS_PER_SECOND, dt):
             self._random_auction()
         for aid in sorted(self.open):
-            if self.rng.random() < 0.45:
+            if self._chance(self.BIDS_PER_AUCTION_SECOND, dt):
                 self.place_bid(aid)
-        if self.open and self.rng.random() < 0.01:
+        if self.open and self._chance(self.CANCELS_PER_SECOND, dt):
             self.cancel_auction(self.rng.choice(sorted(self.open)))
 
     def finish(self) -> None:
-        """Close every auction the driver left open, each at its expiry (as the closer job would)."""
+        """Close every auction the driver left open: at its expiry on the virtual clock, now when live."""
         for aid, expires in sorted(self.open.items(), key=lambda kv: kv[1]):
-            self.close_auction(aid, at=expires + timedelta(seconds=1))
+            self.close_auction(aid, at=max(self.clock, self._db_now()) if self._live
+                               else expires + timedelta(seconds=1))
 
     def run(self, steps: int, finish: bool = True) -> "AuctionSimulator":
+        """``steps`` ticks of history on the virtual clock (live with ``realtime=True``), then close the rest."""
         for _ in range(steps):
-            self.step()
+            self._step(live=self.realtime is True)
         if finish:
             self.finish()
         return self
 
     def run_until(self, auctions: int, finish: bool = True, max_steps: int = 100_000) -> "AuctionSimulator":
-        """Drive traffic until ``auctions`` auctions were created (then close the rest)."""
+        """Drive history until ``auctions`` auctions were created (then close the rest)."""
         steps = 0
         while self.created < auctions and steps < max_steps:
-            self.step()
+            self._step(live=self.realtime is True)
             steps += 1
         if finish:
             self.finish()
