@@ -163,10 +163,7 @@ def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
         conn = psycopg.connect(url, autocommit=True)
         try:
             params = inspect.signature(cls).parameters
-            kwargs: dict[str, Any] = {"seed": seed} if "seed" in params else {}
-            if "realtime" in params:  # the demo runs on the wall clock, not a simulator's virtual one
-                kwargs["realtime"] = True
-            obj = cls(conn, **kwargs)
+            obj = cls(conn, seed=seed) if "seed" in params else cls(conn)
         except Exception as exc:  # a simulator that cannot start must not stop the demo
             conn.close()
             say(f"simulator {name}: could not start: {type(exc).__name__}: {exc}", stamp=False)
