@@ -54,6 +54,19 @@ class BoundedConnection(psycopg.Connection):
                                        "(server paused, overloaded or unreachable)") from None
 
 
+class SingleStatementCursor(psycopg.Cursor):
+    """Every query goes through the extended protocol, which refuses a string of several statements.
+
+    psycopg sends parameterless queries with the simple protocol, where
+    ``SELECT 1; COMMIT; BEGIN READ WRITE; INSERT ...`` would end zsmon's read-only
+    transaction and write; a declared query spliced into a wrapper could do just that.
+    (``_execute_send`` is psycopg's own switch between the two protocols.)
+    """
+
+    def _execute_send(self, query: Any, *, force_extended: bool = False, binary: bool | None = None) -> None:
+        super()._execute_send(query, force_extended=True, binary=binary)
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -95,6 +108,7 @@ def _configure(conn: psycopg.Connection) -> None:
     # Every transaction a pooled connection runs is a REPEATABLE READ READ ONLY snapshot.
     conn.isolation_level = IsolationLevel.REPEATABLE_READ
     conn.read_only = True
+    conn.cursor_factory = SingleStatementCursor
 
 
 @contextmanager
@@ -181,6 +195,9 @@ def explain(exc: BaseException) -> str:
         return "query cancelled: statement_timeout exceeded (raise checkers.<name>.statement_timeout_seconds or add an index)"
     if isinstance(exc, psycopg.errors.LockNotAvailable):
         return "lock_timeout exceeded waiting for a lock"
+    if "cannot insert multiple commands into a prepared statement" in str(exc):
+        return ("a query held several statements: zsmon runs one statement per query, so SQL cannot end its "
+                "read-only transaction")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         return "a statement tried to write in zsmon's read-only session (checkers must only read)"
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
