@@ -217,7 +217,12 @@ def test_columns_are_mapped_and_missing_ones_are_null(writer, make_config, run_y
         columns: {actual: load}
         query: SELECT did AS entity_id FROM agents
     """)
+    typo = _write(tmp_path / "checks", "typo.yml", MINIMAL.format(name="typo",
+                                                                  query="SELECT dids AS entity_id FROM agents"))
     config = _yaml_config(make_config, tmp_path / "checks", redis=False)
+    failed = run_yaml("typo", config)
+    assert failed.status == "error" and failed.error.startswith(
+        f'DeclarativeQueryError: {typo}: the query fails: column "dids" does not exist'), failed.error
     result = run_yaml("offline_agents", config)
     (v,) = result.violations
     assert (v.invariant, v.entity_type, v.entity_id, v.detail) == ("agent_offline", "agent", "did:agent:c",
@@ -225,6 +230,7 @@ def test_columns_are_mapped_and_missing_ones_are_null(writer, make_config, run_y
     assert v.expected is None and v.actual is None and v.difference is None
     broken = run_yaml("broken_mapping", config)
     assert broken.status == "error" and "no column 'load' for actual" in broken.error
+    assert broken.error.startswith("DeclarativeQueryError: ")
 
 
 # ---- validation at load ------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal, Union
 
+import psycopg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
@@ -223,6 +224,18 @@ class DeclarativeChecker(Checker):
         return {key: getattr(self.settings, key) for key in self.spec.params}
 
     def run(self, ctx: CheckContext) -> None:
+        try:
+            self._run(ctx)
+        except psycopg.Error as exc:
+            # SQLSTATE class 42 (syntax error, unknown column or function): name the file. Privileges,
+            # missing tables, timeouts and writes keep their own explanation (zsmon.core.db.explain).
+            if not (exc.sqlstate or "").startswith("42") or isinstance(
+                    exc, (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable, DeclarativeQueryError)):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DeclarativeQueryError(f"{self.path}: the query fails: {first}") from exc
+
+    def _run(self, ctx: CheckContext) -> None:
         inv = self.invariants[0]
         params = self.params()
         # Learn the query's columns without running it (LIMIT 0 plans and stops).
@@ -246,8 +259,8 @@ class DeclarativeChecker(Checker):
         ctx.find(inv.id, f"SELECT {', '.join(select)} FROM ({self.query}) AS q", params)
 
 
-class DeclarativeQueryError(Exception):
-    """The query ran but does not return the columns its file maps (a run error, not a crash)."""
+class DeclarativeQueryError(psycopg.ProgrammingError):
+    """The file's query is wrong for this database (a run error naming the file, not a crash)."""
 
 
 def _settings_model(spec: CheckerSpec) -> type[CheckerSettings]:
