@@ -512,3 +512,37 @@ def test_api_probe_on_metrics_through_the_service(make_config, http_server):
                                   else None)(svc.scrape()))
     assert value(found, "zerostate_api_probe_status_code", target=f"{http_server}/health") == 200
     assert value(found, "zsmon_collector_errors_total", collector="api_probe") == 0
+
+
+def test_postgres_statements_without_privileges(make_config, cluster):
+    """A role without pg_read_all_stats sees only its own statements (said once); without SELECT, no family."""
+    primary, _ = cluster
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS zsmon_ro; CREATE ROLE zsmon_ro LOGIN")
+    runner = build_runner(make_config(redis=False, env={"ZSMON_DATABASE_URL": primary.dsn.replace("postgres@",
+                                                                                                 "zsmon_ro@")}),
+                          only=[], exporters=_exporters("postgres"))
+    try:
+        with capture_logs() as logs:
+            for _ in range(2):
+                runner.collect("postgres")
+            families = runner._collect(runner.exporters["postgres"])
+        assert {f.name for f in families} >= {"zerostate_postgres_statement_mean_seconds", "zerostate_postgres_up"}
+        partial = [e for e in logs if e["event"] == "exporter_family_partial"]
+        assert len(partial) == 1 and "pg_read_all_stats" in partial[0]["reason"]
+
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            conn.execute("REVOKE SELECT ON pg_stat_statements FROM PUBLIC")
+        with capture_logs() as logs:
+            for _ in range(2):
+                runner.collect("postgres")
+            found = samples(exposition(runner._collect(runner.exporters["postgres"])))
+        assert value(found, "zerostate_postgres_up") == 1 and value(found, "zerostate_postgres_commits_total") > 0
+        assert not names(found, "zerostate_postgres_statement")
+        absent = [e for e in logs if e["event"] == "exporter_family_absent"]
+        assert len(absent) == 1 and "permission denied" in absent[0]["reason"], absent
+    finally:
+        runner.db.close()
+        with psycopg.connect(primary.dsn, autocommit=True) as conn:
+            conn.execute("GRANT SELECT ON pg_stat_statements TO PUBLIC")
+            conn.execute("DROP ROLE IF EXISTS zsmon_ro")

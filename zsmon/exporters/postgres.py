@@ -114,10 +114,11 @@ class PostgresExporter(Exporter):
         self._absent: dict[str, str] = {}
 
     # ---- logging an absent family once -------------------------------------------
-    def _absent_family(self, ctx: CollectContext, family: str, reason: str) -> None:
+    def _absent_family(self, ctx: CollectContext, family: str, reason: str,
+                       event: str = "exporter_family_absent") -> None:
         if self._absent.get(family) != reason:
             self._absent[family] = reason
-            ctx.log.warning("exporter_family_absent", exporter=self.name, family=family, reason=reason)
+            ctx.log.warning(event, exporter=self.name, family=family, reason=reason)
 
     def _present_family(self, ctx: CollectContext, family: str) -> None:
         if self._absent.pop(family, None) is not None:
@@ -208,7 +209,8 @@ class PostgresExporter(Exporter):
             # Readable, but other roles' statements come back without a queryid: say so once.
             self._absent_family(ctx, "statements_of_other_roles",
                                 "only this role's own statements are visible in pg_stat_statements "
-                                "(GRANT pg_read_all_stats TO the zsmon role to see the platform's)")
+                                "(GRANT pg_read_all_stats TO the zsmon role to see the platform's)",
+                                event="exporter_family_partial")
         else:
             self._present_family(ctx, "statements_of_other_roles")
         self._present_family(ctx, family)
