@@ -272,6 +272,40 @@ def checkers_explain(ctx: click.Context, name: str, fmt: str) -> None:
     click.echo("\n".join(out))
 
 
+@checkers.command("reset-memory")
+@click.argument("name")
+@click.argument("keys", nargs=-1)
+@click.pass_context
+def checkers_reset_memory(ctx: click.Context, name: str, keys: tuple[str, ...]) -> None:
+    """Forget what a checker remembers in Redis (all of it, or only KEYS).
+
+    \b
+    After a deliberate change, e.g. a legitimate shift of the reputation population:
+      zsmon checkers reset-memory reputation drift_baseline
+    Without KEYS: every key of the checker (last-seen values, watermarks, baselines);
+    its next run starts afresh (a full sweep; memory invariants skipped once).
+    """
+    from zsmon.core.redis import make_redis, ping
+
+    config = _load(ctx)
+    from zsmon.checkers.registry import checker_classes
+
+    try:
+        known = checker_classes()
+    except ConfigError as exc:
+        _fail(str(exc))
+    if name not in known:
+        _fail(f"unknown checker {name!r}; known: {', '.join(known)}")
+    client = make_redis(config.redis)
+    reason = ping(client)
+    if reason:
+        _fail(f"cannot reset memory: {reason}")
+    base = f"{config.redis.key_prefix}{name}:"
+    targets = [base + k for k in keys] if keys else list(client.scan_iter(match=base + "*", count=1000))
+    deleted = client.delete(*targets) if targets else 0
+    click.echo(f"deleted {deleted} key{'s' if deleted != 1 else ''} of checker {name}")
+
+
 @cli.group("config")
 def config_group() -> None:
     """Validate the configuration or print its reference."""
