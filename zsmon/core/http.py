@@ -48,6 +48,54 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class RateLimit:
+    """ASGI middleware: at most ``per_minute`` requests per client IP on the given path prefixes.
+
+    A token bucket per client (burst = the per-minute budget, refilled continuously);
+    over the limit a request gets 429 with ``Retry-After`` before any route or token
+    check runs, which also throttles token guessing. Behind a proxy every request has
+    the proxy's address: set the limit on the proxy, or accept it as a global limit.
+    """
+
+    MAX_CLIENTS = 10_000  # bounded memory: the least recently seen clients are forgotten
+
+    def __init__(self, app: ASGIApp, per_minute: int, prefixes: tuple[str, ...] = ("/api", "/admin")) -> None:
+        self.app = app
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.prefixes = prefixes
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
+
+    def _take(self, client: str) -> float:
+        """0 when the request may pass, else the seconds until it could."""
+        import time
+
+        now = time.monotonic()
+        tokens, then = self._buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._buckets[client] = (tokens, now)  # re-inserted: dict order is recency order
+        if len(self._buckets) > self.MAX_CLIENTS:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
+            client = (scope.get("client") or ("unknown", 0))[0]
+            wait = self._take(client)
+            if wait > 0:
+                import math
+
+                retry = str(max(1, math.ceil(wait)))
+                return await JSONResponse({"detail": f"rate limit exceeded: retry in {retry}s"}, status_code=429,
+                                          headers={"Retry-After": retry})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 # ---- response models (they make the OpenAPI document exact) --------------------
 class ViolationOut(BaseModel):
     invariant: str
@@ -120,6 +168,7 @@ _bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN")
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
     403: {"model": Problem, "description": "the admin API is off: no ADMIN_TOKEN configured"},
+    429: {"model": Problem, "description": "over http.rate_limit_per_minute for this client; see Retry-After"},
 }
 
 

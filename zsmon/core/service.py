@@ -210,9 +210,11 @@ class Service:
                 if not f.is_file():
                     raise ConfigError(f"TLS file {f} does not exist or is not a file")
             ssl = {"ssl_certfile": str(http.tls_cert_file), "ssl_keyfile": str(http.tls_key_file)}
-        from zsmon.core.http import BodyLimit
+        from zsmon.core.http import BodyLimit, RateLimit
 
         wrapped = BodyLimit(app, http.max_body_bytes)
+        if http.rate_limit_per_minute:
+            wrapped = RateLimit(wrapped, http.rate_limit_per_minute)
         cfg = uvicorn.Config(wrapped, host=host, port=port, log_config=None, access_log=False,
                              lifespan="off", server_header=False, timeout_graceful_shutdown=2, **ssl)
         return _EmbeddedServer(cfg)
@@ -244,6 +246,11 @@ class Service:
             self._loop = asyncio.new_event_loop()
             try:
                 self._loop.run_until_complete(serve())
+            except SystemExit:  # uvicorn exits when it cannot bind
+                failure.append(ConfigError("could not bind the HTTP listeners "
+                                           f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
+                                           "address in use or not permitted"))
+                started.set()
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 failure.append(exc)
                 started.set()
