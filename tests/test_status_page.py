@@ -97,6 +97,15 @@ def test_without_a_configured_token_nobody_signs_in(make_config):
                                               timeout=5).text
 
 
+def test_login_is_rate_limited_like_the_api(make_config):
+    """The form takes the admin token, so guessing it there is throttled as on /api (http.rate_limit_per_minute)."""
+    with running_service(_config(make_config, rate_limit_per_minute=3)) as svc:
+        codes = [requests.post(svc.url("api", "/login"), data={"token": "guess"}, allow_redirects=False,
+                               timeout=5).status_code for _ in range(4)]
+        assert codes == [401, 401, 401, 429]
+        assert requests.get(svc.url("api", "/"), timeout=5).status_code == 200  # the page itself stays readable
+
+
 def test_violation_text_is_escaped_and_error_and_skipped_need_the_session(tmp_path):
     """Entity ids and details come from the monitored database: they are escaped, never markup."""
     from fastapi import FastAPI

@@ -59,7 +59,7 @@ class RateLimit:
 
     MAX_CLIENTS = 10_000  # bounded memory: the least recently seen clients are forgotten
 
-    def __init__(self, app: ASGIApp, per_minute: int, prefixes: tuple[str, ...] = ("/api", "/admin")) -> None:
+    def __init__(self, app: ASGIApp, per_minute: int, prefixes: tuple[str, ...] = ("/api", "/admin", "/login")) -> None:
         self.app = app
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
