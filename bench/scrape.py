@@ -52,6 +52,7 @@ from zsmon.demo import schema_sql  # noqa: E402
 
 ADMIN_DSN = os.environ.get("ZSMON_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 ZSMON = str(ROOT / ".venv" / "bin" / "zsmon")
+REDIS_PREFIX = f"zsmon-bench-scrape-{os.getpid()}:"  # zsmon's memory across runs; deleted at the end
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, inte
     exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
     cfg = {
         "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": f"127.0.0.1:{api_port}"},
-        "redis": {"key_prefix": f"zsmon-bench-{os.getpid()}:"},
+        "redis": {"key_prefix": REDIS_PREFIX},
         "logging": {"level": "warning", "format": "console"},
         "exporters": exporters,
         "checkers": {name: {"statement_timeout_seconds": 600} for name in checker_classes()},
@@ -360,6 +361,19 @@ def bench_query_exporter(exe: Path, workdir: Path, dsn: str, scrapes: int, inter
         log.close()
 
 
+def drop_redis_keys() -> None:
+    import redis
+
+    try:
+        client = redis.Redis(host=os.environ.get("REDIS_HOST", "127.0.0.1"), socket_timeout=5)
+        keys = list(client.scan_iter(match=REDIS_PREFIX + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except redis.RedisError:
+        pass
+
+
 # ---- main ----------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -422,6 +436,7 @@ def main() -> None:
                         print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms "
                               f"(load average {os.getloadavg()[0]:.2f})", flush=True)
     finally:
+        drop_redis_keys()
         if not args.keep_db:
             with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
