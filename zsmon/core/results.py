@@ -20,7 +20,7 @@ def _out(value: Any) -> Any:
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")  # plain digits: 0.00000001, never 1E-8
     return str(value)
 
 

@@ -1,0 +1,332 @@
+"""Benchmark of the ``payments`` checker on a large, consistent world.
+
+Builds (set-based, ``INSERT ... SELECT generate_series``) a world of N channels
+(default 1,000,000) with 10 ledger rows each (default 10,000,000) in a database
+of its own, created here and dropped at the end, then prints:
+
+- the full check's seconds (the whole checker run, sequence memory included),
+- the seconds of a bare ``SELECT channel_id, sum(amount) FROM channel_transactions
+  GROUP BY channel_id`` over the same ledger, and the ratio of the two,
+- the seconds of an incremental run after 10,000 new ledger rows (5,000 tasks
+  escrowed and released on 5,000 random channels, applied as the platform does),
+- the peak RSS of this (the checker's) process.
+
+Targets: full <= 1.5 x bare scan, incremental <= 2 % of full, RSS <= 150 MB.
+Not a test: it prints figures and never fails on timing.
+
+    .venv/bin/python bench/payments.py                 # 1M channels, 10M ledger rows
+    .venv/bin/python bench/payments.py --channels 100000
+
+The world: users (payers, one per 10 channels) and agents (payees, one per 20
+channels). Each channel got a deposit and four escrows, each released (3 of 4
+tasks succeed) or refunded; then even channels were closed and odd ones hold a
+fifth, active escrow. Accounts are derived so that every invariant holds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zsmon.demo import schema_sql  # noqa: E402
+
+ADMIN_DSN = os.environ.get("ZSMON_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+# Deterministic amounts of channel c: deposit, and escrow i (1..5); task i succeeds unless (c + i) % 4 = 0.
+_FUNCTIONS = """
+CREATE FUNCTION pg_temp.dep(c bigint) RETURNS numeric LANGUAGE sql IMMUTABLE
+    AS $$ SELECT (100 + c % 97)::numeric + 0.5 $$;
+CREATE FUNCTION pg_temp.amt(c bigint, i int) RETURNS numeric LANGUAGE sql IMMUTABLE
+    AS $$ SELECT (1 + (c * 31 + i * 17) % 13)::numeric + 0.12345678 $$;
+CREATE FUNCTION pg_temp.ok(c bigint, i int) RETURNS boolean LANGUAGE sql IMMUTABLE
+    AS $$ SELECT (c + i) % 4 <> 0 $$;
+CREATE FUNCTION pg_temp.cid(c bigint) RETURNS uuid LANGUAGE sql IMMUTABLE
+    AS $$ SELECT md5('channel' || c)::uuid $$;
+"""
+
+_CHANNELS = """
+INSERT INTO payment_channels (id, payer_did, payee_did, auction_id, total_deposit, current_balance,
+    escrowed_amount, total_settled, pending_refund, state, task_id, escrow_released, sequence_number,
+    created_at, updated_at, closed_at)
+SELECT pg_temp.cid(c), 'did:bench:user:' || (c %% %(users)s), 'did:bench:agent:' || ((c * 7919) %% %(agents)s),
+       'auction-' || c, d,
+       CASE WHEN c %% 2 = 0 THEN 0 ELSE d - esc4 + ref4 - a5 END,
+       CASE WHEN c %% 2 = 0 THEN 0 ELSE a5 END,
+       rel4,
+       CASE WHEN c %% 2 = 0 THEN d - esc4 + ref4 ELSE 0 END,
+       CASE WHEN c %% 2 = 0 THEN 'closed' ELSE 'escrowed' END,
+       CASE WHEN c %% 2 = 0 THEN NULL ELSE 'task-' || c || '-5' END,
+       c %% 2 = 0,
+       CASE WHEN c %% 2 = 0 THEN 8 ELSE 9 END,
+       %(base)s::timestamptz + c * interval '1 ms',
+       %(base)s::timestamptz + (9 * %(n)s + c) * interval '1 ms',
+       CASE WHEN c %% 2 = 0 THEN %(base)s::timestamptz + (9 * %(n)s + c) * interval '1 ms' END
+FROM generate_series(1::bigint, %(n)s) AS c,
+     LATERAL (SELECT pg_temp.dep(c) AS d, pg_temp.amt(c, 5) AS a5,
+                     sum(pg_temp.amt(c, i)) AS esc4,
+                     coalesce(sum(pg_temp.amt(c, i)) FILTER (WHERE NOT pg_temp.ok(c, i)), 0) AS ref4,
+                     coalesce(sum(pg_temp.amt(c, i)) FILTER (WHERE pg_temp.ok(c, i)), 0) AS rel4
+              FROM generate_series(1, 4) AS i) AS m
+"""
+
+# Row s (0..9) of every channel, interleaved in time the way traffic arrives: s = 0 deposit,
+# odd s escrow of task (s+1)/2, even s release/refund of task s/2, s = 9 close (even c) or escrow 5.
+_LEDGER = """
+INSERT INTO channel_transactions (id, channel_id, transaction_type, amount, task_id, reason, created_at)
+SELECT gen_random_uuid(), pg_temp.cid(c),
+       CASE WHEN s = 0 THEN 'deposit'
+            WHEN s = 9 AND c %% 2 = 0 THEN 'close'
+            WHEN s %% 2 = 1 THEN 'escrow'
+            WHEN pg_temp.ok(c, s / 2) THEN 'release' ELSE 'refund' END,
+       CASE WHEN s = 0 THEN pg_temp.dep(c)
+            WHEN s = 9 AND c %% 2 = 0 THEN pg_temp.dep(c) - (SELECT sum(pg_temp.amt(c, i))
+                 FILTER (WHERE pg_temp.ok(c, i)) FROM generate_series(1, 4) i)
+            ELSE pg_temp.amt(c, (s + 1) / 2) END,
+       CASE WHEN s = 0 OR (s = 9 AND c %% 2 = 0) THEN NULL ELSE 'task-' || c || '-' || ((s + 1) / 2) END,
+       NULL,
+       %(base)s::timestamptz + (s * %(n)s + c) * interval '1 ms'
+FROM generate_series(0, 9) AS s, generate_series(1::bigint, %(n)s) AS c
+"""
+
+_ACCOUNTS = """
+INSERT INTO accounts (did, balance, total_deposited, total_withdrawn, created_at, updated_at)
+SELECT did, dep - wd + net, dep, wd, %(base)s, %(base)s
+FROM (
+    SELECT did, sum(net) AS net,
+           CASE WHEN did LIKE 'did:bench:user:%%' THEN -sum(net) + 1000 ELSE 0 END AS dep,
+           CASE WHEN did LIKE 'did:bench:user:%%' THEN 100 ELSE trunc(sum(net) / 2, 8) END AS wd
+    FROM payment_channels c,
+         LATERAL (VALUES (c.payer_did, c.pending_refund - c.total_deposit), (c.payee_did, c.total_settled)) AS v(did, net)
+    GROUP BY did
+) AS t
+"""
+
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS idx_channel_transactions_channel ON channel_transactions (channel_id);
+CREATE INDEX IF NOT EXISTS idx_channel_transactions_created ON channel_transactions (created_at);
+"""
+
+# Two shapes of 10,000 new ledger rows, both applied as the platform does (the world stays consistent):
+# "new": 2,500 channels opened for an auction and run to the end (deposit, escrow, release or refund,
+#        close): the common life of an auction channel; their rows are recent and close together.
+# "old": 5,000 tasks on 5,000 random long-lived escrowed channels (release or refund the active escrow,
+#        lock a new one): each touched channel's whole history, scattered over the ledger, is re-read.
+_TRAFFIC_NEW = """
+WITH n AS (
+    SELECT md5('new-' || %(salt)s || i)::uuid AS id, 'did:bench:user:' || (i %% %(users)s) AS payer,
+           'did:bench:agent:' || ((i * 7) %% %(agents)s) AS payee, 10::numeric AS d, 2.5::numeric AS a,
+           i %% 4 <> 0 AS success, 'task-new-' || %(salt)s || '-' || i AS task
+    FROM generate_series(1, %(channels)s) AS i
+), ch AS (
+    INSERT INTO payment_channels (id, payer_did, payee_did, total_deposit, current_balance, escrowed_amount,
+        total_settled, pending_refund, state, escrow_released, sequence_number, closed_at)
+    SELECT id, payer, payee, d, 0, 0, CASE WHEN success THEN a ELSE 0 END,
+           CASE WHEN success THEN d - a ELSE d END, 'closed', true, 2, now()
+    FROM n RETURNING id
+), led AS (
+    INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id)
+    SELECT n.id, v.t, v.amount, v.task
+    FROM n JOIN ch ON ch.id = n.id
+    CROSS JOIN LATERAL (VALUES ('deposit', n.d, NULL), ('escrow', n.a, n.task),
+                               (CASE WHEN n.success THEN 'release' ELSE 'refund' END, n.a, n.task),
+                               ('close', CASE WHEN n.success THEN n.d - n.a ELSE n.d END, NULL)) AS v(t, amount, task)
+), pay AS (
+    UPDATE accounts acc SET balance = acc.balance - s.amount, updated_at = now()
+    FROM (SELECT payer, sum(a) AS amount FROM n WHERE success GROUP BY payer) AS s WHERE acc.did = s.payer
+)
+UPDATE accounts acc SET balance = acc.balance + s.amount, updated_at = now()
+FROM (SELECT payee, sum(a) AS amount FROM n WHERE success GROUP BY payee) AS s WHERE acc.did = s.payee
+"""
+
+_TRAFFIC_OLD = """
+WITH pick AS (
+    SELECT id, escrowed_amount AS e, task_id, payee_did, least(current_balance, 1.5) AS a,
+           (hashtext(id::text) %% 4) <> 0 AS success
+    FROM payment_channels WHERE state = 'escrowed' ORDER BY md5(id::text || %(salt)s) LIMIT %(tasks)s
+), led AS (
+    INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id, created_at)
+    SELECT id, CASE WHEN success THEN 'release' ELSE 'refund' END, e, task_id, now() FROM pick
+    UNION ALL
+    SELECT id, 'escrow', a, task_id || '-next', now() FROM pick
+), ch AS (
+    UPDATE payment_channels c
+    SET current_balance = c.current_balance + CASE WHEN p.success THEN 0 ELSE p.e END - p.a,
+        escrowed_amount = p.a, total_settled = c.total_settled + CASE WHEN p.success THEN p.e ELSE 0 END,
+        task_id = p.task_id || '-next', escrow_released = false, sequence_number = c.sequence_number + 2,
+        updated_at = now()
+    FROM pick p WHERE c.id = p.id
+)
+UPDATE accounts a SET balance = a.balance + s.amount, updated_at = now()
+FROM (SELECT payee_did, sum(e) AS amount FROM pick WHERE success GROUP BY payee_did) AS s
+WHERE a.did = s.payee_did
+"""
+
+
+def build(dsn: str, n: int) -> None:
+    users, agents = max(1, n // 10), max(1, n // 20)
+    base = "2025-01-01T00:00:00Z"
+    params = {"n": n, "users": users, "agents": agents, "base": base}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(schema_sql())
+        conn.execute("DROP INDEX idx_channel_transactions_channel, idx_channel_transactions_created")
+        conn.execute("SET session_replication_role = replica")  # skip the FK trigger while loading
+        conn.execute("SET maintenance_work_mem = '512MB'")
+        conn.execute(_FUNCTIONS)
+        for label, stmt in (("channels", _CHANNELS), ("ledger", _LEDGER), ("accounts", _ACCOUNTS),
+                            ("indexes", _INDEXES)):
+            t0 = time.perf_counter()
+            conn.execute(stmt, params if "%(" in stmt else None)
+            print(f"  built {label} in {time.perf_counter() - t0:.1f}s", flush=True)
+        t0 = time.perf_counter()
+        conn.execute("VACUUM (ANALYZE, FREEZE) accounts, payment_channels, channel_transactions")
+        print(f"  vacuum analyze in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+def traffic(dsn: str, kind: str, rows: int = 10_000) -> None:
+    """Append ``rows`` ledger rows of the given shape ("new" or "old"), consistently."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        users, agents = conn.execute(
+            "SELECT count(*) FILTER (WHERE did LIKE 'did:bench:user:%'), count(*) FILTER (WHERE did LIKE "
+            "'did:bench:agent:%') FROM accounts").fetchone()
+        params = {"salt": uuid.uuid4().hex, "users": users, "agents": agents}
+        if kind == "new":
+            conn.execute(_TRAFFIC_NEW, {**params, "channels": rows // 4})
+        else:
+            conn.execute(_TRAFFIC_OLD, {**params, "tasks": rows // 2})
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--channels", type=int, default=1_000_000, help="channels to build (10 ledger rows each)")
+    ap.add_argument("--keep", action="store_true", help="keep the database afterwards (prints its DSN)")
+    ap.add_argument("--reuse", metavar="DBNAME", help="use an existing bench database instead of building one")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each timed step; the best is reported")
+    args = ap.parse_args()
+
+    name = args.reuse or f"zsmon_bench_{uuid.uuid4().hex[:8]}"
+    params = conninfo_to_dict(ADMIN_DSN)
+    params["dbname"] = name
+    dsn = make_conninfo(**params)
+    if not args.reuse:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        if not args.reuse:
+            print(f"building {args.channels:,} channels and {10 * args.channels:,} ledger rows in {name}", flush=True)
+            t0 = time.perf_counter()
+            build(dsn, args.channels)
+            print(f"built in {time.perf_counter() - t0:.1f}s", flush=True)
+        run_bench(dsn, args.repeat)
+    finally:
+        if args.keep or args.reuse:
+            print(f"kept database {name}: {dsn}")
+        else:
+            with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+BARE_SQL = "SELECT channel_id, sum(amount) FROM channel_transactions GROUP BY channel_id"
+
+
+def bare_scan(dsn: str, settings: dict[str, str]) -> float:
+    """Seconds to run the bare per-channel sum and read every row it returns (in a read-only snapshot)."""
+    with psycopg.connect(dsn) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction():
+            for k, v in settings.items():
+                conn.execute("SELECT set_config(%s, %s, true)", (k, v))
+            t0 = time.perf_counter()
+            with conn.cursor(name="bare") as cur:
+                cur.execute(BARE_SQL)
+                while cur.fetchmany(50_000):
+                    pass
+            return time.perf_counter() - t0
+
+
+def run_bench(dsn: str, repeat: int) -> None:
+    import redis
+    import yaml
+
+    from zsmon.core.config import load_config
+    from zsmon.core.service import build_runner
+
+    prefix = f"zsmon-bench-{uuid.uuid4().hex[:8]}:"
+    conf = Path(f"/tmp/{prefix.rstrip(':')}.yml")
+    conf.write_text(yaml.safe_dump({
+        "redis": {"key_prefix": prefix},
+        # The bench's writes are single statements: a 2 s margin (default 60 s) keeps each incremental run
+        # to the 10,000 rows written since the previous run instead of re-checking the previous batches too.
+        "checkers": {"payments": {"settings": {"watermark_safety_seconds": 2}}},
+        "database": {"statement_timeout_seconds": 900},
+        "logging": {"level": "warning"},
+    }))
+    config = load_config(conf, env={"ZSMON_DATABASE_URL": dsn, "REDIS_HOST": "127.0.0.1"})
+    runner = build_runner(config, only=["payments"])
+    try:
+        print("warm-up: first full check (records the sequence memory)", flush=True)
+        first = runner.run_check("payments", mode="full")
+        print(f"  {first.status} in {first.duration_seconds:.2f}s; skipped: {sorted(first.skipped)}", flush=True)
+        fulls = []
+        for _ in range(repeat):
+            r = runner.run_check("payments", mode="full")
+            assert r.status == "pass", r.to_dict()
+            fulls.append(r.duration_seconds)
+            print(f"  full check: {r.duration_seconds:.2f}s ({r.status}, {len(r.violation_counts)} invariants judged)",
+                  flush=True)
+        incs: dict[str, list[float]] = {"new": [], "old": []}
+        for _ in range(repeat):
+            for kind in incs:
+                time.sleep(3)  # past the previous snapshot's safety margin: only the new rows are "touched"
+                traffic(dsn, kind)
+                r = runner.run_check("payments", mode="incremental")
+                assert r.status == "pass" and r.mode == "incremental", r.to_dict()
+                incs[kind].append(r.duration_seconds)
+                print(f"  incremental after 10,000 new ledger rows ({kind} channels): {r.duration_seconds:.3f}s",
+                      flush=True)
+        rss = rss_mb()
+    finally:
+        runner.db.close()
+        client = redis.Redis()
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+        conf.unlink(missing_ok=True)
+
+    sweep = {"enable_indexscan": "off", "enable_bitmapscan": "off", "max_parallel_workers_per_gather": "0"}
+    bare_default = min(bare_scan(dsn, {}) for _ in range(repeat))
+    print(f"  bare scan, server defaults: {bare_default:.2f}s", flush=True)
+    bare_tuned = min(bare_scan(dsn, sweep) for _ in range(repeat))
+    print(f"  bare scan, the full sweep's planner settings: {bare_tuned:.2f}s", flush=True)
+
+    full = min(fulls)
+    inc_new, inc_old = min(incs["new"]), min(incs["old"])
+    print()
+    print("figures (best of %d)" % repeat)
+    print(f"  full check seconds                          {full:8.2f}")
+    print(f"  bare GROUP BY scan seconds (server defaults) {bare_default:8.2f}   ratio full/bare {full / bare_default:5.2f}"
+          f"  (target <= 1.5)")
+    print(f"  bare GROUP BY scan seconds (sweep settings)  {bare_tuned:8.2f}   ratio full/bare {full / bare_tuned:5.2f}")
+    print(f"  incremental seconds after 10k ledger rows,")
+    print(f"    2,500 new auction channels run to close   {inc_new:8.3f}   {100 * inc_new / full:5.2f}% of full  (target <= 2%)")
+    print(f"    5,000 tasks on random old channels         {inc_old:8.3f}   {100 * inc_old / full:5.2f}% of full")
+    print(f"  peak RSS of the checker process (MB)        {rss:8.1f}   (target <= 150)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,637 @@
+"""Checker ``payments``: money is conserved per channel, per account and globally.
+
+The ten invariants of ``shared/domain.md`` ("Payment invariants"), judged in
+PostgreSQL with set-based SQL inside the runner's one ``REPEATABLE READ READ
+ONLY`` snapshot, so correct concurrent traffic never shows up as a violation:
+
+- one pass over the ledger, aggregated per channel and joined to the channels,
+  judges ``channel_conservation``, ``channel_non_negative``,
+  ``ledger_reconciliation``, ``closed_channel_drained`` and ``escrow_state``;
+- one pass over the ledger's release/refund rows judges ``double_release``
+  (``settlement`` and ``settle`` rows count as ``release``);
+- one pass over the channels grouped by DID, joined to the accounts, judges
+  ``account_non_negative`` and ``account_reconciliation`` (a DID that channels
+  pay or are paid by but that has no account row is judged as an empty account);
+- one aggregate judges ``global_conservation``, in every mode;
+- ``sequence_regression`` compares every channel's ``sequence_number`` with the
+  highest one seen before, kept in one Redis hash (channel id -> sequence
+  number). Without Redis the runner reports it skipped; on the very first
+  observation it is skipped too (nothing to compare with yet).
+
+Money stays ``numeric`` in SQL and ``Decimal`` in Python: a leak of 0.00000001
+is a violation.
+
+Modes. A full sweep reads everything. An incremental run re-checks only the
+channels touched since the watermark (ledger rows by ``created_at``, channels by
+``updated_at``) and the accounts of their payers and payees plus accounts whose
+``updated_at`` moved. The watermark is the snapshot's ``transaction_timestamp()``
+minus ``watermark_safety_seconds`` (so a write that committed just after the
+snapshot, stamped a little before it, is still seen next time), written to Redis
+only when the run's result is published. No watermark, no Redis, or more touched
+channels than ``incremental_max_channels``: the run is a full sweep.
+
+Full sweeps are steered to sequential, single-process plans (no index scans, no
+parallel workers) for their whole-table aggregates: on a ledger much larger than
+shared_buffers an index-ordered aggregate reads the heap in random order (about
+9x slower in bench/payments.py), and parallel workers must ship numeric partial
+sums between processes, which costs more than they save. Both are settings.
+"""
+from __future__ import annotations
+
+import heapq
+import uuid
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import Any, Iterator
+
+import redis
+from prometheus_client import Counter
+from pydantic import Field
+
+from zsmon.checkers.base import Checker, CheckContext, CheckerSettings, Invariant
+from zsmon.core.redis import redis_error
+from zsmon.core.results import Violation
+
+RELEASE_TYPES = ("release", "settlement", "settle")  # the platform's settle endpoint writes 'settlement'
+RELEASE_OR_REFUND = RELEASE_TYPES + ("refund",)
+
+SEQUENCE_KEY = "sequence"      # hash: channel id -> highest sequence_number observed
+WATERMARK_KEY = "watermark"    # ISO timestamp: incremental runs re-check what changed since
+STAGING_TTL_SECONDS = 3600
+OBSERVED_FIELD = "_observed_at"   # sentinel field of the sequence hash: when it was last written
+
+# ---- SQL -----------------------------------------------------------------------------------------
+# {ledger_from} / {channels_from} / {scope}: the whole tables (full sweep), or only the touched channels
+# (incremental), joined as a relation (unnest) so that the planner sizes them and probes the indexes.
+_ALL_LEDGER = "channel_transactions t"
+_TOUCHED_LEDGER = "unnest(%(ids)s::uuid[]) AS k(id) JOIN channel_transactions t ON t.channel_id = k.id"
+_ALL_CHANNELS = "payment_channels c"
+_TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN payment_channels c ON c.id = k.id"
+
+_CHANNELS_SQL = """
+WITH l AS (
+    SELECT t.channel_id,
+           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'deposit'), 0) AS dep,
+           count(*) FILTER (WHERE t.transaction_type = 'deposit') AS n_dep,
+           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'escrow'), 0) AS esc,
+           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type IN ('release', 'settlement', 'settle')), 0) AS rel,
+           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'refund'), 0) AS ref,
+           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'close'), 0) AS cls
+    FROM {ledger_from}
+    GROUP BY t.channel_id
+), x AS (
+    SELECT c.id, c.payer_did, c.state, c.task_id, c.escrow_released, c.closed_at, c.updated_at,
+           c.total_deposit AS td, c.current_balance AS cb, c.escrowed_amount AS e,
+           c.total_settled AS s, c.pending_refund AS pr,
+           coalesce(l.n_dep, 0) AS n_dep,
+           coalesce(l.dep, 0) AS l_td,
+           coalesce(l.dep, 0) - coalesce(l.esc, 0) + coalesce(l.ref, 0) - coalesce(l.cls, 0) AS l_cb,
+           coalesce(l.esc, 0) - coalesce(l.rel, 0) - coalesce(l.ref, 0) AS l_e,
+           coalesce(l.rel, 0) AS l_s,
+           coalesce(l.cls, 0) AS l_pr
+    FROM {channels_from}
+    LEFT JOIN l ON l.channel_id = c.id
+), f AS (
+    SELECT x.*,
+           x.cb + x.e + x.s + x.pr AS held,
+           least(x.td, x.cb, x.e, x.s, x.pr) AS lowest,
+           x.td <> x.cb + x.e + x.s + x.pr AS f_cons,
+           least(x.td, x.cb, x.e, x.s, x.pr) < 0 AS f_neg,
+           (x.l_td <> x.td OR x.l_cb <> x.cb OR x.l_e <> x.e OR x.l_s <> x.s OR x.l_pr <> x.pr) AS f_ledger,
+           (x.state = 'closed' AND (x.cb <> 0 OR x.e <> 0 OR x.closed_at IS NULL)) AS f_closed,
+           ((x.state = 'escrowed') <> (x.e > 0)
+            OR (x.e > 0 AND (x.task_id IS NULL OR x.escrow_released))) AS f_escrow
+    FROM x
+)
+SELECT v.invariant, f.id AS entity_id, v.expected, v.actual, v.difference, v.detail, v.tag
+FROM f
+CROSS JOIN LATERAL (VALUES
+    ('channel_conservation', f.f_cons, f.td::text, f.held::text, f.held - f.td,
+     format('total_deposit %%s but current %%s + escrowed %%s + settled %%s + refund %%s = %%s: %%s %%s %%s; '
+            'audit the channel''s last write (updated_at %%s)',
+            f.td, f.cb, f.e, f.s, f.pr, f.held, abs(f.held - f.td),
+            CASE WHEN f.held > f.td THEN 'appeared' ELSE 'vanished' END,
+            CASE WHEN f.held > f.td THEN 'from nowhere' ELSE 'without a ledger row' END, f.updated_at),
+     false),
+    ('channel_non_negative', f.f_neg, '0', f.lowest::text, f.lowest,
+     concat_ws(', ',
+               CASE WHEN f.td < 0 THEN 'total_deposit ' || f.td END,
+               CASE WHEN f.cb < 0 THEN 'current_balance ' || f.cb END,
+               CASE WHEN f.e < 0 THEN 'escrowed_amount ' || f.e END,
+               CASE WHEN f.s < 0 THEN 'total_settled ' || f.s END,
+               CASE WHEN f.pr < 0 THEN 'pending_refund ' || f.pr END)
+       || ' below zero: a debit skipped its balance check (overdrawn escrow or settle beyond the deposit); '
+       || 'freeze the channel and trace its last escrow/settle',
+     false),
+    ('ledger_reconciliation', f.f_ledger,
+     (CASE WHEN f.l_td <> f.td THEN f.l_td WHEN f.l_cb <> f.cb THEN f.l_cb WHEN f.l_e <> f.e THEN f.l_e
+           WHEN f.l_s <> f.s THEN f.l_s ELSE f.l_pr END)::text,
+     (CASE WHEN f.l_td <> f.td THEN f.td WHEN f.l_cb <> f.cb THEN f.cb WHEN f.l_e <> f.e THEN f.e
+           WHEN f.l_s <> f.s THEN f.s ELSE f.pr END)::text,
+     CASE WHEN f.l_td <> f.td THEN f.td - f.l_td WHEN f.l_cb <> f.cb THEN f.cb - f.l_cb
+          WHEN f.l_e <> f.e THEN f.e - f.l_e WHEN f.l_s <> f.s THEN f.s - f.l_s ELSE f.pr - f.l_pr END,
+     'table vs ledger: '
+       || concat_ws('; ',
+               CASE WHEN f.l_td <> f.td THEN format('total_deposit %%s vs %%s', f.td, f.l_td) END,
+               CASE WHEN f.l_cb <> f.cb THEN format('current_balance %%s vs %%s', f.cb, f.l_cb) END,
+               CASE WHEN f.l_e <> f.e THEN format('escrowed_amount %%s vs %%s', f.e, f.l_e) END,
+               CASE WHEN f.l_s <> f.s THEN format('total_settled %%s vs %%s', f.s, f.l_s) END,
+               CASE WHEN f.l_pr <> f.pr THEN format('pending_refund %%s vs %%s', f.pr, f.l_pr) END)
+       || CASE WHEN f.n_dep = 0 THEN ' (no deposit row in the ledger)' ELSE '' END
+       || ': a movement was written to one side only; replay channel_transactions for this channel',
+     f.n_dep = 0 AND f.td <> 0),
+    ('closed_channel_drained', f.f_closed,
+     CASE WHEN f.cb <> 0 OR f.e <> 0 THEN '0' ELSE 'closed_at set' END,
+     CASE WHEN f.cb <> 0 OR f.e <> 0 THEN (f.cb + f.e)::text ELSE 'closed_at null' END,
+     f.cb + f.e,
+     format('closed channel still holds current_balance %%s and escrowed %%s%%s: return it to payer %%s '
+            '(close moves current_balance to pending_refund)', f.cb, f.e,
+            CASE WHEN f.closed_at IS NULL THEN ', closed_at is not set' ELSE '' END,
+            f.payer_did),
+     f.cb <> 0 AND f.e = 0),
+    ('escrow_state', f.f_escrow,
+     CASE WHEN f.state = 'escrowed' AND f.e <= 0 THEN 'escrowed_amount > 0'
+          WHEN f.e > 0 AND f.state <> 'escrowed' THEN 'state escrowed'
+          WHEN f.e > 0 AND f.task_id IS NULL THEN 'task_id set'
+          ELSE 'escrow_released false' END,
+     CASE WHEN f.state = 'escrowed' AND f.e <= 0 THEN f.e::text
+          WHEN f.e > 0 AND f.state <> 'escrowed' THEN 'state ' || f.state
+          WHEN f.e > 0 AND f.task_id IS NULL THEN 'task_id null'
+          ELSE 'escrow_released true' END,
+     f.e,
+     concat_ws('; ',
+               CASE WHEN f.state = 'escrowed' AND f.e <= 0 THEN 'state escrowed with nothing locked' END,
+               CASE WHEN f.e > 0 AND f.state <> 'escrowed' THEN format('%%s locked but state %%s', f.e, f.state) END,
+               CASE WHEN f.e > 0 AND f.task_id IS NULL THEN format('%%s locked for no task', f.e) END,
+               CASE WHEN f.e > 0 AND f.escrow_released THEN format('%%s locked but escrow_released is true', f.e) END)
+       || ': the escrow and the channel state disagree; resolve the task''s escrow before new ones',
+     false)
+) AS v(invariant, bad, expected, actual, difference, detail, tag)
+WHERE (f.f_cons OR f.f_neg OR f.f_ledger OR f.f_closed OR f.f_escrow) AND v.bad
+"""
+
+_CHANNEL_INVARIANTS = ("channel_conservation", "channel_non_negative", "ledger_reconciliation",
+                       "closed_channel_drained", "escrow_state")
+
+# (channel, task) pairs with more than one release/refund row; counts only (cheap over the whole ledger).
+_DOUBLE_RELEASE_SQL = """
+SELECT d.channel_id AS entity_id, '1' AS expected, max(d.n)::text AS actual, (max(d.n) - 1)::numeric AS difference,
+       '' AS detail, bool_or(d.settlements > 1) AS tag
+FROM (
+    SELECT t.channel_id, t.task_id, count(*) AS n,
+           count(*) FILTER (WHERE t.transaction_type IN ('settlement', 'settle')) AS settlements
+    FROM {ledger_from}
+    WHERE t.transaction_type IN ('release', 'settlement', 'settle', 'refund')
+    GROUP BY t.channel_id, t.task_id
+    HAVING count(*) > 1
+) AS d
+GROUP BY d.channel_id
+"""
+
+# The money behind each sampled double release (index lookups on a handful of channels).
+_DOUBLE_RELEASE_DETAIL_SQL = """
+SELECT t.channel_id::text AS channel_id, t.task_id, count(*) AS n, sum(t.amount) AS paid, max(t.amount) AS once,
+       string_agg(t.transaction_type, ', ' ORDER BY t.created_at) AS types
+FROM unnest(%(ids)s::uuid[]) AS k(id)
+JOIN channel_transactions t ON t.channel_id = k.id
+WHERE t.transaction_type IN ('release', 'settlement', 'settle', 'refund')
+GROUP BY t.channel_id, t.task_id
+HAVING count(*) > 1
+ORDER BY t.channel_id, count(*) DESC, t.task_id
+"""
+
+_ACCOUNTS_SQL = """
+WITH ch AS (
+    SELECT v.did, sum(v.paid) AS paid, sum(v.refunded) AS refunded, sum(v.earned) AS earned
+    FROM ({channel_rows}) AS v(did, paid, refunded, earned)
+    GROUP BY v.did
+), a AS (
+    SELECT coalesce(acc.did, ch.did) AS did, acc.did IS NULL AS missing,
+           coalesce(acc.balance, 0) AS bal, coalesce(acc.total_deposited, 0) AS dep,
+           coalesce(acc.total_withdrawn, 0) AS wd,
+           coalesce(ch.paid, 0) AS paid, coalesce(ch.refunded, 0) AS refunded, coalesce(ch.earned, 0) AS earned
+    FROM (SELECT acc0.did, acc0.balance, acc0.total_deposited, acc0.total_withdrawn FROM {accounts_from}) AS acc
+    FULL JOIN ch ON ch.did = acc.did
+), f AS (
+    SELECT a.*, a.dep - a.wd - a.paid + a.refunded + a.earned AS expected_bal,
+           least(a.bal, a.dep, a.wd) AS lowest
+    FROM a
+)
+SELECT v.invariant, f.did AS entity_id, v.expected, v.actual, v.difference, v.detail, v.tag
+FROM f
+CROSS JOIN LATERAL (VALUES
+    ('account_non_negative', NOT f.missing AND f.lowest < 0, '0', f.lowest::text, f.lowest,
+     concat_ws(', ',
+               CASE WHEN f.bal < 0 THEN 'balance ' || f.bal END,
+               CASE WHEN f.dep < 0 THEN 'total_deposited ' || f.dep END,
+               CASE WHEN f.wd < 0 THEN 'total_withdrawn ' || f.wd END)
+       || ' below zero: a debit or a refund was booked with the wrong sign; audit the account''s recent writes',
+     false),
+    ('account_reconciliation', f.bal <> f.expected_bal, f.expected_bal::text, f.bal::text, f.bal - f.expected_bal,
+     CASE WHEN f.missing THEN
+          format('no account row for this DID, yet its channels move %%s (paid into channels %%s, refunded %%s, '
+                 'earned %%s): create the account or fix the channels'' payer_did/payee_did',
+                 f.earned + f.refunded - f.paid, f.paid, f.refunded, f.earned)
+     ELSE format('balance %%s but deposited %%s - withdrawn %%s - paid into channels %%s + refunded %%s + earned %%s = %%s: '
+                 '%%s %%s; audit the account''s writes since its last deposit',
+                 f.bal, f.dep, f.wd, f.paid, f.refunded, f.earned, f.expected_bal, abs(f.bal - f.expected_bal),
+                 CASE WHEN f.bal > f.expected_bal THEN 'credited from nowhere' ELSE 'missing' END)
+     END,
+     f.missing)
+) AS v(invariant, bad, expected, actual, difference, detail, tag)
+WHERE (f.bal <> f.expected_bal OR (NOT f.missing AND f.lowest < 0)) AND v.bad
+"""
+
+_ACCOUNT_INVARIANTS = ("account_non_negative", "account_reconciliation")
+
+_ALL_CHANNEL_ROWS = """
+    SELECT r.did, r.paid, r.refunded, r.earned
+    FROM payment_channels c
+    CROSS JOIN LATERAL (VALUES (c.payer_did, c.total_deposit, c.pending_refund, NULL::numeric),
+                               (c.payee_did, NULL::numeric, NULL::numeric, c.total_settled)) AS r(did, paid, refunded, earned)
+"""
+
+# Incremental: each side through its own index (payer_did, payee_did). The DIDs are joined as a
+# relation (unnest) rather than compared with = ANY: the planner then sizes them and probes the indexes.
+_DID_CHANNEL_ROWS = """
+    SELECT c.payer_did, c.total_deposit, c.pending_refund, NULL::numeric
+    FROM unnest(%(dids)s::text[]) AS k(did) JOIN payment_channels c ON c.payer_did = k.did
+    UNION ALL
+    SELECT c.payee_did, NULL::numeric, NULL::numeric, c.total_settled
+    FROM unnest(%(dids)s::text[]) AS k(did) JOIN payment_channels c ON c.payee_did = k.did
+"""
+
+_GLOBAL_SQL = """
+SELECT a.deposited - a.withdrawn AS expected, a.balance + c.held AS actual,
+       a.deposited, a.withdrawn, a.balance, c.held, c.settled
+FROM (SELECT coalesce(sum(total_deposited), 0) AS deposited, coalesce(sum(total_withdrawn), 0) AS withdrawn,
+             coalesce(sum(balance), 0) AS balance FROM accounts) AS a,
+     (SELECT coalesce(sum(current_balance + escrowed_amount), 0) AS held,
+             coalesce(sum(total_settled), 0) AS settled FROM payment_channels) AS c
+"""
+
+_TOUCHED_CHANNELS_SQL = """
+SELECT id::text FROM (
+    SELECT channel_id AS id FROM channel_transactions WHERE created_at >= %(since)s::timestamptz
+    UNION
+    SELECT id FROM payment_channels WHERE updated_at >= %(since)s::timestamptz
+) AS t
+LIMIT %(cap)s
+"""
+
+_TOUCHED_DIDS_SQL = """
+SELECT did FROM accounts WHERE updated_at >= %(since)s::timestamptz
+UNION
+SELECT d.did
+FROM unnest(%(ids)s::uuid[]) AS k(id)
+JOIN payment_channels c ON c.id = k.id
+CROSS JOIN LATERAL (VALUES (c.payer_did), (c.payee_did)) AS d(did)
+"""
+
+# Ranks the violations of several invariants in SQL: full count, tagged count, and the largest sample.
+_RANK_SQL = """
+SELECT invariant, entity_id, expected, actual, difference, detail, tag, total, tagged
+FROM (
+    SELECT v.invariant::text AS invariant, v.entity_id::text AS entity_id, v.expected, v.actual, v.difference,
+           v.detail, v.tag, count(*) OVER w AS total, count(*) FILTER (WHERE v.tag) OVER w AS tagged,
+           row_number() OVER (PARTITION BY v.invariant
+                              ORDER BY abs(v.difference) DESC NULLS LAST, v.entity_id::text) AS rn
+    FROM ({inner}) AS v
+    WINDOW w AS (PARTITION BY v.invariant)
+) AS ranked
+WHERE rn <= %(limit)s
+"""
+
+
+class PaymentsSettings(CheckerSettings):
+    watermark_safety_seconds: float = Field(
+        60.0, ge=0, description="An incremental run re-checks what changed since the previous run's snapshot time "
+                                "minus this many seconds, so writes committed just after a snapshot (stamped a "
+                                "little before it) are not missed. Longer than the platform's longest transaction.")
+    incremental_max_channels: int = Field(
+        200_000, ge=1, description="When more channels than this were touched since the watermark, the run is a "
+                                   "full sweep instead (cheaper than probing that many channels one by one).")
+    full_sweep_sequential: bool = Field(
+        True, description="In full sweeps, disable index and bitmap scans for this transaction so whole-table "
+                          "aggregates read the ledger sequentially (index order reads the heap at random).")
+    full_sweep_parallel_workers: int = Field(
+        0, ge=0, le=64, description="max_parallel_workers_per_gather for full sweeps (0: one backend; parallel "
+                                    "numeric sums cost more to combine than they save).")
+    work_mem_mb: int | None = Field(
+        None, ge=1, description="work_mem for this checker's transaction in MB (unset: the server's default).")
+    sequence_batch: int = Field(
+        10_000, ge=100, description="Channels compared with the Redis sequence memory per round trip.")
+    summary_examples: int = Field(
+        3, ge=0, le=20, description="Example ids quoted in a systemic-pattern summary line.")
+
+
+class PaymentsChecker(Checker):
+    name = "payments"
+    description = ("Money is conserved per channel, per account and globally; the ledger rebuilds every channel; "
+                   "escrows are released once; sequence numbers never go back.")
+    invariants = (
+        Invariant("channel_conservation",
+                  "total_deposit = current_balance + escrowed_amount + total_settled + pending_refund.",
+                  entity_type="channel", severity="critical"),
+        Invariant("channel_non_negative", "Every money column of the channel is >= 0.",
+                  entity_type="channel", severity="critical"),
+        Invariant("account_non_negative", "balance, total_deposited and total_withdrawn are >= 0.",
+                  entity_type="account", severity="critical"),
+        Invariant("ledger_reconciliation",
+                  "The ledger rebuilds the channel: deposits, escrows, releases (incl. settlement/settle), "
+                  "refunds and closes give total_deposit, escrowed_amount, total_settled, pending_refund and "
+                  "current_balance.",
+                  entity_type="channel", severity="critical"),
+        Invariant("closed_channel_drained",
+                  "A closed channel holds nothing (current_balance = escrowed_amount = 0) and has closed_at.",
+                  entity_type="channel", severity="critical"),
+        Invariant("escrow_state",
+                  "state = escrowed exactly when escrowed_amount > 0; a locked escrow names its task and is not "
+                  "marked released.",
+                  entity_type="channel", severity="critical"),
+        Invariant("double_release",
+                  "At most one release/refund ledger row per (channel, task_id) escrow.",
+                  entity_type="channel", severity="critical"),
+        Invariant("sequence_regression",
+                  "A channel's sequence_number never goes below the highest value seen before.",
+                  entity_type="channel", severity="critical", needs_memory=True),
+        Invariant("account_reconciliation",
+                  "balance = total_deposited - total_withdrawn - deposits into channels it pays + their refunds "
+                  "+ settlements of channels it is paid by.",
+                  entity_type="account", severity="critical"),
+        Invariant("global_conservation",
+                  "Money in = money out + money held: sum(total_deposited) - sum(total_withdrawn) = "
+                  "sum(balance) + sum(current_balance + escrowed_amount).",
+                  entity_type="system", severity="critical"),
+    )
+    Settings = PaymentsSettings
+    default_interval_seconds = 30.0
+    supports_incremental = True
+    default_full_interval_seconds = 3600.0
+
+    settings: PaymentsSettings
+
+    def __init__(self, settings: CheckerSettings | None = None) -> None:
+        super().__init__(settings)
+        self._failures: Counter | None = None
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def register_metrics(self, registry: Any) -> None:
+        self._failures = Counter(
+            "zerostate_payment_balance_check_failures",
+            "Payment check runs that found at least one payment invariant violation (deployment guide's name).",
+            registry=registry)
+
+    def observe(self, result: Any) -> None:
+        if self._failures is not None and result.status == "fail" and result.total_violations > 0:
+            self._failures.inc()
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def run(self, ctx: CheckContext) -> None:
+        s = self.settings
+        if s.work_mem_mb:
+            ctx.scalar("SELECT set_config('work_mem', %s, true)", (f"{s.work_mem_mb}MB",))
+        next_mark = ctx.scalar("SELECT transaction_timestamp() - make_interval(secs => %s)",
+                               (s.watermark_safety_seconds,))
+        ids: list[str] | None = None
+        dids: list[str] | None = None
+        if ctx.mode == "incremental":
+            ids, dids = self._touched(ctx)
+            if ids is None:
+                ctx.mode = "full"
+        if ctx.redis is not None:
+            ctx.after_success(lambda: ctx.redis.set(ctx.key(WATERMARK_KEY), next_mark.isoformat()))
+
+        full = ctx.mode == "full"
+        self._judge_channels(ctx, None if full else ids)
+        self._judge_double_release(ctx, None if full else ids)
+        self._judge_accounts(ctx, None if full else dids)
+        self._judge_global(ctx)
+        if ctx.redis is not None:
+            self._judge_sequences(ctx, None if ctx.mode == "full" else ids)
+
+    # ---- scope --------------------------------------------------------------------------------------
+    def _touched(self, ctx: CheckContext) -> tuple[list[str] | None, list[str] | None]:
+        """Channels and DIDs changed since the watermark; (None, None) when a full sweep is needed."""
+        try:
+            since = ctx.redis.get(ctx.key(WATERMARK_KEY)) if ctx.redis is not None else None
+        except redis.RedisError:
+            since = None
+        if not since:
+            return None, None
+        cap = self.settings.incremental_max_channels
+        ids = [r[0] for r in ctx.conn.execute(_TOUCHED_CHANNELS_SQL, {"since": since, "cap": cap + 1}).fetchall()]
+        if len(ids) > cap:
+            return None, None
+        dids = [r[0] for r in ctx.conn.execute(_TOUCHED_DIDS_SQL, {"since": since, "ids": ids}).fetchall()]
+        ctx.touched_channels = len(ids)  # type: ignore[attr-defined]  # for logs and the benchmark
+        return ids, dids
+
+    @contextmanager
+    def _sweep_plan(self, ctx: CheckContext, full: bool, sort: bool = False) -> Iterator[None]:
+        """Planner settings for one query, local to this transaction, restored afterwards.
+
+        Full sweeps: sequential, single-process whole-table aggregates (settings). Incremental runs: no
+        JIT, whose compilation (50-100 ms a query) costs more than the few thousand rows it would speed up.
+        ``sort``: group by sorting rather than hashing (per-channel groups of the whole ledger: a hash table
+        of a million numeric states spills in many batches; a sort spills once and streams the groups).
+        """
+        s = self.settings
+        if not full:
+            wanted = {"jit": "off"}
+        else:
+            wanted = {"max_parallel_workers_per_gather": str(s.full_sweep_parallel_workers)}
+            if s.full_sweep_sequential:
+                wanted.update(enable_indexscan="off", enable_bitmapscan="off")
+                if sort:
+                    wanted.update(enable_hashagg="off", enable_hashjoin="off")
+        before = {k: ctx.scalar("SELECT current_setting(%s)", (k,)) for k in wanted}
+        for k, v in wanted.items():
+            ctx.scalar("SELECT set_config(%s, %s, true)", (k, v))
+        yield  # on an exception the transaction is aborted and rolled back: nothing to restore
+        for k, v in before.items():
+            ctx.scalar("SELECT set_config(%s, %s, true)", (k, v))
+
+    # ---- judging ------------------------------------------------------------------------------------
+    def _rank(self, ctx: CheckContext, inner: str, params: dict[str, Any], entity_type: str,
+              invariants: tuple[str, ...]) -> dict[str, tuple[int, int, list[Violation]]]:
+        """Run ``inner`` ranked per invariant: {invariant: (count, tagged count, sample)}; reports each."""
+        rows = ctx.query(_RANK_SQL.format(inner=inner), {**params, "limit": ctx.sample_limit})
+        out: dict[str, tuple[int, int, list[Violation]]] = {i: (0, 0, []) for i in invariants}
+        for r in rows:
+            total, tagged, sample = out[r["invariant"]]
+            sample.append(Violation(r["invariant"], entity_type, r["entity_id"], r["expected"], r["actual"],
+                                    r["difference"], r["detail"] or ""))
+            out[r["invariant"]] = (int(r["total"]), int(r["tagged"]), sample)
+        for inv, (total, _, sample) in out.items():
+            ctx.report(inv, sample, count=total)
+        return out
+
+    def _examples(self, sample: list[Violation], ids: list[str] | None = None) -> str:
+        n = self.settings.summary_examples
+        chosen = (ids if ids is not None else [v.entity_id for v in sample])[:n]
+        return f" (e.g. {', '.join(chosen)})" if chosen else ""
+
+    def _judge_channels(self, ctx: CheckContext, ids: list[str] | None) -> None:
+        if ids is None:
+            inner = _CHANNELS_SQL.format(ledger_from=_ALL_LEDGER, channels_from=_ALL_CHANNELS)
+        else:
+            inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
+        with self._sweep_plan(ctx, ids is None, sort=True):
+            found = self._rank(ctx, inner, {"ids": ids}, "channel", _CHANNEL_INVARIANTS)
+        scope = "channels" if ids is None else "channels touched since the watermark"
+
+        total, tagged, sample = found["ledger_reconciliation"]
+        if tagged:
+            checked = ctx.scalar("SELECT count(*) FROM payment_channels") if ids is None else len(ids)
+            tagged_ids = [v.entity_id for v in sample if "no deposit row" in v.detail]
+            ctx.summarize("ledger_reconciliation",
+                          f"{tagged} of {checked} {scope} have no deposit in the ledger (opened without a deposit "
+                          f"row, as the deployed platform's open path does){self._examples(sample, tagged_ids)}")
+        total, tagged, sample = found["closed_channel_drained"]
+        if tagged:
+            closed = ctx.scalar(f"SELECT count(*) FROM {_ALL_CHANNELS if ids is None else _TOUCHED_CHANNELS} "
+                                "WHERE c.state = 'closed'", {"ids": ids})
+            ctx.summarize("closed_channel_drained",
+                          f"{tagged} of {closed} closed {scope} still hold a current_balance (closed without "
+                          f"draining, as the deployed settle endpoint does){self._examples(sample)}")
+
+    def _judge_double_release(self, ctx: CheckContext, ids: list[str] | None) -> None:
+        inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
+        with self._sweep_plan(ctx, ids is None, sort=True):
+            rows = ctx.query(_RANK_SQL.format(inner=f"SELECT 'double_release' AS invariant, d.* FROM ({inner}) AS d"),
+                             {"ids": ids, "limit": ctx.sample_limit})
+        if not rows:
+            ctx.report("double_release", [], count=0)
+            return
+        total, tagged = int(rows[0]["total"]), int(rows[0]["tagged"])
+        details: dict[str, str] = {}
+        for d in ctx.query(_DOUBLE_RELEASE_DETAIL_SQL, {"ids": [r["entity_id"] for r in rows]}):
+            if d["channel_id"] in details:
+                continue  # the worst task of the channel is enough for the line
+            details[d["channel_id"]] = (
+                f"task {d['task_id']!s} has {d['n']} release/refund rows ({d['types']}) moving {d['paid']} "
+                f"where one escrow pays {d['once']} once: recover {d['paid'] - d['once']} and make "
+                f"settle/release idempotent")
+        sample = [Violation("double_release", "channel", r["entity_id"], r["expected"], r["actual"],
+                            r["difference"], details.get(r["entity_id"], "more than one release/refund row per task"))
+                  for r in rows]
+        ctx.report("double_release", sample, count=total)
+        if tagged:
+            ctx.summarize("double_release",
+                          f"{tagged} channels have more than one settlement row for one task (concurrent calls "
+                          f"of the settle endpoint, which has no guard){self._examples(sample)}")
+
+    def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None) -> None:
+        if dids is None:
+            inner = _ACCOUNTS_SQL.format(channel_rows=_ALL_CHANNEL_ROWS, accounts_from="accounts acc0")
+        else:
+            inner = _ACCOUNTS_SQL.format(
+                channel_rows=_DID_CHANNEL_ROWS,
+                accounts_from="unnest(%(dids)s::text[]) AS k(did) JOIN accounts acc0 ON acc0.did = k.did")
+        with self._sweep_plan(ctx, dids is None):
+            found = self._rank(ctx, inner, {"dids": dids}, "account", _ACCOUNT_INVARIANTS)
+        total, tagged, sample = found["account_reconciliation"]
+        if tagged:
+            missing = [v.entity_id for v in sample if v.detail.startswith("no account row")]
+            ctx.summarize("account_reconciliation",
+                          f"{tagged} DIDs named by channels have no account row, so money moved for nobody "
+                          f"(e.g. a placeholder payer_did){self._examples(sample, missing)}")
+
+    def _judge_global(self, ctx: CheckContext) -> None:
+        g = ctx.query(_GLOBAL_SQL)[0]
+        expected, actual = g["expected"], g["actual"]
+        if expected == actual:
+            ctx.report("global_conservation", [], count=0)
+            return
+        diff = actual - expected
+        detail = (f"deposited {g['deposited']} - withdrawn {g['withdrawn']} = {expected}, but accounts hold "
+                  f"{g['balance']} and channels {g['held']} = {actual}: {abs(diff)} "
+                  f"{'created' if diff > 0 else 'lost'}; the account_reconciliation and channel_conservation "
+                  f"violations name where")
+        ctx.report("global_conservation",
+                   [Violation("global_conservation", "system", "global", expected, actual, diff, detail)], count=1)
+
+    # ---- sequence memory ----------------------------------------------------------------------------
+    def _judge_sequences(self, ctx: CheckContext, ids: list[str] | None) -> None:
+        r = ctx.redis
+        live = ctx.key(SEQUENCE_KEY)
+        staging = ctx.key(SEQUENCE_KEY, "staging", uuid.uuid4().hex)
+        try:
+            first = not r.exists(live)
+            found, worst, seen = self._compare_sequences(ctx, r, live, staging, ids)
+        except redis.RedisError as exc:  # Redis lost mid-run: the SQL invariants still stand
+            r_delete_quietly(r, staging)
+            ctx.skip("sequence_regression", f"needs memory across runs: {redis_error(exc)}")
+            return
+
+        def commit() -> None:
+            if not r.exists(live):
+                r.rename(staging, live)
+                r.persist(live)
+                return
+            cursor = 0
+            while True:
+                cursor, chunk = r.hscan(staging, cursor, count=self.settings.sequence_batch)
+                if chunk:
+                    r.hset(live, mapping=chunk)
+                if cursor == 0:
+                    break
+            r.delete(staging)
+        ctx.after_success(commit)
+
+        if first:
+            ctx.skip("sequence_regression",
+                     f"first observation: recorded the sequence numbers of {seen} channels; judged from the next run")
+            return
+        sample = [Violation("sequence_regression", "channel", cid, Decimal(prev), Decimal(cur), Decimal(cur - prev),
+                            f"sequence_number went back from {prev} (seen before) to {cur}: a stale or replayed "
+                            f"write overwrote this channel; compare its row with its latest ledger rows")
+                  for _, cid, prev, cur in sorted(worst, reverse=True)]
+        ctx.report("sequence_regression", sample, count=found)
+
+    def _compare_sequences(self, ctx: CheckContext, r: Any, live: str, staging: str,
+                           ids: list[str] | None) -> tuple[int, list[tuple[int, str, int, int]], int]:
+        """Stream (id, sequence_number) in batches; compare with the memory; stage new high-water marks."""
+        found, seen = 0, 0
+        worst: list[tuple[int, str, int, int]] = []  # min-heap of (drop, id, prev, cur), the largest drops kept
+        batch = self.settings.sequence_batch
+        # The sentinel field makes the memory exist after a first observation, even of zero channels.
+        r.hset(staging, OBSERVED_FIELD, str(ctx.scalar("SELECT transaction_timestamp()")))
+        r.expire(staging, STAGING_TTL_SECONDS)
+        with ctx.conn.cursor(name=f"zsmon_payments_seq_{uuid.uuid4().hex[:8]}") as cur:
+            if ids is None:
+                cur.execute("SELECT id::text, sequence_number FROM payment_channels")
+            else:
+                cur.execute(f"SELECT c.id::text, c.sequence_number FROM {_TOUCHED_CHANNELS}", {"ids": ids})
+            while rows := cur.fetchmany(batch):
+                seen += len(rows)
+                previous = r.hmget(live, [cid for cid, _ in rows])
+                updates: dict[str, int] = {}
+                for (cid, seq), prev in zip(rows, previous):
+                    if prev is None:
+                        updates[cid] = seq
+                        continue
+                    prev = int(prev)
+                    if seq > prev:
+                        updates[cid] = seq
+                    elif seq < prev:
+                        found += 1
+                        item = (prev - seq, cid, prev, seq)
+                        if len(worst) < ctx.sample_limit:
+                            heapq.heappush(worst, item)
+                        else:
+                            heapq.heappushpop(worst, item)
+                if updates:
+                    pipe = r.pipeline(transaction=False)
+                    pipe.hset(staging, mapping=updates)
+                    pipe.expire(staging, STAGING_TTL_SECONDS)
+                    pipe.execute()
+        return found, worst, seen
+
+
+def r_delete_quietly(r: Any, key: str) -> None:
+    try:
+        r.delete(key)
+    except redis.RedisError:
+        pass
