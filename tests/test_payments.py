@@ -309,3 +309,37 @@ def test_exporter_families(writer, db_url, make_config):
     for name in ("zerostate_payment_deposited_total", "zerostate_payment_withdrawn_total",
                  "zerostate_payment_channel_transactions_total{type=\"release\"}", "zerostate_payment_escrows_active"):
         assert name in text
+
+
+def test_verify_balances_endpoint_runs_the_checker_now(writer, make_config):
+    import requests
+
+    from zsmon.checkers.registry import checker_classes
+    from zsmon.testing import LOCAL_HTTP, running_service
+
+    world(writer, steps=60)
+    channel = inject_fault(writer, "escrowed_without_lock")
+    token = "payments-test-token"
+    others = {name: {"enabled": False} for name in checker_classes() if name != "payments"}
+    cfg = make_config(http={**LOCAL_HTTP, "admin_token": token},
+                      checkers={**others, "payments": {"interval_seconds": 3600}})
+    with running_service(cfg) as svc:
+        r = requests.post(svc.url("api", "/admin/verify-balances"), headers={"Authorization": f"Bearer {token}"},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["checker"] == "payments" and body["status"] == "fail"
+        assert [v["entity_id"] for v in body["violations"] if v["invariant"] == "escrow_state"] == [channel]
+        text = requests.get(svc.url("metrics", "/metrics"), timeout=5).text
+        (line,) = [x for x in text.splitlines() if x.startswith("zerostate_payment_balance_check_failures_total ")]
+        assert float(line.split()[1]) >= 1  # the scheduled run and this one both found the fault
+
+
+def test_faults_plant_themselves_on_an_empty_world(writer, run_check):
+    """The demo plants faults from its first seconds: each fault makes what it needs with correct transitions."""
+    for name in FAULTS:
+        assert inject_fault(writer, name)
+    result = run_check("payments", mode="full", redis=False)
+    assert set(failing(result)) >= {f.invariant for f in FAULTS.values()} - {"sequence_regression"}
+    with pytest.raises(KeyError, match="unknown payment fault"):
+        inject_fault(writer, "nope")

@@ -31,10 +31,12 @@ only when the run's result is published. No watermark, no Redis, or more touched
 channels than ``incremental_max_channels``: the run is a full sweep.
 
 Full sweeps are steered to sequential, single-process plans (no index scans, no
-parallel workers) for their whole-table aggregates: on a ledger much larger than
-shared_buffers an index-ordered aggregate reads the heap in random order (about
-9x slower in bench/payments.py), and parallel workers must ship numeric partial
-sums between processes, which costs more than they save. Both are settings.
+parallel workers, per-channel grouping by sort) for their whole-table aggregates:
+on a ledger much larger than shared_buffers an index-ordered aggregate reads the
+heap in random order (about 9x slower in bench/payments.py), parallel workers
+must ship numeric partial sums between processes, which costs more than they
+save, and a hash table of a million numeric states spills in many batches where a
+sort spills once. Incremental runs turn JIT off. See docs/performance.md.
 """
 from __future__ import annotations
 
@@ -424,7 +426,8 @@ class PaymentsChecker(Checker):
         if len(ids) > cap:
             return None, None
         dids = [r[0] for r in ctx.conn.execute(_TOUCHED_DIDS_SQL, {"since": since, "ids": ids}).fetchall()]
-        ctx.touched_channels = len(ids)  # type: ignore[attr-defined]  # for logs and the benchmark
+        if ctx.log is not None:
+            ctx.log.debug("payments_incremental_scope", since=since, channels=len(ids), dids=len(dids))
         return ids, dids
 
     @contextmanager

@@ -273,8 +273,33 @@ def _channel(conn: psycopg.Connection, where: str, what: str, newest: bool = Tru
                       "FOR UPDATE", what)
 
 
+_NEEDS = {
+    "open": "SELECT 1 FROM payment_channels WHERE state = 'open' AND escrowed_amount = 0 AND current_balance >= 1",
+    "escrowed": "SELECT 1 FROM payment_channels WHERE state = 'escrowed' AND escrowed_amount > 0",
+    "released": "SELECT 1 FROM channel_transactions WHERE transaction_type = 'release' AND task_id IS NOT NULL",
+    "account": "SELECT 1 FROM accounts WHERE total_deposited - total_withdrawn >= 1 AND balance >= 1",
+}
+
+
+def _ensure(conn: psycopg.Connection, need: str) -> None:
+    """Make what a fault needs with correct transitions when the world has none yet (e.g. a fresh demo)."""
+    if conn.execute(_NEEDS[need] + " LIMIT 1").fetchone():
+        return
+    seed = conn.execute("SELECT count(*) FROM payment_channels").fetchone()[0]  # new ids as the world grows
+    sim = PaymentSimulator(conn, seed=seed, users=1, agents=1, prefix="did:sim:fault")
+    sim.deposit(sim.users[0], Decimal("100"))
+    if need == "account":
+        return
+    cid = sim.open_channel(sim.users[0], sim.agents[0], Decimal("50"))
+    if need in ("escrowed", "released"):
+        sim.lock_escrow(cid, Decimal("5"))
+    if need == "released":
+        sim.release_escrow(cid, success=True)
+
+
 def money_from_nowhere(conn: psycopg.Connection) -> str:
     """A channel's spendable balance grows by 5 with no deposit (``channel_conservation``)."""
+    _ensure(conn, 'open')
     with conn.transaction():
         ch = _channel(conn, "state <> 'closed'", "open channel")
         conn.execute("UPDATE payment_channels SET current_balance = current_balance + 5, updated_at = now() "
@@ -285,6 +310,7 @@ def money_from_nowhere(conn: psycopg.Connection) -> str:
 def one_unit_leak(conn: psycopg.Connection) -> str:
     """A release whose ledger row says e but which settles e - 0.00000001, the unit staying on the channel
     (a rounding bug: the channel stays conserved, only the ledger disagrees: ``ledger_reconciliation``)."""
+    _ensure(conn, 'open')
     with conn.transaction():
         ch = _channel(conn, "state = 'open' AND current_balance >= 1 AND escrowed_amount = 0", "open channel")
         e = Decimal("1")
@@ -301,6 +327,7 @@ def one_unit_leak(conn: psycopg.Connection) -> str:
 
 def double_release(conn: psycopg.Connection) -> str:
     """A second ``settlement`` row for an escrow already released (two concurrent settle calls: ``double_release``)."""
+    _ensure(conn, 'released')
     with conn.transaction():
         row = _one(conn, "SELECT channel_id, amount, task_id FROM channel_transactions WHERE transaction_type = "
                          "'release' AND task_id IS NOT NULL ORDER BY created_at DESC, id LIMIT 1", "released escrow")
@@ -314,6 +341,7 @@ def double_release(conn: psycopg.Connection) -> str:
 def overdrawn_escrow(conn: psycopg.Connection) -> str:
     """An escrow of ``current_balance + 1`` locked without the balance check: the balance goes to -1
     (``channel_non_negative``)."""
+    _ensure(conn, 'open')
     with conn.transaction():
         ch = _channel(conn, "state = 'open' AND escrowed_amount = 0", "open channel")
         a = ch["current_balance"] + 1
@@ -328,6 +356,7 @@ def overdrawn_escrow(conn: psycopg.Connection) -> str:
 def negative_withdrawal(conn: psycopg.Connection) -> str:
     """An account's ``total_withdrawn`` booked as -1 (a refund written as a negative withdrawal) with the
     deposits lowered to match, so balances still add up (``account_non_negative``). Returns the DID."""
+    _ensure(conn, 'account')
     with conn.transaction():
         acc = _one(conn, "SELECT * FROM accounts WHERE total_deposited - total_withdrawn >= 1 "
                          "ORDER BY updated_at DESC, did LIMIT 1 FOR UPDATE", "account with deposits")
@@ -340,6 +369,7 @@ def negative_withdrawal(conn: psycopg.Connection) -> str:
 def close_with_escrow_locked(conn: psycopg.Connection) -> str:
     """A channel closed while an escrow is still locked (``closed_channel_drained``; necessarily also
     ``escrow_state``: money locked on a channel that is not escrowed)."""
+    _ensure(conn, 'escrowed')
     with conn.transaction():
         ch = _channel(conn, "state = 'escrowed' AND escrowed_amount > 0", "escrowed channel")
         conn.execute("UPDATE accounts SET balance = balance + %s, updated_at = now() WHERE did = %s",
@@ -353,6 +383,7 @@ def close_with_escrow_locked(conn: psycopg.Connection) -> str:
 
 def escrowed_without_lock(conn: psycopg.Connection) -> str:
     """A channel in state ``escrowed`` with nothing locked (``escrow_state``)."""
+    _ensure(conn, 'open')
     with conn.transaction():
         ch = _channel(conn, "state = 'open' AND escrowed_amount = 0", "open channel")
         conn.execute("UPDATE payment_channels SET state = 'escrowed', updated_at = now() WHERE id = %s", (ch["id"],))
@@ -362,6 +393,7 @@ def escrowed_without_lock(conn: psycopg.Connection) -> str:
 def account_credited_from_nowhere(conn: psycopg.Connection) -> str:
     """An account's balance grows by 5 with no deposit nor settlement (``account_reconciliation``;
     necessarily also ``global_conservation``). Returns the DID."""
+    _ensure(conn, 'account')
     with conn.transaction():
         acc = _one(conn, "SELECT * FROM accounts ORDER BY updated_at DESC, did LIMIT 1 FOR UPDATE", "account")
         conn.execute("UPDATE accounts SET balance = balance + 5, updated_at = now() WHERE did = %s", (acc["did"],))
@@ -371,6 +403,7 @@ def account_credited_from_nowhere(conn: psycopg.Connection) -> str:
 def sequence_going_back(conn: psycopg.Connection) -> str:
     """A channel's ``sequence_number`` decreases by one (a replayed or reordered write: ``sequence_regression``;
     seen only by a checker that observed the channel before)."""
+    _ensure(conn, 'released')
     with conn.transaction():
         # The least recently written channel: not one another fault just moved forward again.
         ch = _channel(conn, "sequence_number >= 1", "channel with a sequence number", newest=False)
@@ -382,6 +415,7 @@ def sequence_going_back(conn: psycopg.Connection) -> str:
 def global_leak(conn: psycopg.Connection) -> str:
     """0.00000001 paid out of an account without recording a withdrawal: money leaves the system unbooked
     (``global_conservation``; necessarily also ``account_reconciliation`` of that account). Returns ``global``."""
+    _ensure(conn, 'account')
     with conn.transaction():
         acc = _one(conn, "SELECT * FROM accounts WHERE balance >= 0.00000001 ORDER BY updated_at DESC, did "
                          "LIMIT 1 FOR UPDATE", "account with a balance")
