@@ -210,6 +210,7 @@ def create_api_app(service: Any) -> FastAPI:
         if name not in service.runner.checkers:
             raise HTTPException(404, f"no checker named {name!r}; known: {', '.join(service.runner.checkers)}")
         result = service.runner.run_check(name)
+        service.metrics.refresh()
         if result is None:
             raise HTTPException(409, f"another replica holds the lease for {name!r}; its latest result is at "
                                      f"GET /api/v1/checks")

@@ -18,6 +18,8 @@ import zsmon
 from zsmon.core.store import ResultStore
 
 CHECK_STATUSES = ("pass", "fail", "error")
+# Accept headers of the two formats Prometheus negotiates: classic text and OpenMetrics.
+_FORMATS = ("text/plain", "application/openmetrics-text; version=1.0.0")
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -113,6 +115,7 @@ class Metrics:
             self.job_skipped.labels(job)
         for collector in collector_names:  # errors at 0 from the start, so rate() works before the first failure
             self.collector_errors.labels(collector)
+        self._rendered: dict[str, bytes] = {}
         self.families = CachedFamilies()
         r.register(ResultsCollector(store))
         r.register(self.families)
@@ -121,6 +124,19 @@ class Metrics:
         self.check_runs.labels(result.checker, result.status).inc()
         self.check_duration.labels(result.checker).observe(result.duration_seconds)
 
+    def refresh(self) -> None:
+        """Render both exposition formats now, off the scrape path.
+
+        Every metric changes inside a scheduler job or a published result, and both
+        call this when they finish; a scrape then returns ready bytes.
+        """
+        rendered = {}
+        for accept in _FORMATS:
+            encoder, content_type = choose_encoder(accept)
+            rendered[content_type] = encoder(self.registry)
+        self._rendered = rendered
+
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        cached = self._rendered.get(content_type)
+        return (cached if cached is not None else encoder(self.registry)), content_type

@@ -60,6 +60,8 @@ class Scheduler:
             log.error("job_failed", job=job, error=f"{type(event.exception).__name__}: {event.exception}")
         elif event.code == EVENT_JOB_MAX_INSTANCES:
             m.job_skipped.labels(job).inc()
+        if event.code != EVENT_JOB_SUBMITTED:
+            m.refresh()  # a job changed metrics: render /metrics now, not on the next scrape
 
     def run_now(self, job_id: str) -> None:
         """Bring a job's next run forward to now (e.g. a replica that just took over its lease)."""
