@@ -6,14 +6,13 @@ Two views, as a person would meet them:
 - an operator who signs in: chromium driven through its DevTools protocol over
   ``--remote-debugging-pipe`` (no extra package, no port) opens ``/login``, types the
   token into the form and submits it, exactly as by hand; the page it lands on shows
-  the planted violation's entity. The status page has no ``?token=`` shortcut, so the
+  the planted violation's entity (a payment channel whose money does not add up). The status page has no ``?token=`` shortcut, so the
   login form is the only way in, and the test goes through it.
 Screenshots are saved under ``artifacts/`` (git-ignored) as test artifacts.
 """
 from __future__ import annotations
 
 import base64
-import contextlib
 import fcntl
 import json
 import os
@@ -23,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from zsmon.testing import LOCAL_HTTP, running_service, wait_for
@@ -31,22 +29,18 @@ from zsmon.testing import LOCAL_HTTP, running_service, wait_for
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 TOKEN = "browser-token-91c2"
-PLANTED_ENTITY = "reputation_events.score_delta"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (.ci/run installs it)")
 
 
-@contextlib.contextmanager
-def renamed_column(db_url: str):
-    """The planted fault: a column the schema checker requires, renamed away (restored afterwards)."""
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("ALTER TABLE reputation_events RENAME COLUMN score_delta TO score_delta_gone")
-        try:
-            yield
-        finally:
-            conn.execute("ALTER TABLE reputation_events RENAME COLUMN score_delta_gone TO score_delta")
+def plant_payment_fault(writer) -> str:
+    """A consistent payment world made by the simulator, then money from nowhere on one channel."""
+    from zsmon.demo.simulator.payments import PaymentSimulator, inject_fault
+
+    PaymentSimulator(writer, seed=3).run(200)
+    return inject_fault(writer, "money_from_nowhere")
 
 
 def chromium_cli(*args: str, timeout: float = 60) -> str:
@@ -124,20 +118,21 @@ class DevTools:
             shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def test_status_page_in_chromium(make_config, db_url):
+def test_status_page_in_chromium(make_config, writer):
     ARTIFACTS.mkdir(exist_ok=True)
     cfg = make_config(http={**LOCAL_HTTP, "admin_token": TOKEN}, scheduler={"health_interval_seconds": 0.5},
-                      checkers={"schema": {"interval_seconds": 0.5}})
-    with running_service(cfg) as svc, renamed_column(db_url):
+                      checkers={"payments": {"interval_seconds": 0.5}})
+    channel = plant_payment_fault(writer)
+    with running_service(cfg) as svc:
         url = svc.url("api", "/")
-        wait_for(lambda: "required_columns_present" in str([r.violation_counts for r in svc.service.latest_results()
-                                                            if r.status == "fail"]), timeout=20)
+        wait_for(lambda: any(r.checker == "payments" and r.violation_counts.get("channel_conservation")
+                             for r in svc.service.latest_results()), timeout=20)
 
         # A passer-by: the failing checker and its count, never the entity.
         dom = chromium_cli("--dump-dom", url)
-        assert 'id="checker-schema"' in dom and '<span class="badge fail">fail</span>' in dom
-        assert "required_columns_present</code>: 1" in dom
-        assert PLANTED_ENTITY not in dom and "Sign in for violation details" in dom
+        assert 'id="checker-payments"' in dom and '<span class="badge fail">fail</span>' in dom
+        assert "channel_conservation</code>: 1" in dom
+        assert channel not in dom and "Sign in for violation details" in dom
         shot = ARTIFACTS / "status-page-anonymous.png"
         shot.unlink(missing_ok=True)
         chromium_cli(f"--screenshot={shot}", "--window-size=1100,900", url)
@@ -154,8 +149,8 @@ def test_status_page_in_chromium(make_config, db_url):
                                           "&& document.body.innerText.includes('Sign out')"), timeout=15)
             text = browser.eval("document.body.innerText")
             html = browser.eval("document.documentElement.outerHTML")
-            assert f"column {PLANTED_ENTITY}" in text and "present" in text and "missing" in text
-            assert f'<td data-label="entity" class="entity">column {PLANTED_ENTITY}</td>' in html
+            assert f"channel {channel}" in text and "channel_conservation" in text
+            assert f'<td data-label="entity" class="entity">channel {channel}</td>' in html
             # The session cookie is HttpOnly: the page's scripts cannot read it.
             assert "zsmon_status" not in browser.eval("document.cookie")
             # Readable on a phone: nothing wider than the viewport but the scrollable violations table.

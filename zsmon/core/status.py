@@ -132,6 +132,8 @@ def _view(service: Any, details: bool, links: list[dict[str, str]]) -> dict[str,
             "error": r.error if details and r is not None and r.error else "",
             "runbook": getattr(checker, "runbook_url", None) or runbook_url(http.runbook_base_url, name),
         })
+    # Break-glass order: what is failing or cannot run comes first.
+    rows.sort(key=lambda c: ({"fail": 0, "error": 1, "pending": 2}.get(c["status"], 3), c["name"]))
     reasons = service.readiness()
     return {
         "version": zsmon.__version__,
