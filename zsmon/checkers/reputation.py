@@ -21,6 +21,18 @@ How each invariant is judged:
   and a ``GROUP BY``: exact ``numeric`` arithmetic, no per-agent query, no
   recursion, no rows pulled into Python. The tests compare it with a literal
   step-by-step replay on random paths that hit both bounds.
+* Settle window: a run that lands between the platform's score update and its
+  event insert sees the agent's counters one task ahead of its events and a
+  score that does not replay, although nothing is wrong. Such an agent is not
+  judged for ``event_counter_reconciliation`` and ``score_replay`` in this run
+  when its ``updated_at`` or its latest task event is within ``settle_seconds``
+  of the snapshot time *and* its disagreement has the in-between shape
+  (counters ahead of the events, never behind). A crash leaves the pair out of
+  step for good, so it is reported once the agent's last write is older than the
+  window; anything else (events without an update, a score that differs with
+  counters in step) is judged at once. The deferred agents are counted in the
+  summary: deferred, not passed. The same pass decides it (the latest task
+  event per agent is one more aggregate), so the window costs nothing.
 * ``score_delta_range`` is one scan of the events.
 * ``score_jump`` streams ``(agent_did, overall_score)`` through a server-side
   cursor and compares each batch with the previous observation in one Redis
@@ -50,6 +62,7 @@ from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
 import redis
+from psycopg import sql as pgsql
 from pydantic import Field
 
 from zsmon.checkers.base import Checker, CheckContext, CheckerSettings, Invariant
@@ -138,6 +151,12 @@ class ReputationSettings(CheckerSettings):
         "(2 + 2 for a high rating + 1 for a fast response)."))
     delta_failed: Decimal = Field(Decimal(-5), description=(
         "score_delta_range: the score_delta every task_failed event carries."))
+    settle_seconds: float = Field(60.0, ge=0, description=(
+        "event_counter_reconciliation and score_replay: an agent whose counters are ahead of its task events "
+        "(a score update whose event is not written yet) and whose updated_at or latest task event is this "
+        "recent (seconds before the snapshot) is not judged in this run, since the platform may be between "
+        "its two writes; a crash that leaves them so is reported once older. Counted as deferred in the "
+        "summary. 0 judges every agent at once."))
 
 
 # One pass over the scores and a per-agent aggregate of the task events; the
@@ -150,7 +169,7 @@ WITH task_events AS (
     FROM reputation_events
     WHERE event_type IN ('task_completed', 'task_failed')
 ), with_suffix AS (
-    SELECT agent_did, event_type, score_delta, path,
+    SELECT agent_did, event_type, score_delta, created_at, path,
            min(path) OVER (PARTITION BY agent_did ORDER BY created_at DESC, id DESC
                            ROWS UNBOUNDED PRECEDING) AS suffix_min
     FROM task_events
@@ -161,7 +180,8 @@ WITH task_events AS (
            count(*) AS task_events,
            50 + sum(score_delta)
              - greatest(least(0, min(path)), max(least(path - 100, suffix_min))) AS replayed_score,
-           50 + sum(score_delta) AS unclamped_score
+           50 + sum(score_delta) AS unclamped_score,
+           max(created_at) AS last_event_at
     FROM with_suffix
     GROUP BY agent_did
 ), agents AS (
@@ -173,7 +193,16 @@ WITH task_events AS (
            coalesce(r.failed_events, 0) AS failed_events,
            coalesce(r.task_events, 0) AS task_events,
            coalesce(r.replayed_score, 50) AS replayed_score,
-           coalesce(r.unclamped_score, 50) AS unclamped_score
+           coalesce(r.unclamped_score, 50) AS unclamped_score,
+           -- Settle window (module doc): written lately, and the counters ahead of the task events as
+           -- between the score update and its event insert (never behind them, never without a row).
+           (%(settle)s > 0 AND s.agent_did IS NOT NULL
+            AND s.successful_tasks >= coalesce(r.completed_events, 0)
+            AND s.failed_tasks >= coalesce(r.failed_events, 0)
+            AND s.successful_tasks + s.failed_tasks > coalesce(r.task_events, 0)
+            AND (s.updated_at >= transaction_timestamp() - make_interval(secs => %(settle)s)
+                 OR r.last_event_at >= transaction_timestamp() - make_interval(secs => %(settle)s)))
+             IS TRUE AS settling
     FROM reputation_scores s
     FULL OUTER JOIN replayed r ON r.agent_did = s.agent_did
 )
@@ -227,8 +256,9 @@ SELECT 'event_counter_reconciliation', 'agent', a.agent_did,
                  || ' task_completed events; failed_tasks = ' || a.failed_tasks || ' vs '
                  || a.failed_events || ' task_failed events' END
 FROM agents a
-WHERE NOT a.has_row
-   OR a.successful_tasks <> a.completed_events OR a.failed_tasks <> a.failed_events
+WHERE (NOT a.has_row
+       OR a.successful_tasks <> a.completed_events OR a.failed_tasks <> a.failed_events)
+  AND NOT a.settling
 
 UNION ALL
 SELECT 'score_replay', 'agent', a.agent_did,
@@ -242,7 +272,29 @@ SELECT 'score_replay', 'agent', a.agent_did,
                  || CASE WHEN a.unclamped_score <> a.replayed_score
                          THEN ' (unclamped sum ' || a.unclamped_score || ')' ELSE '' END END
 FROM agents a
-WHERE NOT a.has_row OR a.overall_score <> a.replayed_score
+WHERE (NOT a.has_row OR a.overall_score <> a.replayed_score)
+  AND NOT a.settling
+
+UNION ALL
+SELECT '_deferred', 'agent', a.agent_did,
+       a.task_events::text, (a.successful_tasks + a.failed_tasks)::text,
+       (a.successful_tasks + a.failed_tasks - a.task_events)::numeric,
+       'deferred: ' || (a.successful_tasks + a.failed_tasks - a.task_events) || ' task(s) counted without an event'
+FROM agents a
+WHERE a.settling
+"""
+
+# find_many's wrap (the core's), kept here because the pass also yields the deferred agents
+# ('_deferred', not an invariant): per invariant, the total and the largest |difference| rows.
+_WRAP = """
+SELECT invariant, entity_type, entity_id, expected, actual, difference, detail, total
+FROM (
+    SELECT v.*, count(*) OVER (PARTITION BY v.invariant) AS total,
+           row_number() OVER (PARTITION BY v.invariant
+                              ORDER BY abs(v.difference) DESC NULLS LAST, v.entity_id) AS rn
+    FROM ({inner}) AS v
+) AS ranked
+WHERE rn <= {limit}
 """
 
 _DELTA_RANGE = """
@@ -264,6 +316,8 @@ WHERE (e.event_type = 'task_failed' AND e.score_delta <> %(failed)s)
 """
 
 _AGENT_INVARIANTS = ("score_bounds", "task_counters", "event_counter_reconciliation", "score_replay")
+
+_SETTLED_INVARIANTS = ("event_counter_reconciliation", "score_replay")
 
 _SUMMARY = {
     "score_bounds": "{n} of {agents} agents have a score outside [0, 100]",
@@ -338,12 +392,15 @@ class ReputationChecker(Checker):
     # ---- run -------------------------------------------------------------------
     def run(self, ctx: CheckContext) -> None:
         s: ReputationSettings = ctx.settings  # type: ignore[assignment]
-        counts = ctx.find_many(_AGENT_PASS, invariants=_AGENT_INVARIANTS)
-        if any(counts.values()):
+        counts, deferred, example = self._agent_pass(ctx, s)
+        if any(counts.values()) or deferred:
             agents = ctx.scalar("SELECT count(*) FROM reputation_scores")
             for inv, n in counts.items():
-                if n:
-                    ctx.summarize(inv, _SUMMARY[inv].format(n=n, agents=agents))
+                text = [_SUMMARY[inv].format(n=n, agents=agents)] if n else []
+                if deferred and inv in _SETTLED_INVARIANTS:
+                    text.append(self._deferred_text(deferred, example, agents, s.settle_seconds))
+                if text:
+                    ctx.summarize(inv, "; ".join(text))
         ctx.find("score_delta_range", _DELTA_RANGE,
                  {"failed": s.delta_failed, "cmin": s.delta_completed_min, "cmax": s.delta_completed_max})
         if ctx.redis is None:
@@ -357,6 +414,34 @@ class ReputationChecker(Checker):
                 ctx.skip(inv, f"needs memory across runs: {redis_error(exc)}")
                 if inv == "distribution_drift":
                     ctx.after_success(lambda: self._set_ks(None))
+
+    def _agent_pass(self, ctx: CheckContext, s: ReputationSettings) -> tuple[dict[str, int], int, str | None]:
+        """Judge the four per-agent invariants in one pass (what ``find_many`` does), and count the agents
+        the settle window deferred. Returns (counts per invariant, deferred agents, one deferred agent)."""
+        wrapped = pgsql.SQL(_WRAP).format(inner=pgsql.SQL(_AGENT_PASS), limit=pgsql.Literal(ctx.sample_limit))
+        totals = {inv: 0 for inv in _AGENT_INVARIANTS}
+        samples: dict[str, list[Violation]] = {inv: [] for inv in _AGENT_INVARIANTS}
+        deferred, example = 0, None
+        for r in ctx.query(wrapped, {"settle": s.settle_seconds}):
+            if r["invariant"] == "_deferred":
+                deferred = int(r["total"])
+                example = example if example is not None and example <= r["entity_id"] else r["entity_id"]
+                continue
+            inv = r["invariant"]
+            totals[inv] = int(r["total"])
+            samples[inv].append(Violation(inv, r["entity_type"], r["entity_id"], r["expected"], r["actual"],
+                                          r["difference"], r["detail"] or ""))
+        for inv in _AGENT_INVARIANTS:
+            ctx.report(inv, samples[inv], totals[inv])
+        return totals, deferred, example
+
+    @staticmethod
+    def _deferred_text(n: int, example: str | None, agents: int, settle: float) -> str:
+        example = f" (e.g. {example})" if example else ""
+        return (f"{n} of {agents} agents deferred, not judged in this run{example}: their counters are ahead of "
+                f"their task events and they were written in the last {settle:g} s (settle_seconds), as between "
+                f"the platform's score update and its event insert; a crash that leaves them so is reported once "
+                f"their last write is older")
 
     # ---- score_jump --------------------------------------------------------------
     def _judge_jump(self, ctx: CheckContext, s: ReputationSettings) -> None:
