@@ -232,3 +232,30 @@ def test_a_paused_leader_gives_way_and_stops_exporting(tmp_path, db_url, private
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_replica_keeps_checking_while_redis_is_down_then_resumes_leases(make_config, private_redis):
+    from zsmon.testing import LOCAL_HTTP, running_service
+
+    cfg = make_config(env=private_redis.env(), http=LOCAL_HTTP, ha={"enabled": True, "lease_seconds": 0.6},
+                      scheduler={"health_interval_seconds": 0.5},
+                      checkers={n: {"enabled": n == "schema", "interval_seconds": 0.5} for n in checker_classes()})
+    cfg.redis.socket_timeout_seconds = 0.3
+    with running_service(cfg) as svc:
+        def scrape():
+            return requests.get(svc.url("metrics", "/metrics"), timeout=5).text
+
+        def runs():
+            return metric(scrape(), "zerostate_invariant_check_runs_total", checker="schema", status="pass") or 0
+
+        wait_for(lambda: metric(scrape(), "zsmon_ha_leader", scheduler_job="check:schema") == 1)
+        private_redis.stop()
+        wait_for(lambda: metric(scrape(), "zsmon_ha_degraded") == 1, timeout=10)
+        before = runs()
+        wait_for(lambda: runs() >= before + 2, timeout=10)  # run_locally: no blind spot
+        assert 'zerostate_invariant_violations{checker="schema"' in scrape()
+        private_redis.start()
+        wait_for(lambda: metric(scrape(), "zsmon_ha_degraded") == 0, timeout=10)
+        wait_for(lambda: private_redis.client().get(f"{cfg.redis.key_prefix}ha:lease:check:schema"), timeout=10)
+        before = runs()
+        wait_for(lambda: runs() >= before + 2, timeout=10)
