@@ -249,7 +249,11 @@ def build_model(config: Config, checker_classes: dict[str, type] | None = None,
         if not cfg.enabled:
             continue
         interval = float(cfg.interval_seconds or cls.default_interval_seconds)
-        stale = int(math.ceil(max(r.staleness_factor * interval, 2 * r.scrape_interval_seconds)))
+        # A run may legitimately last up to its statement_timeout (a full sweep on a large
+        # database): stale only once that, an interval and two scrapes have passed too.
+        timeout = float(cfg.statement_timeout_seconds or config.database.statement_timeout_seconds)
+        stale = int(math.ceil(max(r.staleness_factor * interval, 2 * r.scrape_interval_seconds,
+                                  interval + timeout + 2 * r.scrape_interval_seconds)))
         failing_for = int(math.ceil(max(1.5 * interval, 60)))
         own = getattr(cls, "runbook_url", None) or None
         invs = []
