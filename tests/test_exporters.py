@@ -9,17 +9,14 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import psycopg
 import pytest
-import redis
 import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,20 +28,14 @@ from zsmon.core.redis import make_redis
 from zsmon.core.service import Service, build_exporters, build_runner
 from zsmon.exporters.api_probe import ApiProbeExporter, ApiProbeSettings, target_label
 from zsmon.exporters.base import CollectContext
+from zsmon.testing import free_port, wait_for
 
 HTTP = {"metrics_listen": "127.0.0.1:0", "api_listen": "127.0.0.1:0"}
 PG_BIN = os.environ.get("ZSMON_PG_BIN", "/usr/lib/postgresql/15/bin")
-REDIS_SERVER = os.environ.get("ZSMON_REDIS_SERVER", "/usr/bin/redis-server")
 PROMTOOL = os.environ.get("ZSMON_PROMTOOL", "/usr/bin/promtool")
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def samples(text: str) -> dict[tuple[str, tuple], float]:
     """Exposition text -> {(sample name, sorted labels): value}."""
     out = {}
@@ -60,17 +51,6 @@ def value(found: dict, name: str, **labels: str) -> float | None:
 
 def names(found: dict, prefix: str) -> set[str]:
     return {name for name, _ in found if name.startswith(prefix)}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def exposition(families: list) -> str:
@@ -170,39 +150,6 @@ def cluster() -> Iterator[tuple[PrivateCluster, PrivateCluster]]:
             replica.stop()
         primary.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-class PrivateRedis:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        wait_for(lambda: _pings(client), timeout=10, interval=0.05)
-        self.client = client
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-        self.client.close()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -414,7 +361,7 @@ def test_postgres_down_serves_up_zero(make_config):
 
 # ---- redis ---------------------------------------------------------------------------------
 def test_redis_families_then_redis_stopped(make_config, private_redis):
-    client = private_redis.client
+    client = private_redis.client()
     client.mset({f"ratelimit:user:{i}": 1 for i in range(25)})
     client.mset({f"other:{i}": 1 for i in range(40)})
     client.set("rate[x]:1", 1)  # glob characters in a prefix are literal
@@ -451,7 +398,7 @@ def test_redis_families_then_redis_stopped(make_config, private_redis):
 
 
 def test_redis_ratelimit_count_is_bounded(make_config, private_redis):
-    private_redis.client.mset({f"rl:{i}": 1 for i in range(500)})
+    private_redis.client().mset({f"rl:{i}": 1 for i in range(500)})
     cfg = make_config(env={"REDIS_PORT": str(private_redis.port)},
                       exporters={"redis": {"settings": {"ratelimit_prefix": "rl:", "ratelimit_max_keys": 100,
                                                         "ratelimit_scan_count": 50}}})

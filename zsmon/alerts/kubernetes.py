@@ -277,37 +277,6 @@ def kubernetes_files(config: Config, files: dict[str, str] | None = None) -> dic
 
 def render_kubernetes(config: Config, out: Path) -> list[Path]:
     """Write the manifests into ``out``, replacing it whole (as ``render_all`` does for the file output)."""
-    import os
-    import shutil
-    import tempfile
+    from zsmon.alerts.render import write_tree
 
-    from zsmon.alerts.render import MARKER, _check_target
-
-    files = kubernetes_files(config)
-    out = Path(out)
-    _check_target(out)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as exc:
-        raise ConfigError(f"render --out {out}: cannot create files in {parent}: {exc.strerror}") from None
-    old: Path | None = None
-    try:
-        os.chmod(tmp, 0o755)
-        for rel, text in files.items():
-            (tmp / rel).write_text(text, encoding="utf-8")
-        (tmp / MARKER).write_text("Written by `zsmon render`: this directory is replaced on every render.\n",
-                                  encoding="utf-8")
-        if out.exists():
-            old = parent / f".{out.name}.{os.getpid()}.old"
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.rename(old, out)
-        raise ConfigError(f"render --out {out}: cannot write: {exc.strerror}") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return [out / rel for rel in sorted(files)]
+    return write_tree(kubernetes_files(config), out)

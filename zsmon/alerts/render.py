@@ -127,7 +127,12 @@ def generated_runbooks(model: Model) -> dict[str, str]:
 
 def render_all(config: Config, out: Path) -> list[Path]:
     """Render everything into ``out`` atomically; returns the written paths. User mistakes raise ConfigError."""
-    files = render_files(config)
+    return write_tree(render_files(config), out)
+
+
+def write_tree(files: dict[str, str], out: Path) -> list[Path]:
+    """Write ``files`` (relative path -> text) as the whole of ``out``: into a temporary directory
+    beside it, then renamed into place, so nothing is ever half-written."""
     out = Path(os.path.abspath(out))  # "." or "dir/" have no usable name or parent otherwise
     _check_target(out)
     parent = out.parent
