@@ -122,6 +122,9 @@ class RedisCoordinator:
         self.on_redis_down = on_redis_down
         self.store = store
         self.on_acquired = on_acquired
+        # Called when what this replica exports changes (a lease taken or lost, Redis lost or back):
+        # the service re-renders /metrics, which is otherwise rendered only after jobs.
+        self.on_change: Callable[[], None] | None = None
         self.tick_seconds = max(0.1, lease_seconds / 3)
         self._lock = threading.Lock()
         self._held: dict[str, tuple[str, float]] = {}  # job -> (lease value, valid until, monotonic)
@@ -151,14 +154,25 @@ class RedisCoordinator:
                     else "this replica runs nothing until it is back (ha.on_redis_down: stand_by)")
             log.error("ha_degraded", error=reason, policy=self.on_redis_down,
                       detail=f"leases unavailable: {what}")
+        changed = self._degraded is None or bool(self._held)
         self._degraded = reason
         with self._lock:
             self._held.clear()
+        if changed:
+            self._changed()
 
     def _redis_ok(self) -> None:
         if self._degraded is not None:
             log.warning("ha_restored", detail="Redis answers again: leases resume")
-        self._degraded = None
+            self._degraded = None
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:
+                log.exception("ha_on_change_failed")
 
     @property
     def degraded(self) -> bool:
@@ -181,13 +195,16 @@ class RedisCoordinator:
         self._redis_ok()
         if value.split("|", 1)[0] != self.identity:
             with self._lock:
-                self._held.pop(job, None)
+                lost = self._held.pop(job, None) is not None
+            if lost:
+                self._changed()
             return None
         with self._lock:
             new = job not in self._held
             self._held[job] = (value, sent + self.lease_seconds * 0.9)
         if new:
             log.info("ha_lease_acquired", job=job, fence=int(value.rsplit("|", 1)[1]), identity=self.identity)
+            self._changed()
         return value
 
     def still_leader(self, job: str, token: Any) -> bool:
@@ -215,6 +232,7 @@ class RedisCoordinator:
             with self._lock:
                 self._held.pop(job, None)
             log.warning("ha_lease_lost", job=job, detail="result discarded: another replica holds the lease")
+            self._changed()
         return ok
 
     def leads(self, job: str) -> bool:
@@ -280,6 +298,7 @@ class RedisCoordinator:
                     with self._lock:
                         self._held.pop(job, None)
                     log.warning("ha_lease_lost", job=job, detail="lease expired or taken over (paused?)")
+                    self._changed()
                 if self.acquire(job) and job not in held and self.on_acquired is not None:
                     try:
                         self.on_acquired(job)

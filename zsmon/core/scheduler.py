@@ -33,6 +33,7 @@ class Scheduler:
         self._sched.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR
                                  | EVENT_JOB_MAX_INSTANCES)
         self.intervals: dict[str, float] = {}
+        self._running: set[str] = set()
 
     def add(self, job_id: str, fn: Callable[[], Any], interval_seconds: float, *, executor: str = "default",
             first_run_delay: float = 0.0) -> None:
@@ -44,6 +45,10 @@ class Scheduler:
         )
 
     def _on_event(self, event: Any) -> None:
+        if event.code == EVENT_JOB_SUBMITTED:
+            self._running.add(event.job_id)
+        elif event.code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR):
+            self._running.discard(event.job_id)
         m = self.metrics
         if m is None:
             return
@@ -65,6 +70,8 @@ class Scheduler:
 
     def run_now(self, job_id: str) -> None:
         """Bring a job's next run forward to now (e.g. a replica that just took over its lease)."""
+        if job_id in self._running:  # it is running now: a second run would only be skipped
+            return
         if self._sched.running and self._sched.get_job(job_id) is not None:
             self._sched.modify_job(job_id, next_run_time=datetime.now(timezone.utc))
 

@@ -107,6 +107,8 @@ class Service:
         if self.coordinator is not None:
             from zsmon.core.ha import LeasedFamilies
 
+            self.coordinator.on_change = self.metrics.refresh
+
             registry = self.metrics.registry
             registry.unregister(self.metrics.families)
             self.metrics.families = LeasedFamilies(self.coordinator.leads)
