@@ -194,9 +194,12 @@ class PrivatePostgres:
         """SIGSTOP the whole server, as a frozen VM: TCP still connects, nothing answers."""
         import signal
 
-        self._paused = self.pids()
+        self._paused = self.pids()  # the postmaster first: once stopped it forks nothing new
         for pid in self._paused:
-            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:  # a backend that was just exiting (a closed connection)
+                pass
 
     def resume(self) -> None:
         import signal
