@@ -127,7 +127,7 @@ class RedisCoordinator:
         self.on_change: Callable[[], None] | None = None
         self.tick_seconds = max(0.1, lease_seconds / 3)
         self._lock = threading.Lock()
-        self._held: dict[str, tuple[str, float]] = {}  # job -> (lease value, valid until, monotonic)
+        self._held: dict[str, tuple[str, float]] = {}  # job -> (lease value, valid until on the monotonic clock)
         self._jobs: set[str] = set()
         self._degraded: str | None = None  # the reason, while Redis does not answer
         self._stop = threading.Event()
