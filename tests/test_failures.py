@@ -251,12 +251,19 @@ def test_slow_and_killed_runs_in_the_service_show_in_metrics_and_recover(make_co
         text = scrape(svc)
         assert metric(text, "zerostate_invariant_check_up", checker="slow") == 0
         assert metric(text, "zerostate_invariant_check_runs_total", checker="slow", status="error") >= 1
-        # A slow checker is that checker's problem: the database answers, so the replica stays ready.
+        # Slow beyond statement_timeout: /ready says so while it lasts (issue 9) ...
+        not_ready = ready(svc)
+        assert not_ready.status_code == 503
+        assert any(r.startswith("checker slow: ") and "statement_timeout" in r for r in not_ready.json()["reasons"])
+        # ... unless the operator keeps the replica in service through checker errors.
+        svc.service.config.http.ready_requires_checks = False
         assert ready(svc).status_code == 200
+        svc.service.config.http.ready_requires_checks = True
         assert latest(svc, "schema")["status"] == "pass"
         slow.sleep = 0
         wait_for(lambda: latest(svc, "slow").get("status") == "pass", timeout=5)
         assert metric(scrape(svc), "zerostate_invariant_check_up", checker="slow") == 1
+        assert ready(svc).status_code == 200
 
 
 # ---- Redis -----------------------------------------------------------------------------------

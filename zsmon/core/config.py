@@ -87,6 +87,9 @@ class HttpConfig(_Strict):
     max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies get 413.")
     rate_limit_per_minute: int | None = Field(None, ge=1, description="Requests per minute per client on /api and "
                                               "/admin (unset: no limit).")
+    ready_requires_checks: bool = Field(True, description="/ready is 503 while a checker's latest run failed "
+                                        "because of the database (unreachable, statement_timeout, killed, "
+                                        "unresponsive); false keeps the replica in service through such errors.")
     grafana_url: str | None = Field(None, description="Base URL of Grafana, for links from the status page.")
     runbook_base_url: str = Field("https://github.com/zerostate/zsmon/blob/main/docs/runbooks",
                                   description="Base URL of the runbooks linked from alerts and the status page.")

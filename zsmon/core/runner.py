@@ -62,6 +62,7 @@ class Runner:
         self.metrics = metrics
         self.coordinator = coordinator or LocalCoordinator()
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self.database_errors: dict[str, str] = {}
 
     # ---- checkers ------------------------------------------------------------
     def choose_mode(self, name: str) -> str:
@@ -97,7 +98,7 @@ class Runner:
         if redis is None and mode == "incremental":
             mode = "full"  # watermarks live in Redis: without it, sweep everything
         ctx: CheckContext | None = None
-        error = None
+        error = db_error = None
         try:
             with self.db.snapshot(cfg.statement_timeout_seconds) as conn:
                 ctx = CheckContext(checker, conn, mode=mode, sample_limit=self.config.checks.sample_limit,
@@ -106,13 +107,20 @@ class Runner:
                 ctx.redis_reason = redis_reason  # type: ignore[attr-defined]
                 checker.run(ctx)
         except DatabaseUnavailable as exc:
-            error = str(exc)
+            error = db_error = str(exc)
+        except psycopg.OperationalError as exc:  # timeout, killed backend, unresponsive server
+            error = db_error = explain(exc)
         except psycopg.Error as exc:
             error = explain(exc)
         except Exception as exc:  # a bug in a checker is an error result, not a dead scheduler
             error = f"checker raised {type(exc).__name__}: {redactor.scrub(str(exc))}"
             log.exception("checker_crashed", checker=checker.name)
         duration = time.perf_counter() - t0
+        # What /ready reports while it lasts: the database failed this checker (not the checker's own bug).
+        if db_error is not None:
+            self.database_errors[checker.name] = db_error
+        else:
+            self.database_errors.pop(checker.name, None)
         if error is not None or ctx is None:
             log.warning("check_error", checker=checker.name, error=error)
             return CheckResult(checker.name, "error", mode, duration, error=error or "checker did not run",

@@ -172,6 +172,8 @@ class Service:
             reasons.append(self._db_reason)
         elif time.time() - self._health_at > stale_after:
             reasons.append(f"database health unknown: no probe for {stale_after:g}s")
+        if self.config.http.ready_requires_checks:
+            reasons += [f"checker {name}: {why}" for name, why in sorted(self.runner.database_errors.items())]
         return reasons
 
     # ---- jobs -----------------------------------------------------------------
