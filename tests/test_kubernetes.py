@@ -274,3 +274,16 @@ def test_secrets_and_database_url(make_config):
     assert env["REDIS_HOST"]["value"] == ""  # Redis off, as REDIS_HOST="" means to zsmon
     for obj in kubernetes_objects(config, files={}):
         validate(obj)
+
+
+def test_several_replicas_turn_on_ha_with_the_pod_name_as_identity(make_config):
+    def env_of(config):
+        (dep,) = [o for o in kubernetes_objects(config, files={}) if o["kind"] == "Deployment"]
+        return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}, dep
+
+    single, _ = env_of(make_config(kubernetes={"dashboard_folder": None}))
+    assert "ZSMON_HA_ENABLED" not in single
+    env, dep = env_of(make_config(kubernetes={"dashboard_folder": None, "replicas": 3}))
+    assert dep["spec"]["replicas"] == 3 and env["ZSMON_HA_ENABLED"]["value"] == "true"
+    assert env["ZSMON_HA_IDENTITY"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    validate(dep)

@@ -174,6 +174,10 @@ class _Builder:
                 {"name": "LOG_FORMAT", "value": "json"}]
         if with_checkers:
             env.append({"name": "ZSMON_CHECKERS_PATH", "value": CHECKERS_MOUNT})
+        if self.k.replicas > 1 or c.ha.enabled:
+            # Several replicas share each check through Redis leases; the pod name tells them apart.
+            env += [{"name": "ZSMON_HA_ENABLED", "value": "true"},
+                    {"name": "ZSMON_HA_IDENTITY", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
         for key, optional in SECRET_ENV:
             if key == "DB_PASSWORD" and c.database.url is not None:
                 continue
