@@ -106,6 +106,33 @@ def test_demo_finds_a_violation_and_leaves_nothing_running():
     assert not Path(base).exists()
 
 
+def test_no_faults_reports_nothing():
+    """Without faults every checker passes and judges every invariant: the warm-up gives the drift baseline a
+    settled population and the auctions window enough history, and the agents keep sending heartbeats."""
+    demo = Demo("--no-faults", "--duration", "20", "--seed", "1")
+    token = demo.wait_for(r"\n\s*admin token\s+(\S+)", 40).group(1)
+    api = demo.wait_for(r"status page\s+(http://\S+/)", 1).group(1)
+    assert re.search(r"warm-up: reputation \d+ steps of history", demo.text), demo.text
+    checks: dict = {}
+    deadline = time.monotonic() + 18
+    while time.monotonic() < deadline:  # until distribution_drift was judged against the baseline
+        reply = requests.get(f"{api}api/v1/checks", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert reply.status_code == 200, (reply.status_code, reply.text)
+        body = reply.json()
+        checks = {c["checker"]: c for c in body["checks"]}
+        if "distribution_drift" in checks.get("reputation", {}).get("violation_counts", {}):
+            break
+        time.sleep(0.5)
+    assert {"auctions", "payments", "reputation", "schema"} <= set(checks), checks
+    for name, check in checks.items():
+        assert check["status"] == "pass" and not check["skipped"], check
+        assert not any(check["violation_counts"].values()), check
+    assert "KS statistic" in checks["reputation"]["summaries"]["distribution_drift"]
+    assert demo.finish(60) == 0, demo.text
+    assert "VIOLATION" not in demo.text and "FAULT" not in demo.text, demo.text
+    assert re.search(r"summary: 0 faults planted, 0 violations found", demo.text), demo.text
+
+
 def test_ctrl_c_stops_everything():
     demo = Demo("--seed", "2", "--no-faults")
     demo.wait_for(r"Ctrl-C stops it", 30)

