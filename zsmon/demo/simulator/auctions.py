@@ -368,10 +368,12 @@ class AuctionSimulator:
         return self._insert_bid(aid, self.agents[2], _money(50), self._score(0), None)
 
     def inject_stuck_open_auction(self) -> str:
+        # Expired two hours ago: stale, and outside the allocation window, so this one stuck
+        # auction cannot also tip allocation_success_rate (which counts stale ones as ended).
         now = self._db_now()
         aid = self.create_auction("first_price", max_price=100, duration_seconds=60,
-                                  at=now - timedelta(minutes=20), track=False)
-        self.place_bid(aid, self.agents[0], 50, at=now - timedelta(minutes=20) + timedelta(seconds=5))
+                                  at=now - timedelta(hours=2), track=False)
+        self.place_bid(aid, self.agents[0], 50, at=now - timedelta(hours=2) + timedelta(seconds=5))
         return aid
 
     def inject_awarded_without_channel(self) -> str:
