@@ -323,7 +323,7 @@ def run_bench(dsn: str, repeat: int) -> None:
     print(f"  bare GROUP BY scan seconds (server defaults) {bare_default:8.2f}   ratio full/bare {full / bare_default:5.2f}"
           f"  (target <= 1.5)")
     print(f"  bare GROUP BY scan seconds (sweep settings)  {bare_tuned:8.2f}   ratio full/bare {full / bare_tuned:5.2f}")
-    print(f"  incremental seconds after 10k ledger rows,")
+    print("  incremental seconds after 10k ledger rows,")
     print(f"    2,500 new auction channels run to close   {inc_new:8.3f}   {100 * inc_new / full:5.2f}% of full  (target <= 2%)")
     print(f"    5,000 tasks on random old channels         {inc_old:8.3f}   {100 * inc_old / full:5.2f}% of full")
     print(f"  peak RSS of the checker process (MB)        {rss:8.1f}   (target <= 150)")

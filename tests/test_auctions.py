@@ -157,7 +157,7 @@ def test_incremental_without_state_falls_back_to_full(writer, run_check, make_co
 
 
 def test_exporter_families(writer, make_config):
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
     from zsmon.core.metrics import Metrics

@@ -25,7 +25,6 @@ import os
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest

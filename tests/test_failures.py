@@ -13,7 +13,6 @@ import threading
 import time
 
 import psycopg
-import pytest
 import requests
 
 from zsmon.checkers.base import Checker, CheckContext, Invariant

@@ -214,7 +214,7 @@ def platform_cases(model: Model) -> list[Case]:
     bad = f'{req}{{{api}, method="POST", path="/api/v1/payments", status="503"}}'
     pg = f'job="{POSTGRES_JOB}", instance="postgres-exporter:9187"'
     rd = f'job="{REDIS_JOB}", instance="redis-exporter:9121"'
-    n10, n15, n20 = _steps(600, step), _steps(900, step), _steps(1200, step)
+    n10, n15 = _steps(600, step), _steps(900, step)
     threshold = r.high_error_rate_ratio
     # HighErrorRate: per step, `fail` failed and `100 - fail` good requests, so the ratio is fail %.
     fail_hi = min(99, int(threshold * 100) * 2 or 1)

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -22,7 +22,7 @@ EXIT_VIOLATIONS = 1
 EXIT_ERROR = 2
 
 
-def _fail(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def _fail(message: str) -> NoReturn:
     click.echo(f"zsmon: error: {message}", err=True)
     sys.exit(EXIT_ERROR)
 

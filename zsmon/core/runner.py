@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 
@@ -76,8 +76,7 @@ class Runner:
             return "full"
         return "incremental"
 
-    def run_check(self, name: str, mode: str | None = None, *, publish: bool = True,
-                  on_leader_lost: Callable[[], None] | None = None) -> CheckResult | None:
+    def run_check(self, name: str, mode: str | None = None, *, publish: bool = True) -> CheckResult | None:
         """Run one checker now. Returns None when another replica holds this checker's lease."""
         checker = self.checkers[name]
         token = self.coordinator.acquire(f"check:{name}")

@@ -20,7 +20,7 @@ allowed in a read-only transaction) so a failure there cannot abort the rest.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
