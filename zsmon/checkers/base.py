@@ -134,6 +134,8 @@ class CheckContext:
         self.samples: dict[str, list[Violation]] = {}
         self.skipped: dict[str, str] = {}
         self.summaries: dict[str, str] = {}
+        # Side counts of find_many passes (rows named "_..."): entity ids sampled per name.
+        self.side: dict[str, list[str]] = {}
         self._after_success: list[Callable[[], None]] = []
 
     # ---- reading -------------------------------------------------------
@@ -181,6 +183,10 @@ class CheckContext:
         ``sql`` returns ``invariant, entity_type, entity_id, expected, actual,
         difference, detail`` (``entity_type`` may be NULL: the invariant's own is
         used). Every id in ``invariants`` counts as judged, with 0 when no row names it.
+
+        Rows whose ``invariant`` starts with ``_`` are not violations but a side count the
+        same pass produces (e.g. ``_deferred`` entities): their total is returned under that
+        name and their sampled entity ids are in ``ctx.side[name]``.
         """
         ids = [self.checker.invariant(i).id for i in invariants]
         wrapped = pgsql.SQL(_WRAP_MANY).format(inner=pgsql.SQL(sql), limit=pgsql.Literal(self.sample_limit))
@@ -188,6 +194,10 @@ class CheckContext:
         totals: dict[str, int] = {i: 0 for i in ids}
         samples: dict[str, list[Violation]] = {i: [] for i in ids}
         for r in rows:
+            if r["invariant"].startswith("_"):
+                totals[r["invariant"]] = int(r["total"])
+                self.side.setdefault(r["invariant"], []).append(r["entity_id"])
+                continue
             inv = self.checker.invariant(r["invariant"])
             if inv.id not in totals:
                 raise ValueError(f"query returned invariant {inv.id!r} not listed in invariants=")

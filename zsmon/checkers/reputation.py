@@ -62,7 +62,6 @@ from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
 import redis
-from psycopg import sql as pgsql
 from pydantic import Field
 
 from zsmon.checkers.base import Checker, CheckContext, CheckerSettings, Invariant
@@ -284,19 +283,6 @@ FROM agents a
 WHERE a.settling
 """
 
-# find_many's wrap (the core's), kept here because the pass also yields the deferred agents
-# ('_deferred', not an invariant): per invariant, the total and the largest |difference| rows.
-_WRAP = """
-SELECT invariant, entity_type, entity_id, expected, actual, difference, detail, total
-FROM (
-    SELECT v.*, count(*) OVER (PARTITION BY v.invariant) AS total,
-           row_number() OVER (PARTITION BY v.invariant
-                              ORDER BY abs(v.difference) DESC NULLS LAST, v.entity_id) AS rn
-    FROM ({inner}) AS v
-) AS ranked
-WHERE rn <= {limit}
-"""
-
 _DELTA_RANGE = """
 SELECT e.id AS entity_id,
        CASE WHEN e.event_type = 'task_failed' THEN %(failed)s::text
@@ -416,24 +402,11 @@ class ReputationChecker(Checker):
                     ctx.after_success(lambda: self._set_ks(None))
 
     def _agent_pass(self, ctx: CheckContext, s: ReputationSettings) -> tuple[dict[str, int], int, str | None]:
-        """Judge the four per-agent invariants in one pass (what ``find_many`` does), and count the agents
-        the settle window deferred. Returns (counts per invariant, deferred agents, one deferred agent)."""
-        wrapped = pgsql.SQL(_WRAP).format(inner=pgsql.SQL(_AGENT_PASS), limit=pgsql.Literal(ctx.sample_limit))
-        totals = {inv: 0 for inv in _AGENT_INVARIANTS}
-        samples: dict[str, list[Violation]] = {inv: [] for inv in _AGENT_INVARIANTS}
-        deferred, example = 0, None
-        for r in ctx.query(wrapped, {"settle": s.settle_seconds}):
-            if r["invariant"] == "_deferred":
-                deferred = int(r["total"])
-                example = example if example is not None and example <= r["entity_id"] else r["entity_id"]
-                continue
-            inv = r["invariant"]
-            totals[inv] = int(r["total"])
-            samples[inv].append(Violation(inv, r["entity_type"], r["entity_id"], r["expected"], r["actual"],
-                                          r["difference"], r["detail"] or ""))
-        for inv in _AGENT_INVARIANTS:
-            ctx.report(inv, samples[inv], totals[inv])
-        return totals, deferred, example
+        """Judge the four per-agent invariants in one pass, and count the agents the settle window
+        deferred (the pass's ``_deferred`` rows). Returns (counts per invariant, deferred, one deferred agent)."""
+        totals = ctx.find_many(_AGENT_PASS, _AGENT_INVARIANTS, {"settle": s.settle_seconds})
+        deferred = totals.pop("_deferred", 0)
+        return totals, deferred, min(ctx.side.get("_deferred", []), default=None)
 
     @staticmethod
     def _deferred_text(n: int, example: str | None, agents: int, settle: float) -> str:
