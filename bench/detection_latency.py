@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any
 from pathlib import Path
 
 import psycopg
@@ -41,29 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsmon.demo import schema_sql  # noqa: E402
 from zsmon.testing import ADMIN_DSN, REDIS_URL, running_service  # noqa: E402
 from zsmon.testing_stack import (FakePlatform, PrometheusStack, WebhookReceiver, free_port,  # noqa: E402
-                                 stack_render_settings)
+                                 plant_money_from_nowhere, stack_render_settings)
 
 TARGET_SECONDS = 45.0
-
-
-def _first_page(receiver: Any, since: float, timeout: float) -> float:
-    """When the pager first heard of the fault: the first notification with a firing payments alert.
-
-    BalanceInvariantViolation and the per-invariant alert (e.g. PaymentsChannelConservationViolation)
-    share one page group per checker; whichever fires first pages, the other joins the group later.
-    """
-    deadline = time.monotonic() + timeout
-    with receiver.cond:
-        while True:
-            for t, path, n in receiver.notifications:
-                if t >= since and path == "/pager" and any(
-                        a.get("status") == "firing" and a.get("labels", {}).get("checker") == "payments"
-                        for a in n.get("alerts", [])):
-                    return t
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no page for the payments fault within {timeout}s")
-            receiver.cond.wait(min(left, 0.5))
 
 
 def _database() -> tuple[str, str]:
@@ -92,13 +71,6 @@ def _world(url: str, seed: int) -> str:
         channel = sim.open_channel("did:bench:payer", "did:bench:agent", 40)
         assert channel is not None
         return channel
-
-
-def _move(url: str, channel: str, amount: int) -> float:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("UPDATE payment_channels SET current_balance = current_balance + %s, updated_at = now() "
-                     "WHERE id = %s", (amount, channel))
-    return time.monotonic()
 
 
 def one_run(url: str, channel: str, rng: random.Random, tmp: Path, redis_prefix: str) -> dict[str, float]:
@@ -147,14 +119,17 @@ def one_run(url: str, channel: str, rng: random.Random, tmp: Path, redis_prefix:
                     halt.wait(0.1)
 
             watcher = threading.Thread(target=watch, daemon=True)
-            committed = _move(url, channel, 5)
+            committed = plant_money_from_nowhere(url, channel, 5)
             watcher.start()
             try:
-                paged = _first_page(receiver, since=committed, timeout=240)
+                # BalanceInvariantViolation and the per-invariant alert share one page group per
+                # checker: whichever fires first pages, the other joins the group later.
+                paged, _ = receiver.wait_for(None, "firing", path="/pager", timeout=240, since=committed,
+                                             match=lambda a: a["labels"].get("checker") == "payments")
             finally:
                 halt.set()
                 watcher.join(5)
-                _move(url, channel, -5)
+                plant_money_from_nowhere(url, channel, -5)
             return {"sidecar": seen.get("sidecar", float("nan")) - committed,
                     "prometheus": seen.get("prometheus", float("nan")) - committed,
                     "webhook": paged - committed}

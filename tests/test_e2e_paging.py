@@ -32,7 +32,8 @@ import yaml
 
 from zsmon.testing import PrivatePostgres, PrivateRedis, running_service
 from zsmon.testing_stack import (ALERTMANAGER, PROMETHEUS, FakePlatform, PrometheusStack, WebhookReceiver,
-                                 dashboard_queries, free_port, speed_up, stack_render_settings)
+                                 dashboard_queries, free_port, plant_money_from_nowhere, speed_up,
+                                 stack_render_settings)
 
 pytestmark = pytest.mark.skipif(not (os.path.exists(PROMETHEUS) and os.path.exists(ALERTMANAGER)),
                                 reason="prometheus / prometheus-alertmanager not installed (.ci/run installs them)")
@@ -165,14 +166,6 @@ def _payments_world(dsn: str) -> str:
         return channel
 
 
-def _move(dsn: str, channel: str, amount: int) -> float:
-    """Change a channel's spendable balance with no ledger row (money from nowhere); returns the commit time."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("UPDATE payment_channels SET current_balance = current_balance + %s, updated_at = now() "
-                     "WHERE id = %s", (amount, channel))
-    return time.monotonic()
-
-
 def _has_payments() -> bool:
     from zsmon.checkers.registry import checker_classes
 
@@ -197,13 +190,13 @@ def test_payment_violation_pages_then_resolves(stack):
     # Clean first: the payments checker has judged our world and Prometheus has the zero.
     prom.wait(lambda: prom.query('zerostate_invariant_violations{checker="payments",'
                                  'invariant="channel_conservation"} == 0'), 20, "a clean payments run")
-    committed = _move(pg.dsn, channel, 5)
+    committed = plant_money_from_nowhere(pg.dsn, channel, 5)
     paged_at, alert = receiver.wait_for("BalanceInvariantViolation", "firing", path="/pager", timeout=30,
                                         since=committed)
     assert alert["labels"]["severity"] == "critical" and alert["annotations"]["runbook_url"].endswith(
         "/BalanceInvariantViolation.md")
     print(f"\ncommit -> page: {paged_at - committed:.1f}s")
-    stack["repaired"] = _move(pg.dsn, channel, -5)
+    stack["repaired"] = plant_money_from_nowhere(pg.dsn, channel, -5)
 
 
 def test_every_dashboard_query_returns_data(stack):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,14 +27,23 @@ from typing import Any, Callable
 
 import requests
 
+from zsmon.testing import free_port  # noqa: F401 - re-exported for the stack's users
+
 PROMETHEUS = os.environ.get("ZSMON_PROMETHEUS", "/usr/bin/prometheus")
 ALERTMANAGER = os.environ.get("ZSMON_ALERTMANAGER", "/usr/bin/prometheus-alertmanager")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def plant_money_from_nowhere(dsn: str, channel: str, amount: int) -> float:
+    """Change a channel's spendable balance with no ledger row (money from nowhere); returns the commit time.
+
+    A negative ``amount`` repairs what a positive one planted.
+    """
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE payment_channels SET current_balance = current_balance + %s, updated_at = now() "
+                     "WHERE id = %s", (amount, channel))
+    return time.monotonic()
 
 
 class _Server:
@@ -93,9 +101,10 @@ class WebhookReceiver:
             return [(t, p, a) for t, p, n in self.notifications if path is None or p == path
                     for a in n.get("alerts", [])]
 
-    def wait_for(self, alertname: str, status: str = "firing", path: str | None = None, timeout: float = 30,
+    def wait_for(self, alertname: str | None, status: str = "firing", path: str | None = None, timeout: float = 30,
                  since: float = 0.0, match: Callable[[dict[str, Any]], bool] | None = None) -> tuple[float, dict]:
-        """Block until an alert ``alertname`` with ``status`` arrives (after ``since``); return (time, alert)."""
+        """Block until an alert ``alertname`` (None: any alert ``match`` accepts) with ``status`` arrives
+        (after ``since``); return (time, alert)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -103,14 +112,15 @@ class WebhookReceiver:
                     if t < since or (path is not None and p != path):
                         continue
                     for a in n.get("alerts", []):
-                        if a.get("labels", {}).get("alertname") == alertname and a.get("status") == status \
+                        if alertname in (None, a.get("labels", {}).get("alertname")) and a.get("status") == status \
                                 and (match is None or match(a)):
                             return t, a
                 left = deadline - time.monotonic()
                 if left <= 0:
                     seen = sorted({(p, a["labels"].get("alertname"), a.get("status")) for _, p, a in
                                    ((t, p, a) for t, p, n in self.notifications for a in n.get("alerts", []))})
-                    raise AssertionError(f"no {status} {alertname} within {timeout}s; received: {seen}")
+                    raise AssertionError(f"no {status} {alertname or 'matching alert'} within {timeout}s; "
+                                         f"received: {seen}")
                 self.cond.wait(min(left, 0.5))
 
     def stop(self) -> None:
