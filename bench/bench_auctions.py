@@ -8,19 +8,16 @@ exporter collection. The database is dropped at the end.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
 
 import psycopg
-from psycopg import sql
 
 from zsmon.core.config import load_config
 from zsmon.core.service import build_exporters, build_runner
-from zsmon.demo import schema_sql
+from zsmon.testing import create_platform_database, drop_database
 
-ADMIN = os.environ.get("ZSMON_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 POPULATE = """
 INSERT INTO auctions (id, task_id, user_id, auction_type, status, duration_seconds, expires_at, reserve_price,
@@ -47,13 +44,9 @@ ANALYZE;
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
-    name = f"zsmon_bench_auctions_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(ADMIN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = psycopg.conninfo.make_conninfo(ADMIN, dbname=name)
+    name, url = create_platform_database("zsmon_bench_auctions")
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(schema_sql())
             t = time.perf_counter()
             conn.execute(POPULATE.replace("{n}", str(n)).encode())
             counts = conn.execute("SELECT (SELECT count(*) FROM auctions), (SELECT count(*) FROM bids)").fetchone()
@@ -80,8 +73,7 @@ def main() -> None:
                 for k in runner.redis.scan_iter(match=config.redis.key_prefix + "*"):
                     runner.redis.delete(k)
     finally:
-        with psycopg.connect(ADMIN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(name)
 
 
 if __name__ == "__main__":

@@ -32,32 +32,14 @@ from pathlib import Path
 import psycopg
 import requests
 import yaml
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zsmon.demo import schema_sql  # noqa: E402
-from zsmon.testing import ADMIN_DSN, REDIS_URL, running_service  # noqa: E402
+from zsmon.testing import REDIS_URL, create_platform_database, drop_database, running_service  # noqa: E402
 from zsmon.testing_stack import (FakePlatform, PrometheusStack, WebhookReceiver, free_port,  # noqa: E402
                                  plant_money_from_nowhere, stack_render_settings)
 
 TARGET_SECONDS = 45.0
-
-
-def _database() -> tuple[str, str]:
-    name = f"zsmon_bench_latency_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_conninfo(**{**conninfo_to_dict(ADMIN_DSN), "dbname": name})
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(schema_sql())
-    return name, url
-
-
-def _drop(name: str) -> None:
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _world(url: str, seed: int) -> str:
@@ -159,7 +141,7 @@ def main() -> int:
           f"pager group_wait {render.pager_group_wait_seconds}s, "
           f"BalanceInvariantViolation for {render.critical_invariant_for_seconds}s")
     rng = random.Random(args.seed)
-    name, url = _database()
+    name, url = create_platform_database("zsmon_bench_latency")
     prefix = f"zsmon-bench-latency-{uuid.uuid4().hex[:8]}:"
     results = []
     try:
@@ -171,7 +153,7 @@ def main() -> int:
                 print(f"run {i + 1}: commit -> sidecar {r['sidecar']:5.1f}s -> Prometheus firing "
                       f"{r['prometheus']:5.1f}s -> webhook {r['webhook']:5.1f}s", flush=True)
     finally:
-        _drop(name)
+        drop_database(name)
         try:
             import redis
 

@@ -41,8 +41,6 @@ from pathlib import Path
 
 import psycopg
 import yaml
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,30 +48,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from scrape import grow  # noqa: E402  (the consistent set-based data generator)
 
-from zsmon.demo import schema_sql  # noqa: E402
-from zsmon.testing import free_port  # noqa: E402
+from zsmon.testing import create_platform_database, drop_database, free_port  # noqa: E402
 
 TOKEN = "bench-load-token"
 
 
 # ---- the database and the sidecar ------------------------------------------------------------
-def create_database(admin_dsn: str) -> tuple[str, str]:
-    name = f"zsmon_load_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = conninfo_to_dict(admin_dsn)
-    params["dbname"] = name
-    dsn = make_conninfo(**params)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(schema_sql())
-    return name, dsn
-
-
-def drop_database(admin_dsn: str, name: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 def start_zsmon(workdir: Path, dsn: str, interval: float, prefix: str) -> tuple[subprocess.Popen, int, int]:
     from zsmon.checkers.registry import checker_classes
     from zsmon.exporters.registry import exporter_classes
@@ -273,7 +253,7 @@ def main() -> None:
     ap.add_argument("--no-soak", action="store_true")
     args = ap.parse_args()
 
-    name, dsn = create_database(args.admin_dsn)
+    name, dsn = create_platform_database("zsmon_load", args.admin_dsn)
     workdir = Path(tempfile.mkdtemp(prefix="zsmon-load-"))
     proc = None
     prefix = f"zsmon-bench-load-{uuid.uuid4().hex[:6]}:"
@@ -300,7 +280,7 @@ def main() -> None:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        drop_database(args.admin_dsn, name)
+        drop_database(name, args.admin_dsn)
         try:
             import redis
 

@@ -33,13 +33,13 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zsmon.demo import schema_sql  # noqa: E402
+from zsmon.testing import create_platform_database, drop_database  # noqa: E402
 
 ADMIN_DSN = os.environ.get("ZSMON_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -218,13 +218,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs of each timed step; the best is reported")
     args = ap.parse_args()
 
-    name = args.reuse or f"zsmon_bench_{uuid.uuid4().hex[:8]}"
-    params = conninfo_to_dict(ADMIN_DSN)
-    params["dbname"] = name
-    dsn = make_conninfo(**params)
-    if not args.reuse:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    if args.reuse:
+        name, dsn = args.reuse, make_conninfo(**{**conninfo_to_dict(ADMIN_DSN), "dbname": args.reuse})
+    else:  # build() loads the schema itself, without the ledger indexes while it fills the tables
+        name, dsn = create_platform_database("zsmon_bench", ADMIN_DSN, schema=False)
     try:
         if not args.reuse:
             print(f"building {args.channels:,} channels and {10 * args.channels:,} ledger rows in {name}", flush=True)
@@ -236,8 +233,7 @@ def main() -> None:
         if args.keep or args.reuse:
             print(f"kept database {name}: {dsn}")
         else:
-            with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            drop_database(name, ADMIN_DSN)
 
 
 BARE_SQL = "SELECT channel_id, sum(amount) FROM channel_transactions GROUP BY channel_id"

@@ -34,20 +34,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import yaml
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zsmon.demo import schema_sql  # noqa: E402
+
+from zsmon.testing import create_platform_database, drop_database  # noqa: E402
 
 ADMIN_DSN = os.environ.get("ZSMON_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 ZSMON = str(ROOT / ".venv" / "bin" / "zsmon")
@@ -389,10 +388,6 @@ def main() -> None:
     ap.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
     args = ap.parse_args()
 
-    name = f"zsmon_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    params = conninfo_to_dict(ADMIN_DSN)
-    params["dbname"] = name
-    dsn = make_conninfo(**params)
     workdir = Path(tempfile.mkdtemp(prefix="zsmon-bench-"))
     exe = None
     if not args.no_query_exporter:
@@ -400,13 +395,11 @@ def main() -> None:
             exe = install_query_exporter(args.qe_venv)
         except (subprocess.CalledProcessError, OSError) as exc:
             print(f"bench: query-exporter could not be installed ({exc}); measuring zsmon only")
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    name, dsn = create_platform_database("zsmon_bench", ADMIN_DSN)
     rows: list[tuple[str, str, str, Figures]] = []
     notes: list[str] = []
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(schema_sql())
             sizes = [("small", args.small_channels, args.small_agents),
                      ("large", args.large_channels, args.large_agents)]
             have = (0, 0)
@@ -437,8 +430,7 @@ def main() -> None:
     finally:
         drop_redis_keys()
         if not args.keep_db:
-            with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            drop_database(name, ADMIN_DSN)
 
     print()
     print(f"/metrics latency over {args.scrapes} back-to-back scrapes (keep-alive, time to full body); "

@@ -25,22 +25,38 @@ PLATFORM_TABLES = ("channel_transactions", "payment_channels", "accounts", "bids
                    "reputation_events", "reputation_scores", "tasks", "agents", "audit_logs")
 
 
+def create_platform_database(prefix: str, admin_dsn: str = ADMIN_DSN, schema: bool = True) -> tuple[str, str]:
+    """Create a database of its own (``<prefix>_<pid>_<random>``) holding the platform schema.
+
+    Returns (name, DSN); drop it with ``drop_database(name)``. Used by the tests and the benchmarks.
+    """
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_conninfo(**{**conninfo_to_dict(admin_dsn), "dbname": name})
+    if schema:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(schema_sql())
+        except BaseException:
+            drop_database(name, admin_dsn)
+            raise
+    return name, url
+
+
+def drop_database(name: str, admin_dsn: str = ADMIN_DSN) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture(scope="session")
 def db_url() -> Iterator[str]:
     """DSN of a fresh database holding the platform schema, dropped after the session."""
-    name = f"zsmon_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = conninfo_to_dict(ADMIN_DSN)
-    params["dbname"] = name
-    url = make_conninfo(**params)
+    name, url = create_platform_database("zsmon_test")
     try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(schema_sql())
         yield url
     finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(name)
 
 
 @pytest.fixture
