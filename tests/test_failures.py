@@ -89,6 +89,30 @@ def fast_config(make_config, dsn: str, **extra):
                        checkers={"schema": {"interval_seconds": 1}}, env={"ZSMON_DATABASE_URL": dsn}, **extra)
 
 
+class SlowRunInProgress:
+    """A runner whose SlowChecker run is in flight in a thread, so the server can be hurt under it."""
+
+    def __init__(self, cfg, sleep: float) -> None:
+        self.runner = build_runner(cfg, only=["schema"])
+        self.runner.checkers["slow"] = self.slow = SlowChecker(sleep=sleep)
+        self._out: list = []
+        self._worker = threading.Thread(target=lambda: self._out.append(self.runner.run_check("slow")))
+
+    def __enter__(self) -> "SlowRunInProgress":
+        self._worker.start()
+        return self
+
+    def result(self, within: float):
+        """The run's result; fails the test if the run has not ended within ``within`` seconds."""
+        self._worker.join(within)
+        assert not self._worker.is_alive(), f"the run hung for more than {within}s"
+        return self._out[0]
+
+    def __exit__(self, *exc) -> None:
+        self._worker.join(15)
+        self.runner.db.close()
+
+
 # ---- the database --------------------------------------------------------------------------
 def test_unreachable_database_is_an_error_within_connect_timeout(make_config):
     from zsmon.testing import free_port
@@ -133,45 +157,27 @@ def _kill_zsmon_backend(admin_dsn: str, pattern: str = "%pg_sleep%") -> int:
 
 
 def test_backend_terminated_mid_query_is_an_error_then_recovers(make_config, db_url):
-    cfg = make_config(redis=False)
-    runner = build_runner(cfg, only=["schema"])
-    runner.checkers["slow"] = slow = SlowChecker(sleep=10)
-    out: list = []
-    try:
-        worker = threading.Thread(target=lambda: out.append(runner.run_check("slow")))
-        worker.start()
+    with SlowRunInProgress(make_config(redis=False), sleep=10) as run:
         _kill_zsmon_backend(db_url)
-        worker.join(10)
-        assert not worker.is_alive()
-        (result,) = out
+        result = run.result(within=10)
         assert result.status == "error" and "terminated by the server mid-query" in result.error
-        slow.sleep = 0
-        assert runner.run_check("slow").status == "pass"  # the pool replaced the dead connection
-    finally:
-        runner.db.close()
+        run.slow.sleep = 0
+        assert run.runner.run_check("slow").status == "pass"  # the pool replaced the dead connection
 
 
 def test_server_shut_down_mid_query_then_restarted(make_config, private_pg):
     cfg = make_config(redis=False, database={"connect_timeout_seconds": 1},
                       env={"ZSMON_DATABASE_URL": private_pg.dsn})
-    runner = build_runner(cfg, only=["schema"])
-    runner.checkers["slow"] = slow = SlowChecker(sleep=10)
-    out: list = []
-    try:
-        worker = threading.Thread(target=lambda: out.append(runner.run_check("slow")))
-        worker.start()
+    with SlowRunInProgress(cfg, sleep=10) as run:
         wait_for(lambda: _active_sleep(private_pg.dsn), timeout=10, interval=0.05)
         private_pg.stop()  # -m immediate, during the query
-        worker.join(10)
-        assert not worker.is_alive()
-        assert out[0].status == "error", out[0]
-        assert runner.run_check("schema").status == "error"  # still down: error, not a hang
+        result = run.result(within=10)
+        assert result.status == "error", result
+        assert run.runner.run_check("schema").status == "error"  # still down: error, not a hang
         private_pg.start()
-        slow.sleep = 0
-        assert wait_for(lambda: runner.run_check("schema").status == "pass", timeout=10)
-        assert runner.run_check("slow").status == "pass"
-    finally:
-        runner.db.close()
+        run.slow.sleep = 0
+        assert wait_for(lambda: run.runner.run_check("schema").status == "pass", timeout=10)
+        assert run.runner.run_check("slow").status == "pass"
 
 
 def _active_sleep(dsn: str) -> bool:
@@ -218,26 +224,17 @@ def test_paused_database_errors_within_the_timeouts_ready_503_then_recovers(make
 def test_paused_mid_query_drops_the_connection_after_statement_plus_connect_timeout(make_config, private_pg):
     cfg = make_config(redis=False, database={"connect_timeout_seconds": 1, "statement_timeout_seconds": 2},
                       env={"ZSMON_DATABASE_URL": private_pg.dsn})
-    runner = build_runner(cfg, only=["schema"])
-    runner.checkers["slow"] = slow = SlowChecker(sleep=10)
-    out: list = []
-    try:
-        worker = threading.Thread(target=lambda: out.append(runner.run_check("slow")))
-        worker.start()
+    with SlowRunInProgress(cfg, sleep=10) as run:
         wait_for(lambda: _active_sleep(private_pg.dsn), timeout=10, interval=0.05)
         private_pg.pause()
         try:
-            worker.join(8)
-            assert not worker.is_alive(), "a run against a paused server hung"
+            result = run.result(within=8)  # a run against a paused server must not hang
         finally:
             private_pg.resume()
-        (result,) = out
         assert result.status == "error" and "no answer from the database within 3s" in result.error
         assert 2.5 < result.duration_seconds < 5
-        slow.sleep = 0
-        assert wait_for(lambda: runner.run_check("slow").status == "pass", timeout=10)
-    finally:
-        runner.db.close()
+        run.slow.sleep = 0
+        assert wait_for(lambda: run.runner.run_check("slow").status == "pass", timeout=10)
 
 
 def test_slow_and_killed_runs_in_the_service_show_in_metrics_and_recover(make_config, db_url):
