@@ -10,8 +10,9 @@ What it does:
    10k agents with reputation rows and events, auctions with bids).
 2. At each size, starts ``zsmon run`` as a subprocess with every checker and exporter
    (exporters collecting every second, so collections overlap the scrapes), waits
-   until every checker and exporter has run, then times 1,000 back-to-back scrapes of
-   ``/metrics`` over one keep-alive connection and reports p50/p99/max.
+   until every checker and exporter has run, then times 1,000 scrapes of ``/metrics``
+   paced evenly over 60 s (``--spread``; 0 for back-to-back) over one keep-alive
+   connection and reports p50/p99/max.
 3. The same for query-exporter (installed from PyPI into its own venv under /tmp),
    configured with the very SQL zsmon's database exporters run: the statements are
    recorded from one real collection of each exporter, parameters bound, and every
@@ -165,12 +166,23 @@ class Figures:
     body_bytes: int
 
 
-def measure(port: int, scrapes: int, warmup: int = 20) -> Figures:
-    """Back-to-back scrapes over one keep-alive connection, as Prometheus does; time to the full body."""
+def measure(port: int, scrapes: int, spread: float = 0.0, warmup: int = 20) -> Figures:
+    """Scrapes over one keep-alive connection, as Prometheus does; time to the full body.
+
+    With ``spread`` > 0 the scrapes are paced evenly over that many seconds, so they sample
+    every phase of the jobs running beside them (back-to-back, 1,000 scrapes last under a
+    second and the tail depends on which job happened to run in it).
+    """
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     times: list[float] = []
     size = 0
+    pace = spread / scrapes
+    start = 0.0
     for i in range(warmup + scrapes):
+        if i == warmup:
+            start = time.perf_counter()
+        if pace and i >= warmup:
+            time.sleep(max(0.0, start + (i - warmup) * pace - time.perf_counter()))
         t0 = time.perf_counter()
         conn.request("GET", "/metrics")
         r = conn.getresponse()
@@ -188,14 +200,16 @@ def measure(port: int, scrapes: int, warmup: int = 20) -> Figures:
 
 
 # ---- zsmon -----------------------------------------------------------------------------------
-def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, interval: float) -> Path:
+def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, interval: float,
+                 switch_ms: float | None) -> Path:
     from zsmon.checkers.registry import checker_classes
     from zsmon.exporters.registry import exporter_classes
 
     exporters: dict[str, Any] = {name: {"interval_seconds": interval} for name in exporter_classes()}
     exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
     cfg = {
-        "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": f"127.0.0.1:{api_port}"},
+        "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": f"127.0.0.1:{api_port}",
+                 **({"switch_interval_ms": switch_ms} if switch_ms else {})},
         "redis": {"key_prefix": REDIS_PREFIX},
         "logging": {"level": "warning", "format": "console"},
         "exporters": exporters,
@@ -240,15 +254,16 @@ def collection_costs(port: int) -> str:
     return ", ".join(sorted(out))
 
 
-def bench_zsmon(workdir: Path, dsn: str, scrapes: int, interval: float) -> tuple[Figures, str]:
+def bench_zsmon(workdir: Path, dsn: str, scrapes: int, interval: float, spread: float,
+                switch_ms: float | None = None) -> tuple[Figures, str]:
     mport, aport = free_port(), free_port()
-    cfg = zsmon_config(workdir, dsn, mport, aport, interval)
+    cfg = zsmon_config(workdir, dsn, mport, aport, interval, switch_ms)
     env = {**os.environ, "ZSMON_DATABASE_URL": dsn, "REDIS_HOST": os.environ.get("REDIS_HOST", "127.0.0.1")}
     log = open(workdir / "zsmon.log", "ab")
     proc = subprocess.Popen([ZSMON, "--config", str(cfg), "run"], env=env, stdout=log, stderr=log)
     try:
         wait_until(lambda: _zsmon_ready(mport), 900, "zsmon (every checker and exporter once)")
-        figures = measure(mport, scrapes)
+        figures = measure(mport, scrapes, spread)
         return figures, collection_costs(mport)
     finally:
         stop(proc)
@@ -341,7 +356,8 @@ def install_query_exporter(venv: Path) -> Path:
     return exe
 
 
-def bench_query_exporter(exe: Path, workdir: Path, dsn: str, scrapes: int, interval: int | None) -> Figures:
+def bench_query_exporter(exe: Path, workdir: Path, dsn: str, scrapes: int, interval: int | None,
+                         spread: float) -> Figures:
     cfg = query_exporter_config(dsn, interval)
     path = workdir / f"query-exporter-{interval or 'scrape'}.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -353,7 +369,7 @@ def bench_query_exporter(exe: Path, workdir: Path, dsn: str, scrapes: int, inter
     try:
         wait_until(lambda: first_metric.encode() + b"{" in get(port, timeout=120)[1]
                    or (first_metric.encode() + b" ") in get(port, timeout=120)[1], 120, "query-exporter")
-        return measure(port, scrapes)
+        return measure(port, scrapes, spread)
     finally:
         stop(proc)
         log.close()
@@ -380,9 +396,14 @@ def main() -> None:
     ap.add_argument("--large-channels", type=int, default=1_000_000)
     ap.add_argument("--large-agents", type=int, default=10_000)
     ap.add_argument("--scrapes", type=int, default=1000)
+    ap.add_argument("--spread", type=float, default=60.0,
+                    help="seconds over which the scrapes are paced evenly (0: back to back)")
     ap.add_argument("--interval", type=float, default=1.0,
                     help="collection interval of every exporter, zsmon's and query-exporter's (s); short, so "
                          "collections overlap the scrapes")
+    ap.add_argument("--switch-interval-ms", type=float, action="append", default=None,
+                    help="run zsmon once per value of http.switch_interval_ms (repeatable; default: the "
+                         "shipped setting only)")
     ap.add_argument("--no-query-exporter", action="store_true")
     ap.add_argument("--qe-venv", type=Path, default=Path(tempfile.gettempdir()) / "zsmon-bench-query-exporter")
     ap.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
@@ -410,17 +431,19 @@ def main() -> None:
                 size = db_size(conn)
                 where = f"{channels:,} channels, {agents:,} agents, {size}"
                 print(f"bench: {label} database ready ({where}) in {time.perf_counter() - t0:.1f}s", flush=True)
-                fig, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval)
-                rows.append((label, where, "zsmon", fig))
-                notes.append(f"{label}: zsmon latest collection costs: {costs}")
-                print(f"bench:   zsmon p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms "
-                      f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)", flush=True)
+                for switch_ms in args.switch_interval_ms or [None]:
+                    tool = "zsmon" + (f" (switch interval {switch_ms:g} ms)" if switch_ms else "")
+                    fig, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval, args.spread, switch_ms)
+                    rows.append((label, where, tool, fig))
+                    notes.append(f"{label}: {tool} latest collection costs: {costs}")
+                    print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms "
+                          f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)", flush=True)
                 if exe is not None:
                     for interval, tool in ((None, "query-exporter (queries on scrape)"),
                                            (max(1, round(args.interval)),
                                             f"query-exporter (interval {max(1, round(args.interval))}s)")):
                         try:
-                            fig = bench_query_exporter(exe, workdir, dsn, args.scrapes, interval)
+                            fig = bench_query_exporter(exe, workdir, dsn, args.scrapes, interval, args.spread)
                         except SystemExit as exc:
                             notes.append(f"{label}: {tool} failed: {exc} (log: {workdir / 'query-exporter.log'})")
                             continue
@@ -433,7 +456,8 @@ def main() -> None:
             drop_database(name, ADMIN_DSN)
 
     print()
-    print(f"/metrics latency over {args.scrapes} back-to-back scrapes (keep-alive, time to full body); "
+    paced = f"paced over {args.spread:g}s" if args.spread else "back-to-back"
+    print(f"/metrics latency over {args.scrapes} scrapes {paced} (keep-alive, time to full body); "
           f"collections every {args.interval:g}s; {os.cpu_count()} CPUs")
     print(f"{'size':<6} {'tool':<36} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8} {'bytes':>8}")
     for label, where, tool, f in rows:

@@ -37,6 +37,18 @@ def test_health_ready_metrics_and_checks(make_config):
         assert om.headers["content-type"].startswith("application/openmetrics-text") and om.text.endswith("# EOF\n")
 
 
+def test_serving_shortens_the_thread_switch_interval(make_config):
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)  # Python's default
+        with running_service(make_config(http={**LOCAL_HTTP, "switch_interval_ms": 2})):
+            assert sys.getswitchinterval() == 0.002
+        with running_service(_config(make_config)):
+            assert sys.getswitchinterval() == 0.0005  # the shipped default
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_api_needs_the_bearer_token(make_config):
     with running_service(_config(make_config)) as svc:
         for path in ("/api/v1/checks", "/api/v1/violations", "/api/v1/checkers"):

@@ -90,6 +90,10 @@ class HttpConfig(_Strict):
     ready_requires_checks: bool = Field(True, description="/ready is 503 while a checker's latest run failed "
                                         "because of the database (unreachable, statement_timeout, killed, "
                                         "unresponsive); false keeps the replica in service through such errors.")
+    switch_interval_ms: float = Field(0.5, gt=0, le=100, description="Python's thread switch interval "
+                                      "(`sys.setswitchinterval`) while `zsmon run` serves. Shorter than Python's "
+                                      "5 ms so the HTTP thread answers a scrape promptly while a checker thread "
+                                      "decodes a large result (see docs/performance.md); 5 restores the default.")
     grafana_url: str | None = Field(None, description="Base URL of Grafana, for links from the status page.")
     runbook_base_url: str = Field("https://github.com/zerostate/zsmon/blob/main/docs/runbooks",
                                   description="Base URL of the runbooks linked from alerts and the status page.")

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from typing import Any, Iterable
@@ -224,6 +225,9 @@ class Service:
         return _EmbeddedServer(cfg)
 
     def start(self) -> None:
+        # The GIL is handed between threads every switch interval: a short one bounds how long a scrape
+        # waits behind a checker decoding rows. Process-wide, so only the serving process sets it.
+        sys.setswitchinterval(self.config.http.switch_interval_ms / 1000)
         self.health()
         self._servers = [self._server(create_metrics_app(self), self.config.http.metrics_listen),
                          self._server(create_api_app(self), self.config.http.api_listen)]
