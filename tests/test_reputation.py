@@ -21,7 +21,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from zsmon.checkers.reputation import ReputationChecker, ks_statistic, reset_baseline
+from zsmon.checkers.reputation import ReputationChecker, drift_limit, ks_statistic, reset_baseline
 from zsmon.core.service import build_runner
 from zsmon.demo.simulator.reputation import ReputationSimulator
 from zsmon.exporters.base import CollectContext
@@ -279,6 +279,42 @@ def test_drift_quiet_when_stationary_fires_on_shift_and_resets(writer, make_conf
         assert runner.run_check("reputation").violation_counts["distribution_drift"] == 0
     finally:
         runner.db.close()
+
+
+def test_drift_significance_keeps_sampling_noise_quiet_and_still_fires_on_a_shift(writer, make_config,
+                                                                                  redis_prefix):
+    sim = world(writer, agents=40, idle=0, steps=600, seed=11)
+    fixed = build_runner(make_config(), only=["reputation"])
+    scaled = build_runner(make_config(checkers={"reputation": {"settings": {"drift_significance": 0.01}}}),
+                          only=["reputation"])
+    critical = drift_limit(0.25, 0.01, 40, 40)[0]
+    assert Decimal("0.36") < critical < Decimal("0.37")  # 1.628 * sqrt(80 / 1600)
+    try:
+        assert "distribution_drift" in fixed.run_check("reputation").skipped  # the baseline (shared key)
+        # Most agents gain 18 points: a statistic (0.275) a 40-agent population reaches by chance.
+        sim.inject_population_shift(share=0.75)
+        small = fixed.run_check("reputation")
+        (v,) = small.violations
+        assert Decimal("0.25") < v.actual < critical, v  # the world is seeded: the statistic lands here
+        assert v.expected == Decimal("0.25")
+        quiet = scaled.run_check("reputation")
+        assert nonzero(quiet) == {} and quiet.violation_counts["distribution_drift"] == 0
+        assert f"limit {critical} (KS critical value at significance 0.01 for 40 and 40 agents)" in \
+            quiet.summaries["distribution_drift"]
+        # Every agent moves: far above the critical value, so the scaled limit fires too.
+        sim.inject_population_shift(share=1.0)
+        (big,) = scaled.run_check("reputation").violations
+        assert big.actual > critical and big.expected == critical
+    finally:
+        fixed.db.close()
+        scaled.db.close()
+
+
+def test_drift_limit_is_the_larger_of_threshold_and_critical_value():
+    assert drift_limit(0.25, None, 30, 30) == (Decimal("0.25"), "")
+    assert drift_limit(0.25, 0.05, 10_000, 10_000) == (Decimal("0.25"), "")  # large N: the threshold rules
+    limit, why = drift_limit(0.25, 0.05, 30, 30)
+    assert limit == Decimal("0.350661") and "significance 0.05 for 30 and 30" in why  # 1.3581 * sqrt(2/30)
 
 
 def test_drift_skipped_below_min_sample(writer, make_config, run_check):

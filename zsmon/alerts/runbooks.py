@@ -91,6 +91,24 @@ The alert resolves at the first run that no longer sees the violation.""",
 2. Recompute the row from the events (replay from 50, clamping to [0, 100] after each) in one
    reviewed transaction, or add the missing event, whichever the evidence supports.
 The alert resolves at the first run that no longer sees the violation.""",
+    # Invariants whose resolution differs from their checker's ("checker.invariant").
+    "reputation.distribution_drift": """\
+A drift is a change of the whole population, not a broken row.
+1. Look at the score histogram (query above) against the Reputation dashboard's history: did a
+   release change the deltas, did many new agents join (they start at 50), or did a burst of
+   failures hit one region or task type?
+2. If the change is wrong, fix its cause; the scores themselves are checked by `score_replay`.
+3. If the change is expected, accept it as the new normal: `zsmon checkers reset-memory reputation
+   drift_baseline` (the next run records the current population as the baseline).
+With a few dozen agents the statistic is noisy: `checkers.reputation.settings.drift_significance`
+(e.g. 0.01) raises the limit to the KS critical value for the population sizes.
+The alert resolves at the first run under the limit, or after the reset.""",
+    "reputation.score_jump": """\
+1. Read the agent's events around the jump (query above): a burst of consistent task events is a
+   busy agent; a moved score without events is a write that bypassed the platform.
+2. If the events explain it, raise `checkers.reputation.settings.jump_limit` or let it pass (the next
+   run compares against the new score); otherwise recompute the score from the events.
+The alert resolves at the next run, which compares against the score seen now.""",
 }
 DEFAULT_RESOLVE = """\
 1. Look at the sample of offending entities (command above) and at what wrote them last.
@@ -114,7 +132,7 @@ def invariant_runbooks(model: Model) -> dict[str, str]:
                 sql = ENTITY_SQL.get(inv.entity_type, f"-- no standard query for entity type {inv.entity_type!r}: "
                                                       f"see zsmon/checkers/{c.name}.py")
             out[f"{inv.alert}.md"] = template.render(
-                c=c, inv=inv, sql=sql, resolve=RESOLVE.get(c.name, DEFAULT_RESOLVE), mark=GENERATED_MARK,
+                c=c, inv=inv, sql=sql, resolve=RESOLVE.get(f"{c.name}.{inv.id}", RESOLVE.get(c.name, DEFAULT_RESOLVE)), mark=GENERATED_MARK,
                 dashboard_uid="zsmon-" + c.name if c.name in ("payments", "auctions", "reputation") else
                 "zsmon-invariants")
     return out

@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import time
 import uuid
 from datetime import datetime, timezone
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
@@ -90,6 +91,22 @@ def reset_baseline(redis: Any, key_prefix: str) -> bool:
     Returns True when a baseline existed. Used by the CLI (``key_prefix`` is ``redis.key_prefix``).
     """
     return bool(redis.delete(baseline_key(key_prefix)))
+
+
+def drift_limit(threshold: float, significance: float | None, n: int, m: int) -> tuple[Decimal, str]:
+    """The KS statistic above which two populations of n and m agents count as drifted, and why.
+
+    ``threshold`` alone, or the asymptotic two-sample critical value at ``significance``
+    when that is larger (rounded up to 6 places, so the limit is never below it).
+    """
+    limit = Decimal(str(threshold))
+    if significance is None:
+        return limit, ""
+    critical = math.sqrt(-math.log(significance / 2) / 2) * math.sqrt((n + m) / (n * m))
+    critical_dec = Decimal(critical).quantize(Decimal("0.000001"), rounding=ROUND_CEILING)
+    if critical_dec > limit:
+        return critical_dec, f" (KS critical value at significance {significance:g} for {n} and {m} agents)"
+    return limit, ""
 
 
 def ks_statistic(a: Sequence[tuple[Decimal, int]], b: Sequence[tuple[Decimal, int]]) -> Fraction:
@@ -139,6 +156,11 @@ class ReputationSettings(CheckerSettings):
     drift_threshold: float = Field(0.25, gt=0, le=1, description=(
         "distribution_drift: the two-sample Kolmogorov-Smirnov statistic between the baseline and the "
         "current overall_score distribution above which the population has drifted."))
+    drift_significance: float | None = Field(None, gt=0, lt=1, description=(
+        "distribution_drift: when set (e.g. 0.01), the limit is raised to the two-sample KS critical value "
+        "at this significance for the two population sizes, c(a)*sqrt((n+m)/(n*m)) with "
+        "c(a) = sqrt(-ln(a/2)/2), whenever that exceeds drift_threshold: a few dozen agents then do not "
+        "alert on sampling noise. Unset: drift_threshold alone, as domain.md specifies."))
     drift_min_sample: int = Field(30, ge=2, description=(
         "distribution_drift: fewest agents (in the baseline and now) for the KS statistic to be judged; "
         "below it the invariant is skipped."))
@@ -522,14 +544,13 @@ class ReputationChecker(Checker):
             ctx.after_success(lambda: self._set_ks(None))
             return
         d = ks_statistic(hist, current)
-        threshold = Fraction(Decimal(str(s.drift_threshold)))
+        expected, why = drift_limit(s.drift_threshold, s.drift_significance, n_base, n_now)
         shown = Decimal(d.numerator) / Decimal(d.denominator)
         shown = shown.quantize(Decimal("0.000001"))
         text = (f"KS statistic {shown} between {n_now} agents now (median {_median(current)}) and the baseline "
-                f"of {n_base} agents recorded at {when} (median {_median(hist)}); limit {s.drift_threshold}")
+                f"of {n_base} agents recorded at {when} (median {_median(hist)}); limit {expected}{why}")
         violations = []
-        if d > threshold:
-            expected = Decimal(str(s.drift_threshold))
+        if d > Fraction(expected):
             violations.append(Violation("distribution_drift", "system", "global", expected, shown,
                                         shown - expected, text))
         ctx.report("distribution_drift", violations)
