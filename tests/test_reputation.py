@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -180,6 +181,51 @@ def test_between_the_two_writes_is_deferred_not_reported(writer, run_check):
     assert later.status == "fail"
     assert found(later) == {"event_counter_reconciliation": {("agent", did)}, "score_replay": {("agent", did)}}
     assert not any("deferred" in text for text in later.summaries.values())
+
+
+def test_a_crash_gap_hidden_by_traffic_is_judged_after_three_runs_over_the_window(writer, make_config):
+    """A busy agent is always 'written lately': a crash gap in its counters must not hide behind that forever,
+    while an agent caught between its two writes now and then (a different task each time) stays deferred."""
+    sim = world(writer, steps=200)
+    age(writer, 3600)
+    agents = sorted(writer.execute("SELECT agent_did FROM reputation_scores WHERE agent_did = ANY(%s) "
+                                   "AND overall_score BETWEEN 20 AND 80", (sim.agents,)).fetchall())
+    (crashed,), (flapping,) = agents[:2]
+    sim.outcome(crashed, True, Decimal(2), event=False)  # the crash: this update's event never comes
+    runner = build_runner(make_config(checkers={"reputation": {"settings": {"settle_seconds": 1}}}),
+                          only=["reputation"])
+    try:
+        def run_busy(flapping_in_flight: bool):
+            sim.outcome(crashed, True, Decimal(2))  # traffic keeps the crashed agent 'written lately'
+            if flapping_in_flight:
+                sim.outcome(flapping, True, Decimal(2), event=False)  # caught between its two writes
+            result = runner.run_check("reputation")
+            if flapping_in_flight:  # ... and its event lands right after the run
+                sim.outcome(flapping, True, Decimal(2), update=False)
+            return result
+
+        first = run_busy(True)
+        assert nonzero(first) == {}
+        assert first.summaries["event_counter_reconciliation"].startswith("2 of 45 agents deferred")
+        time.sleep(1.1)
+        second = run_busy(False)  # still inside the rule: two runs, not three
+        assert nonzero(second) == {}
+        assert second.summaries["event_counter_reconciliation"].startswith("1 of 45 agents deferred")
+        third = run_busy(True)  # the flapping agent starts over; the crashed one is judged
+        assert found(third) == {"event_counter_reconciliation": {("agent", crashed)},
+                                "score_replay": {("agent", crashed)}}, third.to_dict()
+        (v,) = [v for v in third.violations if v.invariant == "event_counter_reconciliation"]
+        assert v.difference == 1
+        text = third.summaries["event_counter_reconciliation"]
+        assert f"1 agents judged although written lately (e.g. {crashed})" in text
+        assert "1 of 45 agents deferred" in text  # the flapping agent, deferred again
+        assert nonzero(run_busy(False)) == {"event_counter_reconciliation": 1, "score_replay": 1}  # and stays
+        # Repaired (the missing event written): judged clean, and forgotten.
+        sim.outcome(crashed, True, Decimal(2), update=False)
+        repaired = runner.run_check("reputation")
+        assert nonzero(repaired) == {}, repaired.to_dict()
+    finally:
+        runner.db.close()
 
 
 def test_settle_window_defers_only_the_in_between_shape(writer, run_check):

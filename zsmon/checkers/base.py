@@ -98,7 +98,7 @@ FROM (
                               ORDER BY abs(v.difference) DESC NULLS LAST, v.entity_id::text) AS rn
     FROM ({inner}) AS v
 ) AS ranked
-WHERE rn <= {limit}
+WHERE rn <= {limit} OR starts_with(invariant, '_')
 """
 
 
@@ -184,9 +184,9 @@ class CheckContext:
         difference, detail`` (``entity_type`` may be NULL: the invariant's own is
         used). Every id in ``invariants`` counts as judged, with 0 when no row names it.
 
-        Rows whose ``invariant`` starts with ``_`` are not violations but a side count the
+        Rows whose ``invariant`` starts with ``_`` are not violations but a side set the
         same pass produces (e.g. ``_deferred`` entities): their total is returned under that
-        name and their sampled entity ids are in ``ctx.side[name]``.
+        name and all their entity ids are in ``ctx.side[name]`` (keep such sets small).
         """
         ids = [self.checker.invariant(i).id for i in invariants]
         wrapped = pgsql.SQL(_WRAP_MANY).format(inner=pgsql.SQL(sql), limit=pgsql.Literal(self.sample_limit))

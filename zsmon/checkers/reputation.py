@@ -33,6 +33,12 @@ How each invariant is judged:
   counters in step) is judged at once. The deferred agents are counted in the
   summary: deferred, not passed. The same pass decides it (the latest task
   event per agent is one more aggregate), so the window costs nothing.
+  A busy agent is always "written lately", so a crash gap in its counters would
+  hide behind the window for good: with Redis, the agents in the in-between
+  shape are remembered (first seen, consecutive runs), and one that keeps it in
+  3 consecutive runs spanning ``settle_seconds`` is judged anyway. A write in
+  flight lasts milliseconds and closes by the next run; an agent caught between
+  writes now and then (a different task each time) starts the count again.
 * ``score_delta_range`` is one scan of the events.
 * ``score_jump`` streams ``(agent_did, overall_score)`` through a server-side
   cursor and compares each batch with the previous observation in one Redis
@@ -74,6 +80,8 @@ TASK_EVENT_TYPES = ("task_completed", "task_failed")
 KS_METRIC = "zerostate_reputation_drift_ks_statistic"
 BASELINE_KEY = "drift_baseline"
 LAST_SCORES_KEY = "last_scores"
+SETTLING_KEY = "settling"  # JSON: agent -> [first seen, runs] while its counters stay ahead of its events
+SETTLING_RUNS = 3          # consecutive runs (spanning settle_seconds) before such an agent is judged anyway
 # Field of the last-scores hash holding the observation time (DIDs start with "did:", never "_").
 OBSERVED_AT_FIELD = "_observed_at"
 JUMP_BATCH = 5000
@@ -176,8 +184,9 @@ class ReputationSettings(CheckerSettings):
         "event_counter_reconciliation and score_replay: an agent whose counters are ahead of its task events "
         "(a score update whose event is not written yet) and whose updated_at or latest task event is this "
         "recent (seconds before the snapshot) is not judged in this run, since the platform may be between "
-        "its two writes; a crash that leaves them so is reported once older. Counted as deferred in the "
-        "summary. 0 judges every agent at once."))
+        "its two writes; a crash that leaves them so is reported once older, or (with Redis) once the agent "
+        "kept that shape in 3 consecutive runs spanning this long. Counted as deferred in the summary. "
+        "0 judges every agent at once."))
 
 
 # One pass over the scores and a per-agent aggregate of the task events; the
@@ -205,7 +214,7 @@ WITH task_events AS (
            max(created_at) AS last_event_at
     FROM with_suffix
     GROUP BY agent_did
-), agents AS (
+), agents0 AS (
     SELECT coalesce(s.agent_did, r.agent_did) AS agent_did,
            s.agent_did IS NOT NULL AS has_row,
            s.overall_score, s.reliability_score, s.quality_score, s.speed_score,
@@ -217,15 +226,19 @@ WITH task_events AS (
            coalesce(r.unclamped_score, 50) AS unclamped_score,
            -- Settle window (module doc): written lately, and the counters ahead of the task events as
            -- between the score update and its event insert (never behind them, never without a row).
+           -- Agents that kept this shape too long across runs (%(overdue)s) are judged all the same.
            (%(settle)s > 0 AND s.agent_did IS NOT NULL
             AND s.successful_tasks >= coalesce(r.completed_events, 0)
             AND s.failed_tasks >= coalesce(r.failed_events, 0)
             AND s.successful_tasks + s.failed_tasks > coalesce(r.task_events, 0)
             AND (s.updated_at >= transaction_timestamp() - make_interval(secs => %(settle)s)
                  OR r.last_event_at >= transaction_timestamp() - make_interval(secs => %(settle)s)))
-             IS TRUE AS settling
+             IS TRUE AS shape
     FROM reputation_scores s
     FULL OUTER JOIN replayed r ON r.agent_did = s.agent_did
+), agents AS (
+    SELECT a0.*, a0.shape AND a0.agent_did <> ALL(%(overdue)s::text[]) AS settling
+    FROM agents0 a0
 )
 SELECT 'score_bounds' AS invariant, 'agent' AS entity_type, a.agent_did AS entity_id,
        (CASE WHEN w.val < 0 THEN 0 ELSE 100 END)::text AS expected, w.val::text AS actual,
@@ -303,6 +316,11 @@ SELECT '_deferred', 'agent', a.agent_did,
        'deferred: ' || (a.successful_tasks + a.failed_tasks - a.task_events) || ' task(s) counted without an event'
 FROM agents a
 WHERE a.settling
+
+UNION ALL
+SELECT '_settling', 'agent', a.agent_did, NULL, NULL, NULL::numeric, NULL
+FROM agents a
+WHERE a.shape
 """
 
 _DELTA_RANGE = """
@@ -400,11 +418,18 @@ class ReputationChecker(Checker):
     # ---- run -------------------------------------------------------------------
     def run(self, ctx: CheckContext) -> None:
         s: ReputationSettings = ctx.settings  # type: ignore[assignment]
-        counts, deferred, example = self._agent_pass(ctx, s)
+        counts, deferred, example, overdue = self._agent_pass(ctx, s)
+        if overdue and ctx.log is not None:
+            ctx.log.info("reputation_settle_overdue", agents=len(overdue), example=overdue[0])
         if any(counts.values()) or deferred:
             agents = ctx.scalar("SELECT count(*) FROM reputation_scores")
             for inv, n in counts.items():
                 text = [_SUMMARY[inv].format(n=n, agents=agents)] if n else []
+                if overdue and inv in _SETTLED_INVARIANTS:
+                    text.append(f"{len(overdue)} agents judged although written lately (e.g. {overdue[0]}): "
+                                f"their counters stayed ahead of their task events in {SETTLING_RUNS} runs over "
+                                f"{s.settle_seconds:g} s, longer than a write in flight (a crash gap their "
+                                f"traffic kept hiding)")
                 if deferred and inv in _SETTLED_INVARIANTS:
                     text.append(self._deferred_text(deferred, example, agents, s.settle_seconds))
                 if text:
@@ -423,12 +448,49 @@ class ReputationChecker(Checker):
                 if inv == "distribution_drift":
                     ctx.after_success(lambda: self._set_ks(None))
 
-    def _agent_pass(self, ctx: CheckContext, s: ReputationSettings) -> tuple[dict[str, int], int, str | None]:
+    def _agent_pass(self, ctx: CheckContext, s: ReputationSettings
+                    ) -> tuple[dict[str, int], int, str | None, list[str]]:
         """Judge the four per-agent invariants in one pass, and count the agents the settle window
-        deferred (the pass's ``_deferred`` rows). Returns (counts per invariant, deferred, one deferred agent)."""
-        totals = ctx.find_many(_AGENT_PASS, _AGENT_INVARIANTS, {"settle": s.settle_seconds})
+        deferred (the pass's ``_deferred`` rows). Returns (counts per invariant, deferred, one deferred
+        agent, the agents judged although in the window because their in-between shape outlasted it)."""
+        now = float(ctx.scalar("SELECT extract(epoch FROM transaction_timestamp())"))
+        memory = self._read_settling(ctx)
+        overdue = sorted(d for d, (since, runs) in memory.items()
+                         if runs >= SETTLING_RUNS - 1 and now - since >= s.settle_seconds)
+        totals = ctx.find_many(_AGENT_PASS, _AGENT_INVARIANTS, {"settle": s.settle_seconds, "overdue": overdue})
         deferred = totals.pop("_deferred", 0)
-        return totals, deferred, min(ctx.side.get("_deferred", []), default=None)
+        totals.pop("_settling", None)
+        shaped = ctx.side.get("_settling", [])
+        if ctx.redis is not None:
+            kept = {d: (memory[d][0], memory[d][1] + 1) if d in memory else (now, 1) for d in shaped}
+            ctx.after_success(lambda: self._write_settling(ctx, kept))
+        return totals, deferred, min(ctx.side.get("_deferred", []), default=None), overdue
+
+    @staticmethod
+    def _read_settling(ctx: CheckContext) -> dict[str, tuple[float, int]]:
+        """Agents in the in-between shape at the previous runs: did -> (first seen, consecutive runs)."""
+        if ctx.redis is None:
+            return {}
+        try:
+            raw = ctx.redis.get(ctx.key(SETTLING_KEY))
+            return {d: (float(v[0]), int(v[1])) for d, v in json.loads(raw).items()} if raw else {}
+        except redis.RedisError:
+            return {}  # without the memory every such agent is deferred, as without Redis
+        except (ValueError, TypeError, KeyError, IndexError):
+            if ctx.log is not None:
+                ctx.log.warning("settling_memory_unreadable", key=ctx.key(SETTLING_KEY))
+            return {}
+
+    @staticmethod
+    def _write_settling(ctx: CheckContext, kept: dict[str, tuple[float, int]]) -> None:
+        key = ctx.key(SETTLING_KEY)
+        try:
+            if kept:
+                ctx.redis.set(key, json.dumps(kept, separators=(",", ":")))
+            else:
+                ctx.redis.delete(key)
+        except redis.RedisError:
+            pass  # next run starts the count again: agents are deferred a little longer, never misjudged
 
     @staticmethod
     def _deferred_text(n: int, example: str | None, agents: int, settle: float) -> str:
