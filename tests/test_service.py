@@ -134,3 +134,24 @@ def test_check_once_exits_2_when_the_database_is_unreachable(tmp_path):
     (check,) = json.loads(proc.stdout)["checks"]
     assert check["status"] == "error" and "unavailable" in check["error"]
     assert "pw-should-not-leak" not in proc.stdout + proc.stderr
+
+
+def test_metrics_never_lag_the_result_store():
+    """The API reads the store; /metrics serves bytes rendered after each job. A scrape in between
+    must not show an older run than the API just did (it renders then, once)."""
+    from zsmon.core.metrics import Metrics
+    from zsmon.core.results import CheckResult
+    from zsmon.core.store import ResultStore
+
+    store = ResultStore()
+    metrics = Metrics(store, ["x"])
+    store.put(CheckResult("x", "pass"))
+    metrics.refresh()
+    cached = metrics.exposition(None)[0]
+    assert 'zerostate_invariant_check_up{checker="x"} 1.0' in cached.decode()
+    assert metrics.exposition(None)[0] is cached  # served from the render, not encoded per scrape
+    store.put(CheckResult("x", "error", error="database unavailable"))  # the job's refresh has not run yet
+    assert 'zerostate_invariant_check_up{checker="x"} 0.0' in metrics.exposition(None)[0].decode()
+    metrics.refresh()
+    again = metrics.exposition(None)[0]
+    assert metrics.exposition(None)[0] is again and 'check_up{checker="x"} 0.0' in again.decode()

@@ -115,7 +115,8 @@ class Metrics:
             self.job_skipped.labels(job)
         for collector in collector_names:  # errors at 0 from the start, so rate() works before the first failure
             self.collector_errors.labels(collector)
-        self._rendered: dict[str, bytes] = {}
+        self._store = store
+        self._rendered: tuple[int, dict[str, bytes]] = (-1, {})  # (store generation, body per content type)
         self.families = CachedFamilies()
         r.register(ResultsCollector(store))
         r.register(self.families)
@@ -130,13 +131,19 @@ class Metrics:
         Every metric changes inside a scheduler job or a published result, and both
         call this when they finish; a scrape then returns ready bytes.
         """
+        generation = self._store.generation  # read first: a result stored meanwhile marks these bytes stale
         rendered = {}
         for accept in _FORMATS:
             encoder, content_type = choose_encoder(accept)
             rendered[content_type] = encoder(self.registry)
-        self._rendered = rendered
+        self._rendered = (generation, rendered)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
-        cached = self._rendered.get(content_type)
-        return (cached if cached is not None else encoder(self.registry)), content_type
+        generation, rendered = self._rendered
+        cached = rendered.get(content_type)
+        if cached is None or generation != self._store.generation:
+            # A result was stored after the last render (the job's refresh is a moment away): render
+            # now, so /metrics never shows an older run than the API already does.
+            return encoder(self.registry), content_type
+        return cached, content_type

@@ -25,9 +25,11 @@ class ResultStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._states: dict[str, CheckerState] = {}
+        self.generation = 0  # grows with every put: lets /metrics tell its rendered bytes are behind
 
     def put(self, result: CheckResult) -> None:
         with self._lock:
+            self.generation += 1
             state = self._states.setdefault(result.checker, CheckerState())
             state.latest = result
             if result.status != "error":
