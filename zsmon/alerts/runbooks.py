@@ -131,8 +131,9 @@ def invariant_runbooks(model: Model) -> dict[str, str]:
             else:
                 sql = ENTITY_SQL.get(inv.entity_type, f"-- no standard query for entity type {inv.entity_type!r}: "
                                                       f"see zsmon/checkers/{c.name}.py")
+            resolve = RESOLVE.get(f"{c.name}.{inv.id}", RESOLVE.get(c.name, DEFAULT_RESOLVE))
             out[f"{inv.alert}.md"] = template.render(
-                c=c, inv=inv, sql=sql, resolve=RESOLVE.get(f"{c.name}.{inv.id}", RESOLVE.get(c.name, DEFAULT_RESOLVE)), mark=GENERATED_MARK,
+                c=c, inv=inv, sql=sql, resolve=resolve, mark=GENERATED_MARK,
                 dashboard_uid="zsmon-" + c.name if c.name in ("payments", "auctions", "reputation") else
                 "zsmon-invariants")
     return out
