@@ -14,7 +14,7 @@ import requests
 from zsmon.checkers import declarative
 from zsmon.checkers.registry import checker_classes
 from zsmon.core.config import ConfigError
-from zsmon.testing import LOCAL_HTTP, running_service, wait_for
+from zsmon.testing import LOCAL_HTTP, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "checkers"
@@ -353,11 +353,7 @@ def test_a_yaml_checker_reaches_metrics_api_and_status_page(writer, make_config)
                           scheduler={"health_interval_seconds": 0.5},
                           checkers={"agent_capacity": {"interval_seconds": 1}})
     with running_service(config) as svc:
-        def scraped():
-            text = requests.get(svc.url("metrics", "/metrics"), timeout=5).text
-            return text if 'zerostate_invariant_violations{checker="agent_capacity"' in text else None
-
-        text = wait_for(scraped)
+        text = svc.wait_for_metrics('zerostate_invariant_violations{checker="agent_capacity"')
         assert 'zerostate_invariant_violations{checker="agent_capacity",invariant="agent_over_capacity"} 1.0' in text, [l for l in text.splitlines() if "agent_capacity" in l]
         auth = {"Authorization": f"Bearer {TOKEN}"}
         check = requests.get(svc.url("api", "/api/v1/checks/agent_capacity"), headers=auth, timeout=5).json()

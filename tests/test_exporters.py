@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
-import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -25,10 +24,10 @@ from structlog.testing import capture_logs
 from zsmon.core.config import ConfigError
 from zsmon.core.logging import get_logger
 from zsmon.core.redis import make_redis
-from zsmon.core.service import Service, build_exporters, build_runner
+from zsmon.core.service import build_exporters, build_runner
 from zsmon.exporters.api_probe import ApiProbeExporter, ApiProbeSettings, target_label
 from zsmon.exporters.base import CollectContext
-from zsmon.testing import free_port, wait_for
+from zsmon.testing import free_port, running_service, wait_for
 
 HTTP = {"metrics_listen": "127.0.0.1:0", "api_listen": "127.0.0.1:0"}
 PG_BIN = os.environ.get("ZSMON_PG_BIN", "/usr/lib/postgresql/15/bin")
@@ -69,23 +68,11 @@ def promtool_lint(text: str) -> str:
     return (proc.stdout + proc.stderr).strip() if proc.returncode or proc.stdout or proc.stderr else ""
 
 
-class running:
-    """The real sidecar in-process on ephemeral ports."""
-
-    def __init__(self, config: Any) -> None:
-        self.service = Service(config)
-
-    def __enter__(self) -> "running":
-        self.service.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.service.stop()
+class running(running_service):
+    """The real sidecar in-process on ephemeral ports, scraped as parsed samples."""
 
     def scrape(self) -> dict:
-        r = requests.get(f"http://127.0.0.1:{self.service.ports['metrics']}/metrics", timeout=5)
-        r.raise_for_status()
-        return samples(r.text)
+        return samples(self.metrics_text())
 
 
 def fast(**exporters: Any) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from zsmon.checkers.registry import checker_classes
-from zsmon.testing import LOCAL_HTTP, running_service, wait_for
+from zsmon.testing import LOCAL_HTTP, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 ZSMON = str(Path(sys.executable).with_name("zsmon"))
@@ -87,11 +87,7 @@ def test_plugin_reaches_metrics_api_and_status_page(writer, make_config):
     config = make_config(http={**LOCAL_HTTP, "admin_token": TOKEN}, scheduler={"health_interval_seconds": 0.5},
                          checkers={"agent_liveness": {"interval_seconds": 1}})
     with running_service(config) as svc:
-        def scraped():
-            text = requests.get(svc.url("metrics", "/metrics"), timeout=5).text
-            return text if 'zerostate_invariant_violations{checker="agent_liveness"' in text else None
-
-        text = wait_for(scraped)
+        text = svc.wait_for_metrics('zerostate_invariant_violations{checker="agent_liveness"')
         assert 'zerostate_invariant_violations{checker="agent_liveness",invariant="silent_active_agent"} 1.0' in text
         auth = {"Authorization": f"Bearer {TOKEN}"}
         check = requests.get(svc.url("api", "/api/v1/checks/agent_liveness"), headers=auth, timeout=5).json()

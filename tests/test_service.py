@@ -21,11 +21,7 @@ def test_health_ready_metrics_and_checks(make_config):
         assert requests.get(svc.url("metrics", "/health"), timeout=5).status_code == 200
         assert requests.get(svc.url("api", "/health"), timeout=5).status_code == 200
         wait_for(lambda: requests.get(svc.url("metrics", "/ready"), timeout=5).status_code == 200)
-        def scraped():
-            t = requests.get(svc.url("metrics", "/metrics"), timeout=5).text
-            return t if 'zerostate_invariant_violations{checker="schema"' in t else None
-
-        text = wait_for(scraped)
+        text = svc.wait_for_metrics('zerostate_invariant_violations{checker="schema"')
         assert 'zerostate_invariant_violations{checker="schema",invariant="required_columns_present"} 0.0' in text
         assert 'zerostate_invariant_check_runs_total{checker="schema",status="pass"}' in text
         assert "zerostate_invariant_check_duration_seconds_bucket" in text

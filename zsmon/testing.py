@@ -347,6 +347,17 @@ class running_service:
     def url(self, listener: str, path: str) -> str:
         return f"http://127.0.0.1:{self.service.ports[listener]}{path}"
 
+    def metrics_text(self) -> str:
+        import requests
+
+        r = requests.get(self.url("metrics", "/metrics"), timeout=5)
+        r.raise_for_status()
+        return r.text
+
+    def wait_for_metrics(self, needle: str, timeout: float = 15.0) -> str:
+        """The ``/metrics`` text once it contains ``needle`` (e.g. a checker's first published result)."""
+        return wait_for(lambda: (lambda t: t if needle in t else None)(self.metrics_text()), timeout=timeout)
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
     """Poll until ``predicate()`` is truthy; return its value or fail with the timeout."""
