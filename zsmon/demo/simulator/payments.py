@@ -319,7 +319,7 @@ def one_unit_leak(conn: psycopg.Connection) -> str:
             " + %s - %s, sequence_number = sequence_number + 2, updated_at = now() WHERE id = %s",
             (e, UNIT, e, UNIT, ch["id"]))
         # The payee is credited as the platform credits it, creating its account on its first payment.
-        conn.execute("INSERT INTO accounts (did) VALUES (%s) ON CONFLICT (did) DO NOTHING", (ch["payee_did"],))
+        PaymentSimulator._account(conn.cursor(), ch["payee_did"])
         conn.execute("UPDATE accounts SET balance = balance + %s - %s, updated_at = now() WHERE did = %s",
                      (e, UNIT, ch["payee_did"]))
         conn.execute("INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id) VALUES "
