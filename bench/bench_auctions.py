@@ -14,8 +14,9 @@ import uuid
 
 import psycopg
 
+from zsmon.app import build_registry
 from zsmon.core.config import load_config
-from zsmon.core.service import build_exporters, build_runner
+from zsmon.core.service import build_runner
 from zsmon.testing import create_platform_database, drop_database
 
 
@@ -53,7 +54,8 @@ def main() -> None:
             print(f"populated {counts[0]} auctions, {counts[1]} bids in {time.perf_counter() - t:.1f} s")
         config = load_config(None, env={"ZSMON_DATABASE_URL": url, "REDIS_HOST": "127.0.0.1"})
         config.redis.key_prefix = f"zsmon-bench-{uuid.uuid4().hex[:6]}:"
-        runner = build_runner(config, only=["auctions"], exporters=build_exporters(config))
+        registry = build_registry(config)
+        runner = build_runner(registry, only=["auctions"], exporters=registry.enabled_exporters())
         try:
             for mode in ("full", "full"):
                 r = runner.run_check("auctions", mode=mode)

@@ -57,6 +57,7 @@ def _world(url: str, seed: int) -> str:
 
 def one_run(url: str, channel: str, rng: random.Random, tmp: Path, redis_prefix: str) -> dict[str, float]:
     from zsmon.alerts.render import render_all
+    from zsmon.app import build_registry
     from zsmon.core.config import load_config
 
     platform, receiver = FakePlatform(), WebhookReceiver()
@@ -73,7 +74,7 @@ def one_run(url: str, channel: str, rng: random.Random, tmp: Path, redis_prefix:
     config = load_config(path, env={"ZSMON_DATABASE_URL": url, "REDIS_HOST": str(kw.get("host", "127.0.0.1")),
                                     "REDIS_PORT": str(kw.get("port", 6379))})
     out = tmp / f"rendered-{uuid.uuid4().hex[:6]}"
-    render_all(config, out)
+    render_all(build_registry(config), out)
     try:
         with running_service(config) as svc, PrometheusStack(out, alertmanager_port=am_port) as prom:
             prom.wait_targets_up({"zsmon"}, timeout=60)
@@ -125,16 +126,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    from zsmon.checkers.registry import checker_classes
+    from zsmon.app import build_registry
+    from zsmon.core.config import Config
     from zsmon.core.logging import configure_logging
 
     configure_logging("error")
-    classes = checker_classes()
+    classes = build_registry(Config()).checker_classes
     if "payments" not in classes:
         print("the payments checker is not in this build: nothing to measure")
         return 2
-    from zsmon.core.config import Config
-
     render = Config().render
     print(f"shipped defaults: payments checker every {classes['payments'].default_interval_seconds:g}s, "
           f"scrape {render.scrape_interval_seconds}s, evaluation {render.evaluation_interval_seconds}s, "

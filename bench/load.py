@@ -55,20 +55,22 @@ TOKEN = "bench-load-token"
 
 # ---- the database and the sidecar ------------------------------------------------------------
 def start_zsmon(workdir: Path, dsn: str, interval: float, prefix: str) -> tuple[subprocess.Popen, int, int]:
-    from zsmon.checkers.registry import checker_classes
-    from zsmon.exporters.registry import exporter_classes
+    from zsmon.app import build_registry
+    from zsmon.core.config import Config
 
+    builtin = build_registry(Config())  # names only: every built-in checker and exporter, and installed plugins
     mport, aport = free_port(), free_port()
     cfg = workdir / "zsmon.yml"
     cfg.write_text(yaml.safe_dump({
         "redis": {"key_prefix": prefix},
         "http": {"metrics_listen": f"127.0.0.1:{mport}", "api_listen": f"127.0.0.1:{aport}", "admin_token": TOKEN},
-        "checkers": {n: {"interval_seconds": interval} for n in checker_classes()},
-        "exporters": {n: {"interval_seconds": interval, "enabled": n != "api_probe"} for n in exporter_classes()},
+        "checkers": {n: {"interval_seconds": interval} for n in builtin.checker_classes},
+        "exporters": {n: {"interval_seconds": interval, "enabled": n != "api_probe"}
+                      for n in builtin.exporter_classes},
     }))
     env = {**os.environ, "ZSMON_DATABASE_URL": dsn, "LOG_FORMAT": "json", "LOG_LEVEL": "warning"}
     log = open(workdir / "zsmon.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "zsmon.core.cli", "--config", str(cfg), "run"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "zsmon.cli", "--config", str(cfg), "run"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -76,7 +78,7 @@ def start_zsmon(workdir: Path, dsn: str, interval: float, prefix: str) -> tuple[
             raise SystemExit(f"zsmon exited (rc {proc.returncode}); see {workdir / 'zsmon.log'}")
         try:
             status, body = get(aport, "/api/v1/checks", auth=True)
-            if status == 200 and body.count(b'"checker"') >= len(checker_classes()):
+            if status == 200 and body.count(b'"checker"') >= len(builtin.checker_classes):
                 return proc, mport, aport
         except OSError:
             pass

@@ -259,6 +259,7 @@ def run_bench(dsn: str, repeat: int) -> None:
     import redis
     import yaml
 
+    from zsmon.app import build_registry
     from zsmon.core.config import load_config
     from zsmon.core.logging import configure_logging
     from zsmon.core.service import build_runner
@@ -274,7 +275,7 @@ def run_bench(dsn: str, repeat: int) -> None:
     }))
     config = load_config(conf, env={"ZSMON_DATABASE_URL": dsn, "REDIS_HOST": "127.0.0.1"})
     configure_logging("warning")
-    runner = build_runner(config, only=["payments"])
+    runner = build_runner(build_registry(config), only=["payments"])
     try:
         print("warm-up: first full check (records the sequence memory)", flush=True)
         first = runner.run_check("payments", mode="full")

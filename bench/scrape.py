@@ -202,10 +202,8 @@ def measure(port: int, scrapes: int, spread: float = 0.0, warmup: int = 20) -> F
 # ---- zsmon -----------------------------------------------------------------------------------
 def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, interval: float,
                  switch_ms: float | None) -> Path:
-    from zsmon.checkers.registry import checker_classes
-    from zsmon.exporters.registry import exporter_classes
-
-    exporters: dict[str, Any] = {name: {"interval_seconds": interval} for name in exporter_classes()}
+    builtin = _builtin()
+    exporters: dict[str, Any] = {name: {"interval_seconds": interval} for name in builtin.exporter_classes}
     exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
     cfg = {
         "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": f"127.0.0.1:{api_port}",
@@ -213,18 +211,23 @@ def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, inte
         "redis": {"key_prefix": REDIS_PREFIX},
         "logging": {"level": "warning", "format": "console"},
         "exporters": exporters,
-        "checkers": {name: {"statement_timeout_seconds": 600} for name in checker_classes()},
+        "checkers": {name: {"statement_timeout_seconds": 600} for name in builtin.checker_classes},
     }
     path = workdir / "zsmon.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
+def _builtin() -> Any:
+    """The registry of the default config: every built-in checker and exporter, and installed plugins (names only)."""
+    from zsmon.app import build_registry
+    from zsmon.core.config import Config
+
+    return build_registry(Config())
+
+
 def _zsmon_ready(port: int) -> bool:
     from prometheus_client.parser import text_string_to_metric_families
-
-    from zsmon.checkers.registry import checker_classes
-    from zsmon.exporters.registry import exporter_classes
 
     status, body = get(port)
     if status != 200:
@@ -234,9 +237,10 @@ def _zsmon_ready(port: int) -> bool:
         for s in family.samples:
             if s.name == "zerostate_invariant_check_up":
                 checkers.add(s.labels["checker"])
-            elif s.name == "zsmon_collector_last_success_timestamp_seconds":
-                collectors.add(s.labels["collector"])
-    return set(checker_classes()) <= checkers and set(exporter_classes()) <= collectors
+            elif s.name == "zsmon_exporter_last_success_timestamp_seconds":
+                collectors.add(s.labels["exporter"])
+    builtin = _builtin()
+    return set(builtin.checker_classes) <= checkers and set(builtin.exporter_classes) <= collectors
 
 
 def collection_costs(port: int) -> str:
@@ -247,7 +251,7 @@ def collection_costs(port: int) -> str:
     out = []
     for family in text_string_to_metric_families(body.decode()):
         for s in family.samples:
-            if s.name == "zsmon_collector_duration_seconds":
+            if s.name == "zsmon_exporter_duration_seconds":
                 out.append(f"collect:{s.labels['collector']}={s.value * 1000:.0f}ms")
             elif s.name == "zerostate_invariant_check_duration_seconds_sum":
                 out.append(f"check:{s.labels['checker']}(sum)={s.value:.2f}s")
@@ -289,8 +293,7 @@ def recorded_queries(dsn: str) -> list[tuple[str, str, dict[str, int]]]:
 
     from zsmon.core.config import DatabaseConfig
     from zsmon.core.db import Database
-    from zsmon.exporters.base import CollectContext
-    from zsmon.exporters.registry import exporter_classes
+    from zsmon.core.exporter import CollectContext
 
     recorded: list[tuple[str, str, dict[str, int]]] = []
 
@@ -307,7 +310,7 @@ def recorded_queries(dsn: str) -> list[tuple[str, str, dict[str, int]]]:
     db = Database(DatabaseConfig(url=SecretStr(dsn)))
     db.open()
     try:
-        for name, cls in exporter_classes().items():
+        for name, cls in _builtin().exporter_classes.items():
             if not cls.needs_database:
                 continue
             exporter = cls()

@@ -22,7 +22,7 @@ import yaml
 from zsmon.alerts.model import build_model, seconds_of
 from zsmon.alerts.render import render_all, render_model
 from zsmon.alerts.rule_tests import covered_alerts, expand, humanize_duration, rule_test_files
-from zsmon.checkers.registry import checker_classes
+from zsmon.app import build_registry
 from zsmon.core.config import Config
 
 PROMTOOL = "promtool"
@@ -32,7 +32,7 @@ RATE_FUNCS = {"rate", "irate", "increase"}
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(Config())
+    return build_model(build_registry(Config()))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def alerts(groups):
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rules") / "out"
-    render_all(Config(), out)
+    render_all(build_registry(Config()), out)
     return out
 
 
@@ -176,15 +176,16 @@ def test_the_guides_three_alerts_done_right(alerts, model):
     assert 'up{job="postgres"} == 0' in db["expr"] and "zsmon_database_up == 0" in db["expr"]
     assert db["labels"]["severity"] == "critical"
     money = by["BalanceInvariantViolation"][0]
-    assert 'max(zerostate_invariant_violations{checker="payments"}) > 0' in money["expr"]
-    assert "increase(zerostate_payment_balance_check_failures_total[" in money["expr"]
+    # Pages on money violations nobody acknowledged, never on the passage of time (a counter's window).
+    assert money["expr"].strip() == 'max(zerostate_invariant_violations_unacknowledged{checker="payments"}) > 0'
+    assert "increase(" not in money["expr"]
     assert money["labels"]["severity"] == "critical" and seconds_of(money["for"]) <= 60
 
 
 def test_per_invariant_alerts_follow_each_invariants_severity(alerts):
     by = {(r["labels"].get("checker"), r["labels"].get("invariant")): r for r in alerts if "invariant" in r["labels"]}
     count = 0
-    for name, cls in checker_classes().items():
+    for name, cls in build_registry(Config()).checker_classes.items():
         for inv in cls.invariants:
             rule = by[(name, inv.id)]
             assert rule["labels"]["severity"] == inv.severity
@@ -199,13 +200,13 @@ def test_per_invariant_alerts_follow_each_invariants_severity(alerts):
 def test_burn_rate_factors_are_computed_from_the_slo(files):
     for slo, budget in ((0.999, "0.001"), (0.995, "0.005")):
         config = Config.model_validate({"render": {"availability_slo": slo, "slo_period_days": 28}})
-        m = build_model(config)
+        m = build_model(build_registry(config))
         text = render_model(m)["prometheus/rules/zerostate-slo.rules.yml"]
         for b in m.burn_rates:
             expected = b.share * Decimal(28 * 24) / (Decimal(seconds_of(b.long)) / 3600)
             assert abs(b.factor - expected) < Decimal("1e-8")  # rendered with 9 decimals at most
             assert f"ratio_rate{b.long} > ({b.factor} * {budget})" in text
-    m = build_model(Config())
+    m = build_model(build_registry(Config()))
     assert [str(b.factor) for b in m.burn_rates] == ["14.4", "6", "3", "1"]
     assert [(b.long, b.short, b.severity) for b in m.burn_rates] == [
         ("1h", "5m", "critical"), ("6h", "30m", "critical"), ("1d", "2h", "warning"), ("3d", "6h", "warning")]
@@ -254,19 +255,24 @@ def test_promtool_test_rules_pass(out_dir):
     assert not failed, failed
 
 
-def test_promtool_catches_the_guides_balance_alert(out_dir, tmp_path):
-    """The tests have teeth: the deployment guide's `counter > 0` fails the quiet-on-an-old-counter case."""
+@pytest.mark.parametrize("expr", [
+    "zerostate_payment_balance_check_failures_total > 0",  # the deployment guide's: pages forever
+    'max(zerostate_invariant_violations{checker="payments"}) > 0',  # blind to acknowledgements
+    'sum(increase(zerostate_payment_balance_check_failures_total[1m])) > 0',  # pages on the passage of time
+])
+def test_promtool_catches_balance_alerts_that_page_on_known_violations(out_dir, tmp_path, expr):
+    """The tests have teeth: an alert that pages on acknowledged violations fails the quiet case."""
     mutated = tmp_path / "prometheus"
     (mutated / "rules").mkdir(parents=True)
     (mutated / "tests").mkdir()
     rules = yaml.safe_load((out_dir / "prometheus/rules/zsmon-money.rules.yml").read_text())
-    rules["groups"][0]["rules"][0]["expr"] = "zerostate_payment_balance_check_failures_total > 0"
+    rules["groups"][0]["rules"][0]["expr"] = expr
     (mutated / "rules/zsmon-money.rules.yml").write_text(yaml.safe_dump(rules))
     test = out_dir / "prometheus/tests/zsmon-money.test.yml"
     (mutated / "tests" / test.name).write_text(test.read_text())
     proc = _promtool_test(mutated / "tests" / test.name)
     assert proc.returncode != 0
-    assert "stays quiet on an old counter" in proc.stdout + proc.stderr
+    assert "stays quiet on known, acknowledged violations" in proc.stdout + proc.stderr
 
 
 def test_generated_cases_follow_the_config():
@@ -275,13 +281,13 @@ def test_generated_cases_follow_the_config():
         "scrape_interval_seconds": 15, "evaluation_interval_seconds": 15, "critical_invariant_for_seconds": 30,
         "warning_invariant_for_seconds": 120, "high_error_rate_ratio": 0.1, "availability_slo": 0.995},
         "checkers": {"schema": {"interval_seconds": 45}}})
-    m = build_model(config)
-    assert m.balance_failure_window == "1m" and seconds_of(m.balance_failure_window) > 30
+    m = build_model(build_registry(config))
+    assert {c.name: c.interval_seconds for c in m.checkers}["schema"] == 45
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        render_all(config, out)
+        render_all(build_registry(config), out)
         tests = [out / "prometheus/tests" / n for n in
                  ("zsmon-money.test.yml", "zsmon-checker-schema.test.yml", "zerostate-platform.test.yml",
                   "zerostate-slo.test.yml")]

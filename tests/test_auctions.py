@@ -161,7 +161,8 @@ def test_exporter_families(writer, make_config):
     from prometheus_client.parser import text_string_to_metric_families
 
     from zsmon.core.metrics import Metrics
-    from zsmon.core.service import build_exporters, build_runner
+    from zsmon.app import build_registry
+    from zsmon.core.service import build_runner
     from zsmon.core.store import ResultStore
 
     world(writer)
@@ -169,8 +170,8 @@ def test_exporter_families(writer, make_config):
     config = make_config(redis=False)
     store = ResultStore()
     metrics = Metrics(store)
-    runner = build_runner(config, only=["auctions"], metrics=metrics, store=store,
-                          exporters={"auctions": build_exporters(config)["auctions"]})
+    runner = build_runner(build_registry(config), only=["auctions"], metrics=metrics, store=store,
+                          exporters=["auctions"])
     try:
         runner.collect("auctions")
     finally:
@@ -203,7 +204,7 @@ def test_exporter_families(writer, make_config):
 
 def test_exporter_omits_ratio_without_ended_auctions(writer, make_config):
     from zsmon.exporters.auctions import AuctionsExporter
-    from zsmon.exporters.base import CollectContext
+    from zsmon.core.exporter import CollectContext
     import psycopg
 
     config = make_config(redis=False)
@@ -247,9 +248,10 @@ def test_live_steps_follow_the_wall_clock(writer, run_check):
 
 
 def test_auction_worlds_keep_the_payments_checker_clean(writer, run_check):
-    from zsmon.checkers.registry import checker_classes
+    from zsmon.app import build_registry
+    from zsmon.core.config import Config
 
-    if "payments" not in checker_classes():
+    if "payments" not in build_registry(Config()).checker_classes:
         pytest.skip("payments checker not in this build")
     world(writer)
     result = run_check("payments", redis=False)

@@ -8,7 +8,7 @@ import redis
 def _run(tmp_path, prefix, *args):
     f = tmp_path / "c.yml"
     f.write_text(f"redis:\n  key_prefix: '{prefix}'\n")
-    return subprocess.run([sys.executable, "-m", "zsmon.core.cli", "--config", str(f), "checkers", "reset-memory", *args],
+    return subprocess.run([sys.executable, "-m", "zsmon.cli", "--config", str(f), "checkers", "reset-memory", *args],
                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
 
 

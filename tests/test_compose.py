@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from zsmon.alerts.render import render_files
+from zsmon.app import build_registry
 from zsmon.core.config import ENV_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_zsmon_gets_the_deployment_guides_env_vars(compose):
 
 
 def test_mounts_match_the_rendered_layout(compose):
-    files = render_files(Config())
+    files = render_files(build_registry(Config()))
     mounts = {s: [v for v in svc.get("volumes", []) if isinstance(v, str) and v.startswith("${ZSMON_RENDER_DIR")]
               for s, svc in compose["services"].items()}
     # ${ZSMON_RENDER_DIR:-./monitoring}/prometheus:/etc/prometheus:ro -> "prometheus"

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from zsmon.app import build_registry
 from zsmon.core.config import ConfigError, load_config
 from zsmon.core.db import conninfo
 
@@ -44,8 +45,6 @@ def test_empty_redis_host_disables_redis():
 @pytest.mark.parametrize("text, expected", [
     ("database:\n  host: x\n  prot: 5432\n", "line 3: database.prot: unknown key"),
     ("database:\n  port: abc\n", "line 2: database.port: Input should be a valid integer"),
-    ("checkers:\n  nosuch:\n    enabled: true\n", "line 2: checkers.nosuch: unknown name"),
-    ("checkers:\n  schema:\n    settings:\n      bogus: 1\n", "line 4: checkers.schema.settings.bogus: unknown key"),
     ("http:\n  api_listen: nowhere\n", "http.api_listen: Value error, expected HOST:PORT"),
     ("database: [1, 2\n", "invalid YAML"),
     ("- a\n- b\n", "the top level must be a mapping"),
@@ -55,6 +54,21 @@ def test_mistakes_name_file_line_and_key(tmp_path, text, expected):
     f.write_text(text)
     with pytest.raises(ConfigError) as err:
         load_config(f, env={})
+    assert str(f) in str(err.value)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("checkers:\n  nosuch:\n    enabled: true\n", "line 2: checkers.nosuch: unknown name"),
+    ("checkers:\n  schema:\n    settings:\n      bogus: 1\n", "line 4: checkers.schema.settings.bogus: unknown key"),
+])
+def test_checker_mistakes_name_file_line_and_key_when_the_registry_is_built(tmp_path, text, expected):
+    """Checker names and settings belong to the registry: load_config accepts the shape, build_registry refuses."""
+    f = tmp_path / "bad.yml"
+    f.write_text(text)
+    config = load_config(f, env={})
+    with pytest.raises(ConfigError) as err:
+        build_registry(config)
     assert str(f) in str(err.value)
     assert expected in str(err.value)
 
@@ -75,7 +89,7 @@ def test_missing_file_is_one_clear_error(tmp_path):
 def test_cli_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     f = tmp_path / "bad.yml"
     f.write_text("database:\n  port: [oops]\n")
-    proc = subprocess.run([sys.executable, "-m", "zsmon.core.cli", "--config", str(f), "check", "--once"],
+    proc = subprocess.run([sys.executable, "-m", "zsmon.cli", "--config", str(f), "check", "--once"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr

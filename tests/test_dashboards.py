@@ -14,7 +14,7 @@ import yaml
 
 from zsmon.alerts.model import build_model
 from zsmon.alerts.render import golden_files, render_model
-from zsmon.checkers.registry import checker_classes
+from zsmon.app import build_registry
 from zsmon.core.config import Config
 from zsmon.dashboards.build import SpecError, build_dashboard
 
@@ -27,7 +27,7 @@ UIDS = {"zsmon-api", "zsmon-database", "zsmon-payments", "zsmon-auctions", "zsmo
 
 @pytest.fixture(scope="module")
 def files():
-    return render_model(build_model(Config()))
+    return render_model(build_model(build_registry(Config())))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_the_panels_the_guide_names(boards):
 def test_invariants_overview_shows_every_invariant_with_last_success_and_duration(boards):
     board = boards["zsmon-invariants"]
     exprs = [e for _, e in _exprs(board)]
-    for name, cls in checker_classes().items():
+    for name, cls in build_registry(Config()).checker_classes.items():
         for inv in cls.invariants:
             assert any(f'invariant="{inv.id}"' in e and f'checker="{name}"' in e for e in exprs), (name, inv.id)
         assert any(f'checker="{name}"' in e and "last_success_timestamp" in e for e in exprs), name
@@ -130,7 +130,7 @@ def test_invariants_overview_shows_every_invariant_with_last_success_and_duratio
 def test_domain_dashboards_get_their_checkers_invariants(boards):
     for uid, checker in (("zsmon-payments", "payments"), ("zsmon-auctions", "auctions"),
                          ("zsmon-reputation", "reputation")):
-        cls = checker_classes().get(checker)
+        cls = build_registry(Config()).checker_classes.get(checker)
         if cls is None:
             continue
         exprs = [e for _, e in _exprs(boards[uid])]
@@ -149,4 +149,4 @@ def test_a_panel_without_a_unit_is_refused():
     spec = {"uid": "x", "title": "x", "description": "x",
             "rows": [{"title": "r", "panels": [{"title": "p", "description": "d", "targets": [{"expr": "up"}]}]}]}
     with pytest.raises(SpecError, match="unit"):
-        build_dashboard(spec, build_model(Config()))
+        build_dashboard(spec, build_model(build_registry(Config())))

@@ -11,22 +11,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from zsmon.checkers import declarative
-from zsmon.checkers.registry import checker_classes
-from zsmon.core.config import ConfigError
+from zsmon.app import build_registry
+from zsmon.core import declarative
+from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.testing import LOCAL_HTTP, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "checkers"
 ZSMON = str(Path(sys.executable).with_name("zsmon"))
 TOKEN = "decl-token-5d2a"
-
-
-@pytest.fixture(autouse=True)
-def _reset_search_path():
-    """The search path is module state set by load_config: leave it as we found it."""
-    yield
-    declarative.configure(None)
 
 
 @pytest.fixture
@@ -38,7 +31,7 @@ def run_yaml():
 
     def run(name, config):
         if id(config) not in runners:
-            runners[id(config)] = (config, build_runner(config))
+            runners[id(config)] = (config, build_runner(build_registry(config)))
         return runners[id(config)][1].run_check(name)
 
     yield run
@@ -298,27 +291,30 @@ def test_yaml_syntax_duplicates_and_name_clashes(tmp_path):
     with pytest.raises(ConfigError, match=rf"checker file {two}: name: 'same' is also declared by {one}"):
         declarative.load([tmp_path / "c"])
     clash = _write(tmp_path / "d", "schema.yml", MINIMAL.format(name="schema", query="SELECT 1 AS entity_id"))
-    declarative.configure([tmp_path / "d"])
     with pytest.raises(ConfigError, match=rf"checker file {clash}: name: 'schema' is already taken by the builtin"):
-        checker_classes()
+        build_registry(Config.model_validate({"checks": {"paths": [tmp_path / "d"]}}))
     with pytest.raises(ConfigError, match="is neither a directory nor a file"):
         declarative.load([tmp_path / "missing"])
 
 
-def test_config_paths_are_relative_to_the_config_file_and_env_overrides(tmp_path, make_config):
-    from zsmon.core.config import load_config
-
+def test_config_paths_are_relative_to_the_config_file_and_env_overrides(tmp_path, make_config, monkeypatch):
     _write(tmp_path / "conf" / "checks", "probe.yml", MINIMAL.format(name="probe", query="SELECT 1 AS entity_id"))
     cfg_file = tmp_path / "conf" / "zsmon.yml"
     cfg_file.write_text("checks:\n  paths: [checks]\ncheckers:\n  probe:\n    interval_seconds: 5\n")
     config = load_config(cfg_file, env={})
-    assert config.checks.paths == [tmp_path / "conf" / "checks"] and "probe" in checker_classes()
+    registry = build_registry(config)
+    assert config.checks.paths == [tmp_path / "conf" / "checks"] and "probe" in registry.checker_classes
+    assert registry.checkers["probe"].interval_seconds == 5
     # The environment variable replaces the file's list (colon-separated), like every other variable.
     config = load_config(None, env={"ZSMON_CHECKERS_PATH": f"{EXAMPLES}:{tmp_path / 'conf' / 'checks'}"})
-    assert {"stuck_tasks", "probe"} <= set(checker_classes())
-    # Before any config is loaded the process environment is the search path.
-    declarative.configure(None)
-    assert "probe" not in checker_classes()
+    assert {"stuck_tasks", "probe"} <= set(build_registry(config).checker_classes)
+    # No search path outlives its config: one without paths has no YAML checkers, whatever was loaded before ...
+    assert "probe" not in build_registry(Config()).checker_classes
+    assert "probe" not in build_registry(load_config(None, env={})).checker_classes
+    # ... and the process environment is read through load_config, as every other variable.
+    monkeypatch.setenv("ZSMON_CHECKERS_PATH", str(tmp_path / "conf" / "checks"))
+    assert "probe" not in build_registry(Config()).checker_classes
+    assert "probe" in build_registry(load_config(None)).checker_classes
 
 
 def test_cli_exit_codes(tmp_path, db_url, writer, redis_prefix):
@@ -371,7 +367,7 @@ def test_a_yaml_checker_gets_its_alert_and_panel_from_render(make_config):
     from zsmon.alerts.render import alert_rules, render_files
 
     config = _yaml_config(make_config, EXAMPLES, redis=False)
-    files = render_files(config)
+    files = render_files(build_registry(config))
     alerts = {r["alert"]: r for r in alert_rules(files)}
     alert = alerts["AgentCapacityAgentOverCapacityViolation"]
     assert alert["labels"] == {"severity": "warning", "checker": "agent_capacity", "invariant": "agent_over_capacity"}

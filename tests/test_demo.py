@@ -85,7 +85,7 @@ def _gone(pids: list[int], timeout: float = 10) -> bool:
 
 
 def test_demo_finds_a_violation_and_leaves_nothing_running():
-    demo = Demo("--duration", "20", "--seed", "1")
+    demo = Demo("--duration", "20", "--seed", "1", "--fault-every", "3")
     demo.wait_for(r"admin token\s+(\S+)", 30)
     pids = demo.pids()
     assert len(pids) == 2 and not any(process_gone(p) for p in pids), demo.text
@@ -100,6 +100,9 @@ def test_demo_finds_a_violation_and_leaves_nothing_running():
     assert page.status_code == 200 and "zsmon status" in page.text
     rc = demo.finish(60)
     assert rc == 0, demo.text + (demo.proc.stderr.read() if demo.proc.stderr else "")
+    # Once two invariants page, the demo acknowledges the one paging longest: its page stops, the rest page on.
+    assert re.search(r"ACK \w+/\w+: \d+ violation\(s\) acknowledged as \w+", demo.text), demo.text
+    assert re.search(r"ACK \w+/\w+: its page stopped .*; still paging: \w+/\w+ \(\d+\)", demo.text), demo.text
     assert "FAULT planted" in demo.text and re.search(r"summary: \d+ faults planted, [1-9]\d* violations found",
                                                      demo.text)
     assert _gone(pids), f"left running: {[p for p in pids if not process_gone(p)]}"

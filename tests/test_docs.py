@@ -3,16 +3,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from zsmon.checkers.registry import checker_classes
+from zsmon.app import build_registry
 from zsmon.core.config import Config
 from zsmon.core.config_docs import reference
-from zsmon.exporters.registry import exporter_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_configuration_reference_is_current():
-    assert (ROOT / "docs/configuration.md").read_text() == reference(), \
+    assert (ROOT / "docs/configuration.md").read_text() == reference(build_registry(Config())), \
         "docs/configuration.md is stale: run `zsmon config reference > docs/configuration.md`"
 
 
@@ -31,8 +30,9 @@ def _undocumented(model: type[BaseModel], prefix: str) -> list[str]:
 
 def test_every_key_has_a_description():
     missing = _undocumented(Config, "")
-    for name, cls in checker_classes().items():
+    registry = build_registry(Config())
+    for name, cls in registry.checker_classes.items():
         missing += _undocumented(cls.Settings, f"checkers.{name}.settings.")
-    for name, cls in exporter_classes().items():
+    for name, cls in registry.exporter_classes.items():
         missing += _undocumented(cls.Settings, f"exporters.{name}.settings.")
     assert not missing, f"config keys without a description: {missing}"

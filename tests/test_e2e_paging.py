@@ -28,6 +28,7 @@ import time
 
 import psycopg
 import pytest
+import requests
 import yaml
 
 from zsmon.testing import PrivatePostgres, PrivateRedis, running_service
@@ -44,6 +45,15 @@ EXEMPT = {
     # Lists only the invariants being skipped (`> 0`): empty while every invariant is judged, as here.
     "max by (checker, invariant) (zerostate_invariant_skipped) > 0",
 }
+# The panels of acknowledged, unacknowledged and new violations show data only while such violations
+# exist: test_acknowledging_silences_the_page_and_a_new_violation_pages_again queries them in that state.
+LIFECYCLE_PANELS = {
+    "max by (checker, invariant) (zerostate_invariant_violations_acknowledged) > 0",
+    "time() - min by (checker, invariant) (zerostate_invariant_oldest_unacknowledged_violation_timestamp_seconds)",
+}
+# ... and the new violations of the last $__rate_interval (10s here): right after a violation appears.
+NEW_VIOLATIONS_PANEL = "sum by (checker, invariant) (increase(zerostate_invariant_new_violations_total[10s])) > 0"
+LIFECYCLE_PANELS.add(NEW_VIOLATIONS_PANEL)
 
 
 class StatementsPostgres(PrivatePostgres):
@@ -91,9 +101,8 @@ class Traffic(threading.Thread):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     from zsmon.alerts.render import render_all
-    from zsmon.checkers.registry import checker_classes
-    from zsmon.core.config import load_config
-    from zsmon.exporters.registry import exporter_classes
+    from zsmon.app import build_registry
+    from zsmon.core.config import Config, load_config
 
     tmp = tmp_path_factory.mktemp("e2e")
     pg = StatementsPostgres()
@@ -106,12 +115,13 @@ def stack(tmp_path_factory):
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         redis.client().config_set("maxmemory", "256mb")  # so the memory-limit panel has a limit to show
         metrics_port, am_port = free_port(), free_port()
+        builtin = build_registry(Config())
         data = {
             "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": "127.0.0.1:0"},
             "scheduler": {"health_interval_seconds": 0.5},
             "database": {"connect_timeout_seconds": 1},
-            "checkers": {n: {"interval_seconds": 1} for n in checker_classes()},
-            "exporters": {n: {"interval_seconds": 1} for n in exporter_classes()},
+            "checkers": {n: {"interval_seconds": 1} for n in builtin.checker_classes},
+            "exporters": {n: {"interval_seconds": 1} for n in builtin.exporter_classes},
             "render": stack_render_settings(f"127.0.0.1:{metrics_port}", platform, receiver, am_port),
         }
         data["exporters"].setdefault("api_probe", {})["settings"] = {
@@ -121,7 +131,7 @@ def stack(tmp_path_factory):
         config = load_config(path, env={"ZSMON_DATABASE_URL": pg.dsn, **redis.env(), "ADMIN_TOKEN": "e2e-token"})
 
         out = tmp / "rendered"
-        render_all(config, out)
+        render_all(build_registry(config), out)
         speed_up(out, group_interval="1s", alert_for={"DatabaseDown": "2s"})
 
         svc = running_service(config).__enter__()
@@ -150,7 +160,7 @@ def stack(tmp_path_factory):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _payments_world(dsn: str) -> str:
+def _payments_world(dsn: str, seed: int = 5) -> str:
     """A consistent world of our own, made by the simulator's transitions: returns an open channel id.
 
     The traffic simulator only moves channels it opened itself, so this one stays as planted.
@@ -158,18 +168,19 @@ def _payments_world(dsn: str) -> str:
     from zsmon.demo.simulator.payments import PaymentSimulator
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        sim = PaymentSimulator(conn, seed=5, prefix="did:e2e")
-        sim.deposit("did:e2e:payer", 100)
-        channel = sim.open_channel("did:e2e:payer", "did:e2e:agent", 40)
+        sim = PaymentSimulator(conn, seed=seed, prefix=f"did:e2e{seed}")
+        sim.deposit(f"did:e2e{seed}:payer", 100)
+        channel = sim.open_channel(f"did:e2e{seed}:payer", f"did:e2e{seed}:agent", 40)
         assert channel is not None
         assert sim.lock_escrow(channel, 10) and sim.release_escrow(channel, success=True)
         return channel
 
 
 def _has_payments() -> bool:
-    from zsmon.checkers.registry import checker_classes
+    from zsmon.app import build_registry
+    from zsmon.core.config import Config
 
-    return "payments" in checker_classes()
+    return "payments" in build_registry(Config()).checker_classes
 
 
 def test_targets_up_and_watchdog_reaches_its_receiver(stack):
@@ -202,7 +213,7 @@ def test_payment_violation_pages_then_resolves(stack):
 def test_every_dashboard_query_returns_data(stack):
     """Runs while the repaired violation resolves (the money alert keeps firing for its increase() window)."""
     prom = stack["prom"]
-    exempt = set(EXEMPT)
+    exempt = set(EXEMPT) | LIFECYCLE_PANELS
     queries = dashboard_queries(stack["out"])
     assert len(queries) > 50
     if not _has_payments():  # its panels read the payments checker's and exporter's series
@@ -227,6 +238,51 @@ def test_repaired_payment_violation_resolves(stack):
     resolved_at, _ = stack["receiver"].wait_for("BalanceInvariantViolation", "resolved", path="/pager", timeout=90,
                                                 since=stack["repaired"])
     print(f"\nrepair -> resolved: {resolved_at - stack['repaired']:.1f}s")
+
+
+def _escrow_state_fault(dsn: str, channel: str, planted: bool) -> float:
+    """Mark an open channel escrowed with nothing locked (an escrow_state violation, no money moved), or undo it."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE payment_channels SET state = %s, updated_at = now() WHERE id = %s",
+                     ("escrowed" if planted else "open", channel))
+    return time.monotonic()
+
+
+def test_acknowledging_silences_the_page_and_a_new_violation_pages_again(stack):
+    if not _has_payments():
+        pytest.skip("the payments checker is not in this build")
+    prom, receiver, pg, svc = stack["prom"], stack["receiver"], stack["pg"], stack["svc"]
+    alert = "PaymentsEscrowStateViolation"
+    known, later = _payments_world(pg.dsn, seed=6), _payments_world(pg.dsn, seed=8)
+    api = svc.url("api", "/api/v1/acks")
+    auth = {"Authorization": "Bearer e2e-token"}
+
+    planted = _escrow_state_fault(pg.dsn, known, True)
+    receiver.wait_for(alert, "firing", path="/pager", timeout=30, since=planted)
+    # Acknowledge every current violation of the invariant: the page resolves although the row is still wrong.
+    prom.wait(lambda: prom.query('zerostate_invariant_violations_unacknowledged{invariant="escrow_state"} > 0'),
+              20, "the violation in Prometheus")
+    r = requests.post(api, json={"checker": "payments", "invariant": "escrow_state", "all_current": True,
+                                 "reason": "ZS-123 known", "expires": "1d"}, headers=auth, timeout=10)
+    assert r.status_code == 201, r.text
+    assert list(r.json()["entities"]) == [known]
+    acked = time.monotonic()
+    receiver.wait_for(alert, "resolved", path="/pager", timeout=30, since=acked)
+    assert prom.query('zerostate_invariant_violations{invariant="escrow_state"} > 0'), "still visible"
+
+    # A new violation of the same invariant pages again; the acknowledged one stays quiet.
+    second = _escrow_state_fault(pg.dsn, later, True)
+    prom.wait(lambda: prom.query(NEW_VIOLATIONS_PANEL), 20, "the new violation on its panel")
+    _, fired = receiver.wait_for(alert, "firing", path="/pager", timeout=30, since=second)
+    assert fired["labels"]["invariant"] == "escrow_state"
+    for expr in LIFECYCLE_PANELS - {NEW_VIOLATIONS_PANEL}:  # the lifecycle panels have data now
+        prom.wait(lambda e=expr: prom.query(e), 20, f"data for {expr}")
+    listed = requests.get(svc.url("api", "/api/v1/violations"), params={"invariant": "escrow_state"},
+                          headers=auth, timeout=10).json()["violations"]
+    assert {(v["entity_id"], v["state"]) for v in listed} == {(known, "acknowledged"), (later, "open")}
+
+    repaired = _escrow_state_fault(pg.dsn, later, False)
+    receiver.wait_for(alert, "resolved", path="/pager", timeout=30, since=repaired)
 
 
 def test_database_down_pages(stack):

@@ -21,12 +21,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from zsmon.app import build_registry
 from zsmon.core.config import ConfigError
 from zsmon.core.logging import get_logger
 from zsmon.core.redis import make_redis
-from zsmon.core.service import build_exporters, build_runner
+from zsmon.core.service import build_runner
 from zsmon.exporters.api_probe import ApiProbeExporter, ApiProbeSettings, target_label
-from zsmon.exporters.base import CollectContext
+from zsmon.core.exporter import CollectContext
 from zsmon.testing import free_port, running_service, wait_for
 
 HTTP = {"metrics_listen": "127.0.0.1:0", "api_listen": "127.0.0.1:0"}
@@ -245,11 +246,11 @@ def test_postgres_families_have_sane_values(make_config, db_url, writer):
     # Self-metrics beside them.
     assert value(found, "zsmon_up") == 1 and value(found, "zsmon_database_up") == 1
     assert value(found, "zsmon_redis_up") == 0  # Redis disabled in this config
-    assert value(found, "zsmon_collector_errors_total", collector="postgres") == 0
-    assert value(found, "zsmon_collector_duration_seconds", collector="postgres") > 0
-    assert value(found, "zsmon_collector_last_success_timestamp_seconds", collector="postgres") > time.time() - 60
-    assert value(found, "zsmon_job_runs_total", scheduler_job="collect:postgres") >= 1
-    assert value(found, "zsmon_job_lag_seconds", scheduler_job="collect:postgres") >= 0
+    assert value(found, "zsmon_exporter_errors_total", exporter="postgres") == 0
+    assert value(found, "zsmon_exporter_duration_seconds", exporter="postgres") > 0
+    assert value(found, "zsmon_exporter_last_success_timestamp_seconds", exporter="postgres") > time.time() - 60
+    assert value(found, "zsmon_job_runs_total", scheduler_job="export:postgres") >= 1
+    assert value(found, "zsmon_job_lag_seconds", scheduler_job="export:postgres") >= 0
     assert any(name == "zsmon_build_info" for name, _ in found)
 
 
@@ -260,11 +261,11 @@ def test_postgres_statements_and_replica(make_config, cluster):
         for i in range(5):
             conn.execute("SELECT pg_sleep(0.02)")
             conn.execute("SELECT count(*) FROM pg_class WHERE relpages > %s", (i,))
-    runner = build_runner(make_config(redis=False, env={"ZSMON_DATABASE_URL": primary.dsn},
-                                      exporters={"postgres": {"settings": {"top_statements": 3}}}),
-                          only=[], exporters=_exporters("postgres", top_statements=3))
+    runner = build_runner(build_registry(make_config(redis=False, env={"ZSMON_DATABASE_URL": primary.dsn},
+                                                     exporters={"postgres": {"settings": {"top_statements": 3}}})),
+                          only=[], exporters=["postgres"])
     try:
-        families = runner._collect(runner.exporters["postgres"])
+        families = runner._collect(runner.exporters["postgres"].exporter)
     finally:
         runner.db.close()
     text = exposition(families)
@@ -283,10 +284,10 @@ def test_postgres_statements_and_replica(make_config, cluster):
     with psycopg.connect(primary.dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS lagprobe (x int)")
         conn.execute("INSERT INTO lagprobe VALUES (1)")
-    runner = build_runner(make_config(redis=False, env={"ZSMON_DATABASE_URL": replica.dsn}), only=[],
-                          exporters=_exporters("postgres"))
+    runner = build_runner(build_registry(make_config(redis=False, env={"ZSMON_DATABASE_URL": replica.dsn})),
+                          only=[], exporters=["postgres"])
     try:
-        found = samples(exposition(runner._collect(runner.exporters["postgres"])))
+        found = samples(exposition(runner._collect(runner.exporters["postgres"].exporter)))
     finally:
         runner.db.close()
     lag = value(found, "zerostate_postgres_replication_lag_seconds")
@@ -294,27 +295,16 @@ def test_postgres_statements_and_replica(make_config, cluster):
     assert value(found, "zerostate_postgres_up") == 1
 
 
-def _exporters(*wanted: str, **postgres_settings: Any) -> dict:
-    from zsmon.exporters.registry import exporter_classes
-
-    classes = exporter_classes()
-    out = {}
-    for name in wanted:
-        cls = classes[name]
-        out[name] = cls(cls.Settings(**postgres_settings)) if name == "postgres" else cls()
-    return out
-
-
 def test_postgres_unreadable_statements_family_is_absent_and_logged_once(make_config, db_url):
     # Installed but not preloaded: the view raises on every read. The savepoint keeps the rest of the collection.
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-    runner = build_runner(make_config(redis=False), only=[], exporters=_exporters("postgres"))
+    runner = build_runner(build_registry(make_config(redis=False)), only=[], exporters=["postgres"])
     try:
         with capture_logs() as logs:
             for _ in range(3):
                 runner.collect("postgres")  # no metrics object: must not raise either
-            found = samples(exposition(runner._collect(runner.exporters["postgres"])))
+            found = samples(exposition(runner._collect(runner.exporters["postgres"].exporter)))
     finally:
         runner.db.close()
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -325,7 +315,7 @@ def test_postgres_unreadable_statements_family_is_absent_and_logged_once(make_co
     absent = [e for e in logs if e["event"] == "exporter_family_absent"]
     assert len(absent) == 1, absent
     assert absent[0]["family"] == "statements" and "shared_preload_libraries" in absent[0]["reason"]
-    assert not [e for e in logs if e["event"] == "collect_error"]
+    assert not [e for e in logs if e["event"] == "export_error"]
 
 
 def test_postgres_down_serves_up_zero(make_config):
@@ -334,8 +324,8 @@ def test_postgres_down_serves_up_zero(make_config):
     from zsmon.core.metrics import Metrics
     from zsmon.core.store import ResultStore
 
-    metrics = Metrics(ResultStore(), collector_names=["postgres"])
-    runner = build_runner(cfg, only=[], metrics=metrics, exporters=_exporters("postgres"))
+    metrics = Metrics(ResultStore(), exporter_names=["postgres"])
+    runner = build_runner(build_registry(cfg), only=[], metrics=metrics, exporters=["postgres"])
     try:
         runner.collect("postgres")
     finally:
@@ -343,7 +333,7 @@ def test_postgres_down_serves_up_zero(make_config):
     found = samples(metrics.exposition(None)[0].decode())
     assert value(found, "zerostate_postgres_up") == 0
     assert names(found, "zerostate_postgres_") == {"zerostate_postgres_up"}
-    assert value(found, "zsmon_collector_errors_total", collector="postgres") == 1
+    assert value(found, "zsmon_exporter_errors_total", exporter="postgres") == 1
 
 
 # ---- redis ---------------------------------------------------------------------------------
@@ -374,11 +364,11 @@ def test_redis_families_then_redis_stopped(make_config, private_redis):
         found = wait_for(lambda: (lambda f: f if value(f, "zerostate_redis_up") == 0
                                   and value(f, "zsmon_redis_up") == 0 else None)(svc.scrape()), timeout=15)
         assert names(found, "zerostate_redis_") == {"zerostate_redis_up"}
-        assert value(found, "zsmon_collector_errors_total", collector="redis") >= 1
+        assert value(found, "zsmon_exporter_errors_total", exporter="redis") >= 1
         # The rest keeps working: the postgres exporter still collects, the database is up.
-        before = value(found, "zsmon_collector_last_success_timestamp_seconds", collector="postgres")
+        before = value(found, "zsmon_exporter_last_success_timestamp_seconds", exporter="postgres")
         later = wait_for(lambda: (lambda f: f if value(
-            f, "zsmon_collector_last_success_timestamp_seconds", collector="postgres") > before else None)(
+            f, "zsmon_exporter_last_success_timestamp_seconds", exporter="postgres") > before else None)(
             svc.scrape()), timeout=10)
         assert value(later, "zerostate_postgres_up") == 1 and value(later, "zsmon_database_up") == 1
         assert value(later, "zsmon_up") == 1
@@ -391,7 +381,7 @@ def test_redis_ratelimit_count_is_bounded(make_config, private_redis):
                                                         "ratelimit_scan_count": 50}}})
     client = make_redis(cfg.redis)
     try:
-        exporter = build_exporters(cfg)["redis"]
+        exporter = build_registry(cfg).exporters["redis"].exporter
         found = samples(exposition(list(exporter.collect(CollectContext(exporter, None, client, cfg,
                                                                           get_logger("test"))))))
     finally:
@@ -431,9 +421,9 @@ def test_api_probe_up_down_and_timeouts(http_server):
 
 def test_api_probe_settings_are_validated(make_config):
     with pytest.raises(ConfigError, match="targets"):
-        make_config(exporters={"api_probe": {"settings": {"targets": ["ftp://x/health"]}}})
+        build_registry(make_config(exporters={"api_probe": {"settings": {"targets": ["ftp://x/health"]}}}))
     with pytest.raises(ConfigError, match="timeout_seconds"):
-        make_config(exporters={"api_probe": {"settings": {"timeout_seconds": 0}}})
+        build_registry(make_config(exporters={"api_probe": {"settings": {"timeout_seconds": 0}}}))
     assert target_label("https://a:b@host:8443/ready?x=1") == "https://host:8443/ready?x=1"
 
 
@@ -445,7 +435,7 @@ def test_api_probe_on_metrics_through_the_service(make_config, http_server):
         found = wait_for(lambda: (lambda f: f if value(f, "zerostate_api_up", target=f"{http_server}/health") == 1
                                   else None)(svc.scrape()))
     assert value(found, "zerostate_api_probe_status_code", target=f"{http_server}/health") == 200
-    assert value(found, "zsmon_collector_errors_total", collector="api_probe") == 0
+    assert value(found, "zsmon_exporter_errors_total", exporter="api_probe") == 0
 
 
 def test_postgres_statements_without_privileges(make_config, cluster):
@@ -453,14 +443,14 @@ def test_postgres_statements_without_privileges(make_config, cluster):
     primary, _ = cluster
     with psycopg.connect(primary.dsn, autocommit=True) as conn:
         conn.execute("DROP ROLE IF EXISTS zsmon_ro; CREATE ROLE zsmon_ro LOGIN")
-    runner = build_runner(make_config(redis=False, env={"ZSMON_DATABASE_URL": primary.dsn.replace("postgres@",
-                                                                                                 "zsmon_ro@")}),
-                          only=[], exporters=_exporters("postgres"))
+    runner = build_runner(build_registry(make_config(
+        redis=False, env={"ZSMON_DATABASE_URL": primary.dsn.replace("postgres@", "zsmon_ro@")})),
+        only=[], exporters=["postgres"])
     try:
         with capture_logs() as logs:
             for _ in range(2):
                 runner.collect("postgres")
-            families = runner._collect(runner.exporters["postgres"])
+            families = runner._collect(runner.exporters["postgres"].exporter)
         assert {f.name for f in families} >= {"zerostate_postgres_statement_mean_seconds", "zerostate_postgres_up"}
         partial = [e for e in logs if e["event"] == "exporter_family_partial"]
         assert len(partial) == 1 and "pg_read_all_stats" in partial[0]["reason"]
@@ -470,7 +460,7 @@ def test_postgres_statements_without_privileges(make_config, cluster):
         with capture_logs() as logs:
             for _ in range(2):
                 runner.collect("postgres")
-            found = samples(exposition(runner._collect(runner.exporters["postgres"])))
+            found = samples(exposition(runner._collect(runner.exporters["postgres"].exporter)))
         assert value(found, "zerostate_postgres_up") == 1 and value(found, "zerostate_postgres_commits_total") > 0
         assert not names(found, "zerostate_postgres_statement")
         absent = [e for e in logs if e["event"] == "exporter_family_absent"]

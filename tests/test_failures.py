@@ -15,9 +15,10 @@ import time
 import psycopg
 import requests
 
-from zsmon.checkers.base import Checker, CheckContext, Invariant
+from zsmon.core.checker import Checker, CheckContext, Invariant
+from zsmon.app import build_registry
 from zsmon.core.service import build_runner
-from zsmon.testing import LOCAL_HTTP, running_service, wait_for
+from zsmon.testing import LOCAL_HTTP, bind_checker, running_service, wait_for
 
 TOKEN = "failures-token-5e1d"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -93,8 +94,9 @@ class SlowRunInProgress:
     """A runner whose SlowChecker run is in flight in a thread, so the server can be hurt under it."""
 
     def __init__(self, cfg, sleep: float) -> None:
-        self.runner = build_runner(cfg, only=["schema"])
-        self.runner.checkers["slow"] = self.slow = SlowChecker(sleep=sleep)
+        self.runner = build_runner(build_registry(cfg), only=["schema"])
+        self.slow = SlowChecker(sleep=sleep)
+        self.runner.checkers["slow"] = bind_checker(self.slow, cfg)
         self._out: list = []
         self._worker = threading.Thread(target=lambda: self._out.append(self.runner.run_check("slow")))
 
@@ -119,7 +121,7 @@ def test_unreachable_database_is_an_error_within_connect_timeout(make_config):
 
     cfg = make_config(database={"connect_timeout_seconds": 1}, redis=False,
                       env={"ZSMON_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"})
-    runner = build_runner(cfg, only=["schema"])
+    runner = build_runner(build_registry(cfg), only=["schema"])
     try:
         t0 = time.monotonic()
         result = runner.run_check("schema")
@@ -131,8 +133,9 @@ def test_unreachable_database_is_an_error_within_connect_timeout(make_config):
 
 def test_statement_timeout_makes_the_run_an_error_and_the_next_run_is_fine(make_config, db_url):
     cfg = make_config(database={"statement_timeout_seconds": 1}, redis=False)
-    runner = build_runner(cfg, only=["schema"])
-    runner.checkers["slow"] = slow = SlowChecker(sleep=5)
+    runner = build_runner(build_registry(cfg), only=["schema"])
+    slow = SlowChecker(sleep=5)
+    runner.checkers["slow"] = bind_checker(slow, cfg)
     try:
         t0 = time.monotonic()
         result = runner.run_check("slow")
@@ -240,7 +243,7 @@ def test_paused_mid_query_drops_the_connection_after_statement_plus_connect_time
 def test_slow_and_killed_runs_in_the_service_show_in_metrics_and_recover(make_config, db_url):
     with running_service(fast_config(make_config, db_url)) as svc:
         slow = SlowChecker(sleep=5)
-        svc.service.runner.checkers["slow"] = slow
+        svc.service.runner.checkers["slow"] = bind_checker(slow, svc.service.config)
         svc.service.scheduler.add("check:slow", lambda: svc.service.runner.run_check("slow"), 1.0)
         err = wait_for(lambda: latest(svc, "slow").get("status") == "error" and latest(svc, "slow"), timeout=10)
         assert "statement_timeout exceeded" in err["error"]
@@ -265,8 +268,8 @@ def test_slow_and_killed_runs_in_the_service_show_in_metrics_and_recover(make_co
 # ---- Redis -----------------------------------------------------------------------------------
 def test_redis_down_skips_memory_invariants_and_falls_back_to_full(make_config, private_redis):
     cfg = make_config(redis=True, env=private_redis.env())
-    runner = build_runner(cfg, only=["schema"])
-    runner.checkers["memory"] = MemoryChecker()
+    runner = build_runner(build_registry(cfg), only=["schema"])
+    runner.checkers["memory"] = bind_checker(MemoryChecker(), cfg)
     try:
         first = runner.run_check("memory")
         assert (first.status, first.mode) == ("pass", "full") and first.violation_counts == {"plain": 0, "remembered": 0}
@@ -289,8 +292,8 @@ def test_redis_down_skips_memory_invariants_and_falls_back_to_full(make_config, 
 def test_paused_redis_costs_at_most_its_socket_timeout(make_config, private_redis):
     cfg = make_config(redis=True, env=private_redis.env())
     cfg.redis.socket_timeout_seconds = 0.5
-    runner = build_runner(cfg, only=["schema"])
-    runner.checkers["memory"] = MemoryChecker()
+    runner = build_runner(build_registry(cfg), only=["schema"])
+    runner.checkers["memory"] = bind_checker(MemoryChecker(), cfg)
     try:
         assert runner.run_check("memory").skipped == {}
         private_redis.pause()

@@ -16,8 +16,8 @@ import yaml
 from schemathesis import checks
 from hypothesis import HealthCheck, settings
 
-from zsmon.checkers.registry import checker_classes
-from zsmon.core.config import load_config
+from zsmon.app import build_registry
+from zsmon.core.config import Config, load_config
 from zsmon.testing import LOCAL_HTTP, running_service, wait_for
 
 TOKEN = "fuzz-token-19ad"
@@ -36,7 +36,7 @@ def live_api(db_url, tmp_path_factory):
     path.write_text(yaml.safe_dump({
         "redis": {"key_prefix": prefix},
         "http": {**LOCAL_HTTP, "admin_token": TOKEN},
-        "checkers": {n: {"interval_seconds": 3600} for n in checker_classes()},
+        "checkers": {n: {"interval_seconds": 3600} for n in build_registry(Config()).checker_classes},
     }))
     kw = redis_lib.Redis.from_url(REDIS_URL).connection_pool.connection_kwargs
     config = load_config(path, env={"ZSMON_DATABASE_URL": db_url, "REDIS_HOST": str(kw.get("host", "127.0.0.1")),

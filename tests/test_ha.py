@@ -12,13 +12,13 @@ import pytest
 import requests
 import yaml
 
-from zsmon.checkers.registry import checker_classes
+from zsmon.app import build_registry
+from zsmon.core.config import Config
 from zsmon.core.ha import LOCAL, RedisCoordinator
 from zsmon.core.results import CheckResult
 from zsmon.core.service import build_runner
 from zsmon.core.store import ResultStore
-from zsmon.exporters.registry import exporter_classes
-from zsmon.testing import free_port, wait_for
+from zsmon.testing import bind_checker, free_port, wait_for
 
 from test_failures import SlowChecker, metric
 
@@ -77,8 +77,8 @@ def test_a_paused_runner_discards_its_result(make_config, private_redis, redis_p
     cfg = make_config(redis=True, env=private_redis.env())
     a = coordinator(private_redis, redis_prefix, "a", lease=0.5)
     b = coordinator(private_redis, redis_prefix, "b", lease=5)
-    runner = build_runner(cfg, only=["schema"], coordinator=a)
-    runner.checkers["slow"] = SlowChecker(sleep=1.5)
+    runner = build_runner(build_registry(cfg), only=["schema"], coordinator=a)
+    runner.checkers["slow"] = bind_checker(SlowChecker(sleep=1.5), cfg)
     try:
         import threading
 
@@ -119,6 +119,7 @@ class Replica:
                  interval: float, lease: float) -> None:
         self.name = name
         self.metrics_port, self.api_port = free_port(), free_port()
+        builtin = build_registry(Config())
         config = {
             "redis": {"key_prefix": prefix},
             "ha": {"enabled": True, "lease_seconds": lease, "identity": name},
@@ -126,15 +127,16 @@ class Replica:
                      "admin_token": TOKEN},
             "scheduler": {"health_interval_seconds": 1, "jitter_ratio": 0.1},
             "checkers": {n: {"enabled": n == "schema", **({"interval_seconds": interval} if n == "schema" else {})}
-                         for n in checker_classes()},
-            "exporters": {n: {"enabled": n == "postgres", "interval_seconds": interval} for n in exporter_classes()},
+                         for n in builtin.checker_classes},
+            "exporters": {n: {"enabled": n == "postgres", "interval_seconds": interval}
+                          for n in builtin.exporter_classes},
         }
         path = tmp_path / f"{name}.yml"
         path.write_text(yaml.safe_dump(config))
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ZSMON_DATABASE_URL": db_url, "LOG_FORMAT": "json",
                **redis_env}
         self.log = open(tmp_path / f"{name}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "zsmon.core.cli", "--config", str(path), "run"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "zsmon.cli", "--config", str(path), "run"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def scrape(self) -> str:
@@ -241,7 +243,8 @@ def test_a_replica_keeps_checking_while_redis_is_down_then_resumes_leases(make_c
 
     cfg = make_config(env=private_redis.env(), http=LOCAL_HTTP, ha={"enabled": True, "lease_seconds": 0.6},
                       scheduler={"health_interval_seconds": 0.5},
-                      checkers={n: {"enabled": n == "schema", "interval_seconds": 0.5} for n in checker_classes()})
+                      checkers={n: {"enabled": n == "schema", "interval_seconds": 0.5}
+                                for n in build_registry(Config()).checker_classes})
     cfg.redis.socket_timeout_seconds = 0.3
     with running_service(cfg) as svc:
         def scrape():

@@ -21,7 +21,8 @@ from kubernetes_validate import utils as kv
 
 from zsmon.alerts.kubernetes import CHECKERS_MOUNT, kubernetes_files, kubernetes_objects
 from zsmon.alerts.render import render_files
-from zsmon.checkers import declarative
+from zsmon.app import build_registry
+from zsmon.core import declarative
 from zsmon.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +103,7 @@ def rendered(tmp_path_factory):
         (doc,) = list(yaml.safe_load_all(path.read_text()))
         docs[path.name] = doc
     config = load_config(cfg, env={})
-    yield {"dir": out, "docs": docs, "config": config, "files": render_files(config)}
-    declarative.configure(None)
+    return {"dir": out, "docs": docs, "config": config, "files": render_files(build_registry(config))}
 
 
 def _objects(rendered, kind):
@@ -251,34 +251,35 @@ def test_the_pods_get_the_same_config_and_yaml_checkers(rendered, tmp_path):
     assert env["ZSMON_CHECKERS_PATH"] == mounts["checkers"] == CHECKERS_MOUNT
     pod_env = {k: v for k, v in env.items() if v is not None}
     pod_env.update(ZSMON_CHECKERS_PATH=str(checkers_dir))
-    try:
-        config = load_config(config_dir / "zsmon.yml", env=pod_env)
-        assert config.checks.sample_limit == 50 and config.database.host == "postgres.zerostate.svc"
-        assert config.checker("stuck_tasks").interval_seconds == 30
-        assert config.checker("stuck_tasks").settings.grace_seconds == 120
-        assert set(declarative.load([checkers_dir])) == {"stuck_tasks", "agent_capacity", "payment_audit_trail"}
-    finally:
-        declarative.configure(None)
+    config = load_config(config_dir / "zsmon.yml", env=pod_env)
+    assert config.checks.sample_limit == 50 and config.database.host == "postgres.zerostate.svc"
+    assert config.checks.paths == [checkers_dir]
+    registry = build_registry(config)
+    assert registry.checkers["stuck_tasks"].interval_seconds == 30
+    assert registry.checkers["stuck_tasks"].checker.settings.grace_seconds == 120
+    assert set(declarative.load([checkers_dir])) == {"stuck_tasks", "agent_capacity", "payment_audit_trail"}
+    assert {n for n, c in registry.checker_classes.items() if c.source == "yaml"} == {
+        "stuck_tasks", "agent_capacity", "payment_audit_trail"}
 
 
 def test_secrets_and_database_url(make_config):
     config = make_config(redis=False, database={"url": "postgresql://zsmon:pw-in-url-55@db/zerostate"},
                          http={"admin_token": "tok-88"}, kubernetes={"dashboard_folder": None})
-    files = kubernetes_files(config, files={})
+    files = kubernetes_files(build_registry(config), files={})
     text = "".join(files.values())
     assert "pw-in-url-55" not in text and "tok-88" not in text
-    (dep,) = [o for o in kubernetes_objects(config, files={}) if o["kind"] == "Deployment"]
+    (dep,) = [o for o in kubernetes_objects(build_registry(config), files={}) if o["kind"] == "Deployment"]
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["ZSMON_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "ZSMON_DATABASE_URL"
     assert "DB_PASSWORD" not in env and "DB_HOST" not in env
     assert env["REDIS_HOST"]["value"] == ""  # Redis off, as REDIS_HOST="" means to zsmon
-    for obj in kubernetes_objects(config, files={}):
+    for obj in kubernetes_objects(build_registry(config), files={}):
         validate(obj)
 
 
 def test_several_replicas_turn_on_ha_with_the_pod_name_as_identity(make_config):
     def env_of(config):
-        (dep,) = [o for o in kubernetes_objects(config, files={}) if o["kind"] == "Deployment"]
+        (dep,) = [o for o in kubernetes_objects(build_registry(config), files={}) if o["kind"] == "Deployment"]
         return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}, dep
 
     single, _ = env_of(make_config(kubernetes={"dashboard_folder": None}))

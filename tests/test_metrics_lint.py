@@ -19,7 +19,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from zsmon.core.service import Service
+from zsmon.app import build_service
 
 PROMTOOL = os.environ.get("ZSMON_PROMTOOL", "/usr/bin/promtool")
 
@@ -62,14 +62,14 @@ def _seed(writer) -> None:
 
 
 def _collected_everything(text: str, checkers: list[str], exporters: list[str]) -> bool:
-    seen_checkers, seen_collectors = set(), set()
+    seen_checkers, seen_exporters = set(), set()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "zerostate_invariant_check_up":
                 seen_checkers.add(s.labels["checker"])
-            elif s.name == "zsmon_collector_duration_seconds":
-                seen_collectors.add(s.labels["collector"])
-    return set(checkers) <= seen_checkers and set(exporters) <= seen_collectors
+            elif s.name == "zsmon_exporter_duration_seconds":
+                seen_exporters.add(s.labels["exporter"])
+    return set(checkers) <= seen_checkers and set(exporters) <= seen_exporters
 
 
 def test_promtool_check_metrics_is_clean(make_config, writer, health_url):
@@ -79,7 +79,7 @@ def test_promtool_check_metrics_is_clean(make_config, writer, health_url):
     config = make_config(http={"metrics_listen": "127.0.0.1:0", "api_listen": "127.0.0.1:0"},
                          scheduler={"health_interval_seconds": 0.5},
                          exporters={"api_probe": {"settings": {"targets": targets, "timeout_seconds": 1}}})
-    service = Service(config)
+    service = build_service(config)
     service.start()
     try:
         checkers, exporters = list(service.runner.checkers), list(service.runner.exporters)

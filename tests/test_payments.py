@@ -19,7 +19,7 @@ from prometheus_client.exposition import generate_latest
 from zsmon.checkers.payments import PaymentsChecker
 from zsmon.core.results import CheckResult
 from zsmon.demo.simulator.payments import FAULTS, UNIT, PaymentSimulator, inject_fault
-from zsmon.exporters.base import CollectContext
+from zsmon.core.exporter import CollectContext
 from zsmon.exporters.payments import PaymentsExporter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_cli_exit_codes_and_json(writer, db_url, redis_prefix, tmp_path):
     cmd = [str(ROOT / ".venv/bin/zsmon"), "--config", str(conf), "check", "--once", "--only", "payments",
            "--format", "json"]
     if not Path(cmd[0]).exists():
-        cmd = [sys.executable, "-m", "zsmon.core.cli", *cmd[1:]]
+        cmd = [sys.executable, "-m", "zsmon.cli", *cmd[1:]]
     ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     channel = inject_fault(writer, "money_from_nowhere")
@@ -317,13 +317,14 @@ def test_exporter_families(writer, db_url, make_config):
 def test_verify_balances_endpoint_runs_the_checker_now(writer, make_config):
     import requests
 
-    from zsmon.checkers.registry import checker_classes
+    from zsmon.app import build_registry
+    from zsmon.core.config import Config
     from zsmon.testing import LOCAL_HTTP, running_service
 
     world(writer, steps=60)
     channel = inject_fault(writer, "escrowed_without_lock")
     token = "payments-test-token"
-    others = {name: {"enabled": False} for name in checker_classes() if name != "payments"}
+    others = {name: {"enabled": False} for name in build_registry(Config()).checker_classes if name != "payments"}
     cfg = make_config(http={**LOCAL_HTTP, "admin_token": token},
                       checkers={**others, "payments": {"interval_seconds": 3600}})
     with running_service(cfg) as svc:

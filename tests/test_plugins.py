@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from zsmon.checkers.registry import checker_classes
+from zsmon.app import build_registry
+from zsmon.core.config import Config
 from zsmon.testing import LOCAL_HTTP, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def _plant_silent_agent(writer):
 
 
 def test_entry_point_registers_the_checker_as_a_plugin():
-    cls = checker_classes()["agent_liveness"]
+    cls = build_registry(Config()).checker_classes["agent_liveness"]
     assert cls.__module__ == "zsmon_example_plugin.checker" and cls.source == "plugin"
     assert [i.id for i in cls.invariants] == ["silent_active_agent"]
 
@@ -113,7 +114,7 @@ def test_a_broken_plugin_is_one_line_and_exit_2(tmp_path):
 def test_plugin_gets_its_alert_and_panel_from_render(make_config):
     from zsmon.alerts.render import alert_rules, render_files
 
-    files = render_files(make_config(redis=False))
+    files = render_files(build_registry(make_config(redis=False)))
     alerts = {r["alert"]: r for r in alert_rules(files)}
     alert = alerts["AgentLivenessSilentActiveAgentViolation"]
     assert alert["labels"]["invariant"] == "silent_active_agent" and alert["labels"]["severity"] == "warning"

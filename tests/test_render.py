@@ -6,7 +6,7 @@ Goldens: `tests/golden` holds the output for the default config and the built-in
 """
 from __future__ import annotations
 
-import gc
+import importlib
 import json
 import os
 import re
@@ -14,20 +14,25 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+import uuid
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import requests
 import yaml
 
+import zsmon.checkers
+import zsmon.exporters
 from zsmon.alerts.model import build_model
 from zsmon.alerts.render import GOLDEN, MARKER, RUNBOOKS, alert_rules, generated_runbooks, golden_files, \
     golden_model, render_all, render_files, render_model
 from zsmon.alerts.runbooks import GENERATED_MARK
-from zsmon.checkers.base import Checker, Invariant
-from zsmon.checkers.registry import checker_classes
+from zsmon.app import build_registry
 from zsmon.core.config import Config, ConfigError
+from zsmon.core.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 ZSMON = str(Path(sys.executable).with_name("zsmon"))
@@ -61,7 +66,7 @@ def test_render_writes_every_part(rendered: Path):
             "grafana/provisioning/datasources/zsmon.yml", "grafana/provisioning/dashboards/zsmon.yml",
             "prometheus/rules/zsmon-money.rules.yml", "prometheus/rules/zerostate-platform.rules.yml",
             "prometheus/rules/zerostate-slo.rules.yml", "prometheus/rules/zsmon-self.rules.yml", MARKER} <= files
-    for name in checker_classes():
+    for name in build_registry(Config()).checker_classes:
         assert f"prometheus/rules/zsmon-checker-{name}.rules.yml" in files
         assert f"prometheus/tests/zsmon-checker-{name}.test.yml" in files
     boards = {f for f in files if f.startswith("grafana/dashboards/")}
@@ -141,8 +146,8 @@ def test_inhibition_rules_silence_consequences_not_money(rendered: Path):
     db_down = {"alertname": "DatabaseDown", "severity": "critical", "job": "postgres", "instance": "pg:9187"}
     for name in ("InvariantCheckFailing", "InvariantCheckStale", "InvariantCheckMissing"):
         assert _inhibited(am, db_down, {"alertname": name, "severity": "warning", "checker": "payments"})
-    assert _inhibited(am, db_down, {"alertname": "ZsmonCollectorFailing", "collector": "postgres"})
-    assert not _inhibited(am, db_down, {"alertname": "ZsmonCollectorFailing", "collector": "redis"})
+    assert _inhibited(am, db_down, {"alertname": "ZsmonExporterFailing", "exporter": "postgres"})
+    assert not _inhibited(am, db_down, {"alertname": "ZsmonExporterFailing", "exporter": "redis"})
     assert _inhibited(am, db_down, {"alertname": "ExporterDown", "job": "postgres"})
     assert not _inhibited(am, db_down, {"alertname": "ExporterDown", "job": "redis"})
     # A database outage never hides a money violation, nor any invariant's own alert.
@@ -155,7 +160,7 @@ def test_inhibition_rules_silence_consequences_not_money(rendered: Path):
     assert _inhibited(am, failing, {"alertname": "InvariantCheckStale", "checker": "auctions"})
     assert not _inhibited(am, failing, {"alertname": "InvariantCheckStale", "checker": "schema"})
     # Every alert an inhibit rule names exists.
-    names = {r["alert"] for r in alert_rules(render_files(Config()))}
+    names = {r["alert"] for r in alert_rules(render_files(build_registry(Config())))}
     for rule in am["inhibit_rules"]:
         for m in rule["source_matchers"] + rule["target_matchers"]:
             if m.startswith("alertname"):
@@ -262,11 +267,11 @@ def test_double_counting_note_on_payment_dashboard_and_runbook(rendered: Path):
 
 def test_render_replaces_its_own_output_atomically(tmp_path: Path):
     out = tmp_path / "out"
-    first = render_all(Config(), out)
+    first = render_all(build_registry(Config()), out)
     assert first and all(p.is_file() for p in first) and (out / MARKER).exists()
     (out / "prometheus/rules/leftover.yml").write_text("stale")
     config = Config.model_validate({"render": {"pager_webhook_url": "http://127.0.0.1:9/page"}})
-    second = render_all(config, out)
+    second = render_all(build_registry(config), out)
     assert sorted(second) == sorted(first)
     assert not (out / "prometheus/rules/leftover.yml").exists()
     assert "http://127.0.0.1:9/page" in (out / "alertmanager/alertmanager.yml").read_text()
@@ -279,11 +284,11 @@ def test_render_refuses_a_foreign_directory(tmp_path: Path):
     foreign.mkdir()
     (foreign / "passwd").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty and was not written by zsmon render"):
-        render_all(Config(), foreign)
+        render_all(build_registry(Config()), foreign)
     assert (foreign / "passwd").read_text() == "keep me"
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
-        render_all(Config(), tmp_path / "file")
+        render_all(build_registry(Config()), tmp_path / "file")
 
 
 def test_render_unwritable_directory_is_one_line(tmp_path: Path):
@@ -291,7 +296,7 @@ def test_render_unwritable_directory_is_one_line(tmp_path: Path):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot create files in .*blocker"):
-        render_all(Config(), blocker / "sub" / "out")
+        render_all(build_registry(Config()), blocker / "sub" / "out")
     assert blocker.read_text() == "x"
 
 
@@ -319,7 +324,7 @@ def test_config_values_reach_the_output():
         "http_requests_metric": "zerostate_http_requests_total", "http_error_matcher": 'status!~"OK|2.."',
         "availability_slo": 0.99, "api_targets": ["api-1:9090", "api-2:9090"], "scrape_interval_seconds": 15,
         "grafana_datasource": "Mimir"}})
-    files = render_files(config)
+    files = render_files(build_registry(config))
     platform = files["prometheus/rules/zerostate-platform.rules.yml"]
     assert 'zerostate_http_requests_total{job="zerostate-api", status!~"OK|2.."}' in platform
     slo = files["prometheus/rules/zerostate-slo.rules.yml"]
@@ -333,7 +338,7 @@ def test_config_values_reach_the_output():
 
 def test_disabled_checker_renders_nothing():
     config = Config.model_validate({"checkers": {"schema": {"enabled": False}}})
-    files = render_files(config)
+    files = render_files(build_registry(config))
     assert "prometheus/rules/zsmon-checker-schema.rules.yml" not in files
     assert "SchemaRequiredColumnsPresentViolation" not in files["grafana/dashboards/zsmon-invariants.json"]
 
@@ -342,17 +347,35 @@ def test_disabled_checker_renders_nothing():
 
 
 @pytest.fixture
-def probe_checker():
-    """A throwaway checker, registered for this test only (the registry finds every subclass).
+def checker_package(tmp_path_factory, monkeypatch):
+    """``checker_package(source)``: a throwaway package of checkers (one module holding ``source``), importable
+    for this test only, to hand to a ``Registry`` beside (or instead of) the built-in ``zsmon.checkers``.
 
-    Yields only its name: the class itself lives in this fixture, so it can be dropped and
-    collected afterwards, and no later test (or other helper's test) sees it in the registry.
+    Nothing global changes: the registry only counts classes of the packages it is given, so the
+    real one (``build_registry``) never sees these, and the modules are forgotten afterwards.
     """
-    holder: list[type] = []
+    made: list[str] = []
+
+    def make(source: str) -> ModuleType:
+        name = f"zz_test_checkers_{uuid.uuid4().hex[:8]}"
+        root = tmp_path_factory.mktemp("pkg")
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text("")
+        (root / name / "probe.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(root))
+        made.append(name)
+        return importlib.import_module(name)
+
+    yield make
+    for module in [m for m in sys.modules if m.split(".")[0] in made]:
+        del sys.modules[module]
+
+
+PROBE_CHECKER = """
+    from zsmon.sdk import Checker, Invariant
+
 
     class ProbeChecker(Checker):
-        # The registry counts classes of zsmon.checkers' modules: this one poses as a new module there.
-        __module__ = "zsmon.checkers.zz_probe"
         name = "zz_probe"
         description = "A checker that exists only inside a test."
         invariants = (
@@ -364,18 +387,16 @@ def probe_checker():
 
         def run(self, ctx):  # pragma: no cover - never run
             raise AssertionError
-
-    holder.append(ProbeChecker)
-    del ProbeChecker
-    yield holder[0].name
-    holder.clear()
-    gc.collect()
-    assert "zz_probe" not in checker_classes(), "the throwaway checker leaked into the registry"
+"""
 
 
-def test_new_checker_appears_everywhere_with_no_other_edit(probe_checker, tmp_path: Path):
-    assert "zz_probe" in checker_classes()
-    files = render_files(Config())
+def test_new_checker_appears_everywhere_with_no_other_edit(checker_package, tmp_path: Path):
+    probe = checker_package(PROBE_CHECKER)
+    registry = Registry(Config(), checker_packages=[zsmon.checkers, probe], exporter_packages=[zsmon.exporters])
+    assert "zz_probe" in registry.checker_classes
+    assert set(build_registry(Config()).checker_classes) | {"zz_probe"} == set(registry.checker_classes)
+    assert "zz_probe" not in build_registry(Config()).checker_classes, "the throwaway checker leaked"
+    files = render_files(registry)
     rules = yaml.safe_load(files["prometheus/rules/zsmon-checker-zz_probe.rules.yml"])["groups"][0]["rules"]
     by_name = {r["alert"]: r for r in rules}
     crit, warn = by_name["ZzProbeWidgetConservationViolation"], by_name["ZzProbeGadgetFreshnessViolation"]
@@ -391,11 +412,11 @@ def test_new_checker_appears_everywhere_with_no_other_edit(probe_checker, tmp_pa
     assert any('checker="zz_probe"' in e and "last_success" in e for e in exprs)
     links = [link["url"] for p in overview["panels"] for link in p.get("links", [])]
     assert any(u.endswith("/ZzProbeWidgetConservationViolation.md") for u in links)
-    pages = generated_runbooks(build_model(Config()))
+    pages = generated_runbooks(build_model(registry))
     assert "ZzProbeWidgetConservationViolation.md" in pages and "zz_probe.md" in pages
     # Its promtool tests are generated and pass with the real promtool.
     out = tmp_path / "out"
-    render_all(Config(), out)
+    render_all(registry, out)
     proc = _run(PROMTOOL, "test", "rules", "tests/zsmon-checker-zz_probe.test.yml", cwd=out / "prometheus")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # ... and it pages: critical goes to the pager receiver.
@@ -420,15 +441,25 @@ def test_yaml_checker_gets_alerts_linking_its_own_runbook(tmp_path: Path):
     assert alert["annotations"]["runbook_url"] == "https://runbooks.example/zz_stuck.md"
 
 
-def test_two_invariants_that_would_share_an_alert_name_are_refused():
-    # Plain classes with a checker's attributes: a Checker subclass would join the global registry.
-    class A:
-        name, description, default_interval_seconds = "a_b", "", 60.0
-        invariants = (Invariant("c", "x", entity_type="e"),)
+def test_two_invariants_that_would_share_an_alert_name_are_refused(checker_package):
+    # Two checkers of a throwaway package, and only those (no exporters): a_b/c and a/b_c.
+    clash = checker_package("""
+        from zsmon.sdk import Checker, Invariant
 
-    class B(A):
-        name = "a"
-        invariants = (Invariant("b_c", "x", entity_type="e"),)
 
+        class A(Checker):
+            name, description, default_interval_seconds = "a_b", "", 60.0
+            invariants = (Invariant("c", "x", entity_type="e"),)
+
+            def run(self, ctx):  # pragma: no cover - never run
+                raise AssertionError
+
+
+        class B(A):
+            name = "a"
+            invariants = (Invariant("b_c", "x", entity_type="e"),)
+    """)
+    registry = Registry(Config(), checker_packages=[clash])
+    assert {"a_b", "a"} <= set(registry.checker_classes) and not registry.exporter_classes
     with pytest.raises(ConfigError, match="alert name ABCViolation is derived from both"):
-        build_model(Config(), checker_classes={"a_b": A, "a": B}, exporter_classes={})
+        build_model(registry)

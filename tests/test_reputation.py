@@ -23,9 +23,10 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from zsmon.checkers.reputation import ReputationChecker, drift_limit, ks_statistic, reset_baseline
+from zsmon.app import build_registry
 from zsmon.core.service import build_runner
 from zsmon.demo.simulator.reputation import ReputationSimulator
-from zsmon.exporters.base import CollectContext
+from zsmon.core.exporter import CollectContext
 from zsmon.exporters.reputation import ReputationExporter
 from zsmon.testing import REDIS_URL
 
@@ -192,7 +193,7 @@ def test_a_crash_gap_hidden_by_traffic_is_judged_after_three_runs_over_the_windo
                                    "AND overall_score BETWEEN 20 AND 80", (sim.agents,)).fetchall())
     (crashed,), (flapping,) = agents[:2]
     sim.outcome(crashed, True, Decimal(2), event=False)  # the crash: this update's event never comes
-    runner = build_runner(make_config(checkers={"reputation": {"settings": {"settle_seconds": 1}}}),
+    runner = build_runner(build_registry(make_config(checkers={"reputation": {"settings": {"settle_seconds": 1}}})),
                           only=["reputation"])
     try:
         def run_busy(flapping_in_flight: bool):
@@ -293,8 +294,8 @@ def test_memory_invariants_skipped_without_redis(writer, run_check):
 def test_drift_quiet_when_stationary_fires_on_shift_and_resets(writer, make_config, redis_prefix):
     sim = world(writer, agents=60, steps=900)
     cfg = make_config()
-    runner = build_runner(cfg, only=["reputation"])
-    checker = runner.checkers["reputation"]
+    runner = build_runner(build_registry(cfg), only=["reputation"])
+    checker = runner.checkers["reputation"].checker
     registry = CollectorRegistry()
     checker.register_metrics(registry)
     ks = lambda: registry.get_sample_value("zerostate_reputation_drift_ks_statistic")  # noqa: E731
@@ -330,9 +331,9 @@ def test_drift_quiet_when_stationary_fires_on_shift_and_resets(writer, make_conf
 def test_drift_significance_keeps_sampling_noise_quiet_and_still_fires_on_a_shift(writer, make_config,
                                                                                   redis_prefix):
     sim = world(writer, agents=40, idle=0, steps=600, seed=11)
-    fixed = build_runner(make_config(), only=["reputation"])
-    scaled = build_runner(make_config(checkers={"reputation": {"settings": {"drift_significance": 0.01}}}),
-                          only=["reputation"])
+    fixed = build_runner(build_registry(make_config()), only=["reputation"])
+    scaled = build_runner(build_registry(make_config(checkers={"reputation": {"settings": {
+        "drift_significance": 0.01}}})), only=["reputation"])
     critical = drift_limit(0.25, 0.01, 40, 40)[0]
     assert Decimal("0.36") < critical < Decimal("0.37")  # 1.628 * sqrt(80 / 1600)
     try:

@@ -18,15 +18,16 @@ import yaml
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from zsmon.checkers.base import Checker, CheckContext, Invariant
-from zsmon.checkers.registry import checker_classes
-from zsmon.core.service import build_exporters, build_runner
-from zsmon.exporters.registry import exporter_classes
-from zsmon.testing import LOCAL_HTTP, PLATFORM_TABLES, PrivateRedis, free_port, running_service, wait_for
+from zsmon.app import build_registry
+from zsmon.core.checker import Checker, CheckContext, Invariant
+from zsmon.core.config import Config
+from zsmon.core.service import build_runner
+from zsmon.testing import LOCAL_HTTP, PLATFORM_TABLES, PrivateRedis, bind_checker, free_port, running_service, \
+    wait_for
 
 TOKEN = "sec-token-3b9f0c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PY = [sys.executable, "-m", "zsmon.core.cli"]
+PY = [sys.executable, "-m", "zsmon.cli"]
 
 
 # ---- read-only -----------------------------------------------------------------------------
@@ -61,8 +62,9 @@ WRITES = [
 
 @pytest.mark.parametrize("statement, reason", WRITES)
 def test_a_checker_cannot_write(make_config, writer, statement, reason):
-    runner = build_runner(make_config(redis=False), only=["schema"])
-    runner.checkers["writer"] = WriteChecker(statement)
+    cfg = make_config(redis=False)
+    runner = build_runner(build_registry(cfg), only=["schema"])
+    runner.checkers["writer"] = bind_checker(WriteChecker(statement), cfg)
     try:
         result = runner.run_check("writer")
     finally:
@@ -74,7 +76,8 @@ def test_a_checker_cannot_write(make_config, writer, statement, reason):
 
 
 def test_declared_sql_cannot_write_either(make_config, writer):
-    runner = build_runner(make_config(redis=False), only=["schema"])
+    cfg = make_config(redis=False)
+    runner = build_runner(build_registry(cfg), only=["schema"])
     try:
         for query in [
             "WITH x AS (INSERT INTO agents (did, name) VALUES ('did:evil', 'x') RETURNING did) "
@@ -84,7 +87,7 @@ def test_declared_sql_cannot_write_either(make_config, writer):
             "'' AS detail) AS v; COMMIT; BEGIN READ WRITE; INSERT INTO agents (did, name) VALUES ('did:evil', 'x'); "
             "SELECT * FROM (SELECT 1",
         ]:
-            runner.checkers["writer"] = WriteChecker(query, how="find")
+            runner.checkers["writer"] = bind_checker(WriteChecker(query, how="find"), cfg)
             result = runner.run_check("writer")
             assert result.status == "error", result
     finally:
@@ -120,18 +123,20 @@ def test_zsmon_runs_every_checker_and_exporter_as_the_minimal_role(make_config, 
     from zsmon.core.store import ResultStore
 
     cfg = make_config(env={"ZSMON_DATABASE_URL": minimal_role})
-    exporters = {n: e for n, e in build_exporters(cfg).items() if n != "api_probe"}  # api_probe reads no table
-    metrics = Metrics(ResultStore(), collector_names=exporters)
-    runner = build_runner(cfg, only=list(checker_classes()), exporters=exporters, metrics=metrics)
+    registry = build_registry(cfg)
+    exporters = [n for n in registry.enabled_exporters() if n != "api_probe"]  # api_probe reads no table
+    metrics = Metrics(ResultStore(), exporter_names=exporters)
+    runner = build_runner(registry, only=list(registry.checker_classes), exporters=exporters, metrics=metrics)
     try:
         for name in runner.checkers:
             result = runner.run_check(name)
             assert result.status != "error", f"{name} as the minimal role: {result.error}"
         for name in runner.exporters:
             runner.collect(name)
-            assert metrics.collector_errors.labels(name)._value.get() == 0, name
+            assert metrics.exporter_errors.labels(name)._value.get() == 0, name
         # The role is the boundary for code, too: even a deliberate escape from the session guard fails.
-        runner.checkers["writer"] = WriteChecker("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        runner.checkers["writer"] = bind_checker(WriteChecker("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"),
+                                                 cfg)
         runner.run_check("writer")
         with runner.db.pool.connection() as conn:
             conn.autocommit = True
@@ -300,14 +305,15 @@ def _leak_run(tmp_path: Path, fmt: str, redis_port: int, extra_env: dict | None 
     """`zsmon run` against an unreachable database and a Redis with another password; returns stderr and
     every response body and header it served."""
     mport, aport = free_port(), free_port()
+    builtin = build_registry(Config())
     cfg = tmp_path / f"{fmt}.yml"
     cfg.write_text(yaml.safe_dump({
         "http": {"metrics_listen": f"127.0.0.1:{mport}", "api_listen": f"127.0.0.1:{aport}"},
         "scheduler": {"health_interval_seconds": 0.5},
         "database": {"connect_timeout_seconds": 1},
         "ha": {"enabled": True, "lease_seconds": 1},  # leases need Redis: its failure is logged too
-        "checkers": {n: {"interval_seconds": 1} for n in checker_classes()},
-        "exporters": {n: {"interval_seconds": 1} for n in exporter_classes()},
+        "checkers": {n: {"interval_seconds": 1} for n in builtin.checker_classes},
+        "exporters": {n: {"interval_seconds": 1} for n in builtin.exporter_classes},
     }))
     env = {"PATH": os.environ.get("PATH", ""), "LOG_FORMAT": fmt, "LOG_LEVEL": "debug" if fmt == "json" else "info",
            "ZSMON_DATABASE_URL": f"postgresql://zsmon:{DB_PASSWORD}@127.0.0.1:{free_port()}/zerostate",
@@ -402,7 +408,7 @@ def test_no_secret_in_check_once_output_or_config_errors(tmp_path):
 BAD_CONFIGS = [
     ("database: [1, 2\n", "invalid YAML"),
     ("a: b: c\n", "invalid YAML"),
-    ("database:\n  port: 1\n  port: 2\n", "duplicate key database.port"),
+    ("database:\n  port: 1\n  port: 2\n", "line 3: database.port: duplicate key"),
     ("checkers: [payments]\n", "checkers: Input should be a valid dictionary"),
     ("database: 5\n", "database: Input should be a valid dictionary"),
     ("http:\n  rate_limit_per_minute: 0\n", "http.rate_limit_per_minute"),
@@ -428,7 +434,7 @@ def test_bad_config_is_one_clear_line_and_exit_2(tmp_path, content, expected):
         path.write_text(content)
     from click.testing import CliRunner
 
-    from zsmon.core.cli import cli
+    from zsmon.cli import cli
 
     import logging
 

@@ -106,7 +106,7 @@ def test_check_once_json_follows_the_output_contract(db_url, redis_prefix, tmp_p
     f = tmp_path / "c.yml"
     f.write_text(f"redis:\n  key_prefix: '{redis_prefix}'\n")
     env = {"ZSMON_DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "zsmon.core.cli", "--config", str(f), "check", "--once",
+    proc = subprocess.run([sys.executable, "-m", "zsmon.cli", "--config", str(f), "check", "--once",
                            "--only", "schema", "--format", "json"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -114,7 +114,7 @@ def test_check_once_json_follows_the_output_contract(db_url, redis_prefix, tmp_p
     assert check["checker"] == "schema" and check["status"] == "pass" and check["mode"] == "full"
     assert check["violation_counts"] == {"required_columns_present": 0} and check["violations"] == []
     assert check["error"] is None and isinstance(check["duration_seconds"], float)
-    bad = subprocess.run([sys.executable, "-m", "zsmon.core.cli", "check", "--once", "--only", "nosuch"],
+    bad = subprocess.run([sys.executable, "-m", "zsmon.cli", "check", "--once", "--only", "nosuch"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "unknown checker 'nosuch'" in bad.stderr
 
@@ -124,7 +124,7 @@ def test_check_once_exits_2_when_the_database_is_unreachable(tmp_path):
 
     env = {"ZSMON_DATABASE_URL": f"postgresql://postgres:pw-should-not-leak@127.0.0.1:{free_port()}/x",
            "REDIS_HOST": "", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "zsmon.core.cli", "check", "--once", "--only", "schema",
+    proc = subprocess.run([sys.executable, "-m", "zsmon.cli", "check", "--once", "--only", "schema",
                            "--format", "json"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2
     (check,) = json.loads(proc.stdout)["checks"]

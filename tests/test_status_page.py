@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from decimal import Decimal
 from types import SimpleNamespace
 
 import psycopg
 import requests
 
+from zsmon.core.lifecycle import Ack
 from zsmon.core.results import CheckResult, Violation
 from zsmon.core.status import COOKIE, register_status_page, session_value
 from zsmon.testing import LOCAL_HTTP, running_service, wait_for
@@ -106,21 +108,37 @@ def test_violation_text_is_escaped_and_error_and_skipped_need_the_session(tmp_pa
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from zsmon.app import build_registry
     from zsmon.core.config import load_config
 
     config = load_config(env={"ADMIN_TOKEN": TOKEN})
+    now = time.time()
     evil = Violation("channel_conservation", "channel", "<script>alert(1)</script>", Decimal("100.00000000"),
-                     Decimal("105.00000000"), Decimal("5.00000000"), 'detail "<b>x</b>"')
+                     Decimal("105.00000000"), Decimal("5.00000000"), 'detail "<b>x</b>"',
+                     lifecycle={"first_seen": now - 3 * 3600 - 12 * 60, "last_seen": now, "runs_seen": 700,
+                                "first_difference": "5.00000000", "acknowledgement": None})
+    known = Violation("channel_conservation", "channel", "c-known", Decimal("1"), Decimal("2"), Decimal("1"),
+                      "known gap", lifecycle={"first_seen": now - 60, "last_seen": now, "runs_seen": 4,
+                                              "first_difference": "1", "acknowledgement": {
+                                                  "id": "ab12cd34", "reason": "ZS-123 <i>until friday</i>",
+                                                  "author": "oncall", "created_at": now, "expires_at": None}})
     results = [
-        CheckResult("payments", "fail", "full", 0.25, {"channel_conservation": 1}, [evil],
-                    {"sequence_regression": "needs memory across runs: Redis is off"}),
+        CheckResult("payments", "fail", "full", 0.25, {"channel_conservation": 2}, [known, evil],
+                    {"sequence_regression": "needs memory across runs: Redis is off"},
+                    acknowledged_counts={"channel_conservation": 1},
+                    oldest_unacknowledged={"channel_conservation": now - 3 * 3600 - 12 * 60}),
         CheckResult("auctions", "error", "full", 0.1, error="database unreachable at db:5432"),
     ]
-    checkers = {"payments": SimpleNamespace(description="Money is conserved.", invariants=()),
-                "auctions": SimpleNamespace(description="", invariants=()),
-                "reputation": SimpleNamespace(description="", invariants=())}
-    service = SimpleNamespace(config=config, latest_results=lambda: results, readiness=lambda: ["scheduler is "
-                              "not running"], runner=SimpleNamespace(checkers=checkers))
+    registry = build_registry(config)
+    checkers = {name: registry.checkers[name] for name in ("payments", "auctions", "reputation")}
+    # What the page reads of a service (zsmon.core.view.ServiceView): config, links, checkers, results, readiness.
+    ack = Ack("ab12cd34", "payments", "channel_conservation", {"c-known": "1"}, "ZS-123 <i>until friday</i>",
+              "oncall", now)
+    service = SimpleNamespace(config=config, dashboard_links=[], checkers=checkers, latest_results=lambda: results,
+                              readiness=lambda: ["scheduler is not running"], acks=lambda: [ack],
+                              ack_events=lambda: [{"at": now, "event": "created", "ack": "ab12cd34",
+                                                   "checker": "payments", "invariant": "channel_conservation",
+                                                   "author": "oncall"}])
     app = FastAPI()
     register_status_page(app, service)
     client = TestClient(app)
@@ -135,3 +153,10 @@ def test_violation_text_is_escaped_and_error_and_skipped_need_the_session(tmp_pa
     assert "error: database unreachable at db:5432" in detailed
     assert "Redis is off" in detailed
     assert "<title>FAIL (1) - zsmon status</title>" in detailed
+    # The lifecycle: how long each violation has paged (oldest first within its invariant), who acknowledged
+    # which, and the acknowledgements in force - escaped like everything else.
+    assert "1 acknowledged" in detailed and "oldest paging since 3 h 12 min" in detailed
+    assert detailed.index("&lt;script&gt;alert(1)") < detailed.index("c-known")
+    assert "acknowledged by oncall: ZS-123 &lt;i&gt;until friday&lt;/i&gt;" in detailed
+    assert "<code>ab12cd34</code> payments/channel_conservation: 1 entity, by oncall, until revoked" in detailed
+    assert "ab12cd34" not in anonymous

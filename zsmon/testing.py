@@ -17,6 +17,12 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import yaml
+
+from zsmon.app import build_registry, build_service
+from zsmon.core.config import load_config
+from zsmon.core.registry import BoundChecker
+from zsmon.core.service import build_runner
 from zsmon.demo import schema_sql
 
 ADMIN_DSN = os.environ.get("ZSMON_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -96,10 +102,6 @@ def make_config(db_url: str, redis_prefix: str, tmp_path) -> Callable[..., Any]:
 
     ``make_config(checkers={"payments": {"settings": {...}}}, redis=False)``
     """
-    import yaml
-
-    from zsmon.core.config import load_config
-
     def build(redis: bool = True, env: dict[str, str] | None = None, **sections: Any) -> Any:
         data: dict[str, Any] = {"redis": {"key_prefix": redis_prefix}, **sections}
         if not redis:
@@ -120,21 +122,36 @@ def run_check(make_config) -> Iterator[Callable[..., Any]]:
     (Redis) and the last-full timestamp behave as in the sidecar when the same
     ``config`` object is passed again via ``config=``.
     """
-    from zsmon.core.service import build_runner
-
     opened: list[Any] = []
 
     def run(name: str, mode: str | None = None, config: Any = None, **sections: Any) -> Any:
         cfg = config if config is not None else make_config(**sections)
         runner = next((r for r in opened if r.config is cfg), None)
         if runner is None:
-            runner = build_runner(cfg, only=[name])
+            runner = build_runner(build_registry(cfg), only=[name])
             opened.append(runner)
         return runner.run_check(name, mode=mode)
 
     yield run
     for runner in opened:
         runner.db.close()
+
+
+def bind_checker(checker: Any, config: Any) -> BoundChecker:
+    """A test-only checker instance bound as the registry binds a found one: its schedule and
+    statement timeout from ``checkers.<name>`` in ``config``, else from the class and the database section.
+
+    ``runner.checkers["slow"] = bind_checker(SlowChecker(sleep=5), runner.config)`` hands a runner a
+    checker no package declares (the registry only finds those of its packages, plugins and YAML files).
+    """
+    cls = type(checker)
+    cfg = config.checker(cls.name)
+    return BoundChecker(
+        checker=checker, enabled=cfg.enabled,
+        interval_seconds=cfg.interval_seconds or cls.default_interval_seconds,
+        full_interval_seconds=(cfg.full_interval_seconds or cls.default_full_interval_seconds)
+        if cls.supports_incremental else None,
+        statement_timeout_seconds=cfg.statement_timeout_seconds or config.database.statement_timeout_seconds)
 
 
 # ---- a private PostgreSQL cluster a test may stop, pause and restart -------------------
@@ -333,9 +350,7 @@ class running_service:
     """
 
     def __init__(self, config: Any) -> None:
-        from zsmon.core.service import Service
-
-        self.service = Service(config)
+        self.service = build_service(config)
 
     def __enter__(self) -> "running_service":
         self.service.start()

@@ -8,7 +8,7 @@ redis-exporter), so every scrape job has a live target.
 
     receiver = WebhookReceiver(); platform = FakePlatform()
     render_config = make_config(render=stack_render_settings(metrics_port, platform, receiver, am_port))
-    render_all(render_config, out); speed_up(out)           # only for tests: see speed_up()
+    render_all(build_registry(render_config), out); speed_up(out)   # only for tests: see speed_up()
     with PrometheusStack(out, prom_port, am_port) as stack:
         stack.wait_targets_up(); receiver.wait_for("BalanceInvariantViolation", "firing")
 """

@@ -36,8 +36,10 @@ import yaml
 
 import zsmon
 from zsmon.alerts.model import ZSMON_JOB
+from zsmon.alerts.render import render_files, write_tree
 from zsmon.alerts.templating import dump_yaml
-from zsmon.core.config import Config, ConfigError
+from zsmon.core.config import ConfigError
+from zsmon.core.registry import Registry
 
 CONFIG_MOUNT = "/etc/zsmon/config"  # separate from the checkers: a ConfigMap volume cannot hold a mount point
 CHECKERS_MOUNT = "/etc/zsmon/checkers"
@@ -61,7 +63,9 @@ def _port(listen: str) -> int:
 
 
 class _Builder:
-    def __init__(self, config: Config, files: dict[str, str]) -> None:
+    def __init__(self, registry: Registry, files: dict[str, str]) -> None:
+        config = registry.config
+        self.registry = registry
         self.config = config
         self.k = config.kubernetes
         self.files = files
@@ -138,10 +142,8 @@ class _Builder:
                 "data": {"zsmon.yml": text}}
 
     def checkers_map(self) -> dict[str, Any] | None:
-        from zsmon.checkers.registry import checker_classes
-
         data = {}
-        for name, cls in checker_classes().items():
+        for name, cls in self.registry.checker_classes.items():
             if cls.source == "yaml":
                 key = f"{name}.yml"  # one checker per file; the name is unique and a valid ConfigMap key
                 data[key] = Path(cls.path).read_text(encoding="utf-8")
@@ -256,19 +258,15 @@ class _Builder:
         return out + [self.service_monitor(), *self.prometheus_rules(), *self.dashboards()]
 
 
-def kubernetes_objects(config: Config, files: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Every object, in apply order. ``files`` is ``render_files(config)`` (computed when not given)."""
-    if files is None:
-        from zsmon.alerts.render import render_files
-
-        files = render_files(config)
-    return _Builder(config, files).objects()
+def kubernetes_objects(registry: Registry, files: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every object, in apply order. ``files`` is ``render_files(registry)`` (computed when not given)."""
+    return _Builder(registry, files if files is not None else render_files(registry)).objects()
 
 
-def kubernetes_files(config: Config, files: dict[str, str] | None = None) -> dict[str, str]:
+def kubernetes_files(registry: Registry, files: dict[str, str] | None = None) -> dict[str, str]:
     """File name -> YAML text: one object per file, and a kustomization.yaml listing them."""
     out: dict[str, str] = {}
-    for obj in kubernetes_objects(config, files):
+    for obj in kubernetes_objects(registry, files):
         name = f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
         if name in out:
             raise ConfigError(f"render --format kubernetes: two objects would be written to {name}")
@@ -279,8 +277,6 @@ def kubernetes_files(config: Config, files: dict[str, str] | None = None) -> dic
     return out
 
 
-def render_kubernetes(config: Config, out: Path) -> list[Path]:
+def render_kubernetes(registry: Registry, out: Path) -> list[Path]:
     """Write the manifests into ``out``, replacing it whole (as ``render_all`` does for the file output)."""
-    from zsmon.alerts.render import write_tree
-
-    return write_tree(kubernetes_files(config), out)
+    return write_tree(kubernetes_files(registry), out)

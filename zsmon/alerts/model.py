@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from zsmon.core.config import Config, ConfigError
+from zsmon.core.registry import Registry
 
 API_JOB = "zerostate-api"
 ZSMON_JOB = "zsmon"
@@ -114,14 +115,14 @@ class CheckerView:
 
 
 @dataclass(frozen=True)
-class CollectorView:
+class ExporterView:
     name: str
     interval_seconds: float
     stale_after_seconds: int
 
     @property
     def selector(self) -> str:
-        return f"collector={promql_string(self.name)}"
+        return f"exporter={promql_string(self.name)}"
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class BurnRate:
 class Model:
     config: Config
     checkers: list[CheckerView]
-    collectors: list[CollectorView]
+    exporters: list[ExporterView]
     burn_rates: list[BurnRate]
     slo_budget: str  # 1 - objective, as an exact decimal string ("0.001")
     static: dict[str, Any] = field(default_factory=dict)
@@ -171,14 +172,6 @@ class Model:
         """`for` of absent() alerts: at least two scrapes, and never under a minute."""
         return duration(max(2 * self.scrape, 60))
 
-    @property
-    def balance_failure_window(self) -> str:
-        """Window of ``increase()`` over the balance-failure counter: about a minute (longer than the
-        alert's ``for``, or a new failure could never fire it), a whole number of scrapes."""
-        s = self.scrape
-        wanted = max(4 * s, 60, self.config.render.critical_invariant_for_seconds + 2 * s)
-        return duration(s * math.ceil(wanted / s))
-
     def slo_windows(self) -> list[str]:
         """Every window a recording rule must provide, shortest first."""
         names = {"5m"} | {b.long for b in self.burn_rates} | {b.short for b in self.burn_rates}
@@ -190,7 +183,7 @@ class Model:
             "model": self,
             "render": r,
             "checkers": self.checkers,
-            "collectors": self.collectors,
+            "exporters": self.exporters,
             "burn_rates": self.burn_rates,
             "slo": {
                 "objective": r.availability_slo,
@@ -214,7 +207,6 @@ class Model:
             "dur": duration,
             "scrape": self.scrape,
             "absent_for": self.absent_for,
-            "balance_window": self.balance_failure_window,
         }
 
 
@@ -230,28 +222,20 @@ def invariant_alert(checker: str, invariant: str) -> str:
     return f"{camel(checker)}{camel(invariant)}Violation"
 
 
-def build_model(config: Config, checker_classes: dict[str, type] | None = None,
-                exporter_classes: dict[str, type] | None = None) -> Model:
-    """The model for ``config`` and the registries (the real ones unless given)."""
-    if checker_classes is None:
-        from zsmon.checkers.registry import checker_classes as _checkers
-
-        checker_classes = _checkers()
-    if exporter_classes is None:
-        from zsmon.exporters.registry import exporter_classes as _exporters
-
-        exporter_classes = _exporters()
+def build_model(registry: Registry, *, builtin_only: bool = False) -> Model:
+    """The model of what ``registry`` runs (``builtin_only``: without plugins and YAML checkers)."""
+    config = registry.config
     r = config.render
     checkers: list[CheckerView] = []
     seen_alerts: dict[str, str] = {}
-    for name, cls in sorted(checker_classes.items()):
-        cfg = config.checker(name)
-        if not cfg.enabled:
+    for name, bound in sorted(registry.enabled_checkers().items()):
+        cls = bound.cls
+        if builtin_only and cls.source != "builtin":
             continue
-        interval = float(cfg.interval_seconds or cls.default_interval_seconds)
+        interval = float(bound.interval_seconds)
         # A run may legitimately last up to its statement_timeout (a full sweep on a large
         # database): stale only once that, an interval and two scrapes have passed too.
-        timeout = float(cfg.statement_timeout_seconds or config.database.statement_timeout_seconds)
+        timeout = float(bound.statement_timeout_seconds)
         stale = int(math.ceil(max(r.staleness_factor * interval, 2 * r.scrape_interval_seconds,
                                   interval + timeout + 2 * r.scrape_interval_seconds)))
         failing_for = int(math.ceil(max(1.5 * interval, 60)))
@@ -272,13 +256,10 @@ def build_model(config: Config, checker_classes: dict[str, type] | None = None,
         checkers.append(CheckerView(name=name, description=safe_prom_text(" ".join(cls.description.split())),
                                     interval_seconds=interval, stale_after_seconds=stale,
                                     failing_for_seconds=failing_for, invariants=tuple(invs), own_runbook=own))
-    collectors = []
-    for name, cls in sorted(exporter_classes.items()):
-        cfg = config.exporter(name)
-        if not cfg.enabled:
-            continue
-        interval = float(cfg.interval_seconds or cls.default_interval_seconds)
-        collectors.append(CollectorView(name, interval, int(math.ceil(
+    exporters = []
+    for name, exported in sorted(registry.enabled_exporters().items()):
+        interval = float(exported.interval_seconds)
+        exporters.append(ExporterView(name, interval, int(math.ceil(
             max(r.staleness_factor * interval, 2 * r.scrape_interval_seconds)))))
     budget = Decimal(1) - Decimal(str(r.availability_slo))
     period_hours = Decimal(r.slo_period_days * 24)
@@ -286,7 +267,7 @@ def build_model(config: Config, checker_classes: dict[str, type] | None = None,
     for alert, severity, long, short, share in BURN_WINDOWS:
         factor = share * period_hours / (Decimal(seconds_of(long)) / Decimal(3600))
         burn_rates.append(BurnRate(alert, severity, long, short, share, _exact(factor), r.slo_period_days))
-    return Model(config=config, checkers=checkers, collectors=collectors, burn_rates=burn_rates,
+    return Model(config=config, checkers=checkers, exporters=exporters, burn_rates=burn_rates,
                  slo_budget=format(_exact(budget), "f"))
 
 

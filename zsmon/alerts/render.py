@@ -28,11 +28,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import zsmon.checkers
+import zsmon.exporters
 from zsmon.alerts.model import Model, build_model
 from zsmon.alerts.rule_tests import rule_test_files
-from zsmon.alerts.runbooks import invariant_runbooks, runbook_index
+from zsmon.alerts.runbooks import GENERATED_MARK, invariant_runbooks, runbook_index
 from zsmon.alerts.templating import dump_json, dump_yaml, environment, render_yaml
 from zsmon.core.config import Config, ConfigError
+from zsmon.core.registry import Registry
+from zsmon.dashboards.build import TEMPLATES as DASHBOARD_TEMPLATES
+from zsmon.dashboards.build import build_dashboards
 
 TEMPLATES = Path(__file__).parent / "templates"
 MARKER = ".zsmon-render"
@@ -43,13 +48,13 @@ FIXED_RULE_FILES = {
     "zerostate-slo.rules.yml": "slo.rules.yml.j2",
     "zsmon-self.rules.yml": "self.rules.yml.j2",
 }
-# Index wording for alerts defined once per checker or collector.
+# Index wording for alerts defined once per checker or exporter.
 GENERIC_SUMMARIES = {
     "InvariantCheckFailing": "A checker's runs end in errors: its invariants are not judged",
     "InvariantCheckStale": "A checker has not completed a run for several intervals",
     "InvariantCheckMissing": "zsmon reports no result at all for a checker",
     "InvariantSkipped": "An invariant has been skipped (not judged) for a long time",
-    "ZsmonCollectorFailing": "A zsmon collector has not succeeded for several intervals",
+    "ZsmonExporterFailing": "A zsmon exporter has not succeeded for several intervals",
 }
 
 
@@ -68,8 +73,6 @@ def rule_files(model: Model) -> dict[str, str]:
 
 def render_model(model: Model) -> dict[str, str]:
     """Every output file (path relative to DIR -> text)."""
-    from zsmon.dashboards.build import TEMPLATES as DASHBOARD_TEMPLATES
-    from zsmon.dashboards.build import build_dashboards
 
     env = environment(TEMPLATES)
     ctx = model.context()
@@ -94,8 +97,8 @@ def render_model(model: Model) -> dict[str, str]:
     return files
 
 
-def render_files(config: Config) -> dict[str, str]:
-    return render_model(build_model(config))
+def render_files(registry: Registry) -> dict[str, str]:
+    return render_model(build_model(registry))
 
 
 def alert_rules(files: dict[str, str]) -> list[dict[str, Any]]:
@@ -125,9 +128,9 @@ def generated_runbooks(model: Model) -> dict[str, str]:
     return pages
 
 
-def render_all(config: Config, out: Path) -> list[Path]:
+def render_all(registry: Registry, out: Path) -> list[Path]:
     """Render everything into ``out`` atomically; returns the written paths. User mistakes raise ConfigError."""
-    return write_tree(render_files(config), out)
+    return write_tree(render_files(registry), out)
 
 
 def write_tree(files: dict[str, str], out: Path) -> list[Path]:
@@ -192,10 +195,8 @@ def golden_config() -> Config:
 
 def golden_model() -> Model:
     """Defaults and the built-in checkers only: installed plugins and YAML checkers vary by machine."""
-    from zsmon.checkers.registry import checker_classes
-
-    builtin = {n: c for n, c in checker_classes().items() if c.source == "builtin"}
-    return build_model(golden_config(), checker_classes=builtin)
+    registry = Registry(golden_config(), [zsmon.checkers], [zsmon.exporters])
+    return build_model(registry, builtin_only=True)
 
 
 def golden_files() -> dict[str, str]:
@@ -212,7 +213,6 @@ def update_golden() -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
-    from zsmon.alerts.runbooks import GENERATED_MARK
 
     RUNBOOKS.mkdir(parents=True, exist_ok=True)
     for stale in RUNBOOKS.glob("*.md"):
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             written = update_golden()
             print(f"wrote {len(written)} files under {GOLDEN.relative_to(ROOT)} and {RUNBOOKS.relative_to(ROOT)}")
         if args.out:
-            written = render_all(golden_config(), args.out)
+            written = write_tree(render_model(golden_model()), args.out)
             print(f"wrote {len(written)} files to {args.out}")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

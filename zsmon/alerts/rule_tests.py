@@ -4,7 +4,7 @@ The cases are data: input series, an evaluation time and the alerts expected
 then (labels and the value the description shows). The expected annotations
 are the rule's own templates expanded with those labels and that value, so a
 test also proves every annotation template renders. Per-invariant, per-checker
-and per-collector cases are generated from the same model as the rules: a new
+and per-exporter cases are generated from the same model as the rules: a new
 checker is tested the moment it is registered.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from zsmon.alerts.model import API_JOB, POSTGRES_JOB, REDIS_JOB, ZSMON_JOB, Model, duration, seconds_of, CheckerView
+from zsmon.alerts.model import API_JOB, POSTGRES_JOB, REDIS_JOB, ZSMON_JOB, Model, duration, CheckerView
 
 ZSMON = f'job="{ZSMON_JOB}", instance="zsmon:9090"'
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
@@ -112,13 +112,13 @@ def checker_cases(model: Model, c: CheckerView) -> list[Case]:
     step = model.scrape
     cases: list[Case] = []
     for inv in c.invariants:
-        sel = f"zerostate_invariant_violations{{{inv.selector}, {ZSMON}}}"
+        labels = {"checker": c.name, "invariant": inv.id}
+        cases.append(lifecycle_case(inv.alert, inv.selector, inv.for_seconds, step, labels))
+        sel = f"zerostate_invariant_violations_unacknowledged{{{inv.selector}, {ZSMON}}}"
         t = inv.for_seconds + 3 * step
         n = _steps(t, step)
-        labels = {"checker": c.name, "invariant": inv.id}
-        cases.append(Case(f"{inv.alert} fires on a violation and resolves once fixed", inv.alert,
-                          [(sel, f"0 3x{n} 0x{n}")], t, [Fire(labels, "3")], later=[((n + 4) * step, [])]))
-        other = f'zerostate_invariant_violations{{checker="{c.name}", invariant="zz_other_{inv.id}", {ZSMON}}}'
+        other = f'zerostate_invariant_violations_unacknowledged{{checker="{c.name}", invariant="zz_other_{inv.id}", ' \
+                f'{ZSMON}}}'
         cases.append(Case(f"{inv.alert} stays quiet when it holds and another invariant fails", inv.alert,
                           [(sel, f"0x{n}"), (other, f"5x{n}")], t))
     up = f"zerostate_invariant_check_up{{{c.selector}, {ZSMON}}}"
@@ -153,41 +153,55 @@ def checker_cases(model: Model, c: CheckerView) -> list[Case]:
     return cases
 
 
+def lifecycle_case(alert: str, selector: str, for_seconds: int, step: int, labels: dict[str, str]) -> Case:
+    """One violation's life as the alert sees it, a phase per transition: new -> fires; acknowledged ->
+    quiet (the violation is still there); its difference grows after the acknowledgement -> fires; the
+    acknowledgement expires -> fires; repaired -> resolves."""
+    phase = _steps(for_seconds + 3 * step, step)    # samples per phase, enough for the alert's `for`
+    #                 new  acknowledged  changed  expired  repaired
+    unacked = [0] + [3] * phase + [0] * phase + [1] * phase + [3] * phase + [0] * phase
+    total = [0] + [3] * phase + [3] * phase + [3] * phase + [3] * phase + [0] * phase
+    end = [(1 + (k + 1) * phase - 1) * step for k in range(5)]   # the last sample of each phase
+    series = [(f"zerostate_invariant_violations_unacknowledged{{{selector}, {ZSMON}}}", " ".join(map(str, unacked))),
+              (f"zerostate_invariant_violations{{{selector}, {ZSMON}}}", " ".join(map(str, total)))]
+    return Case(f"{alert} fires on a new violation, is quiet once acknowledged, fires when it changes after the "
+                f"acknowledgement or the acknowledgement expires, resolves once repaired", alert, series,
+                end[0], [Fire(labels, "3")],
+                later=[(end[1], []), (end[2], [Fire(labels, "1")]), (end[3], [Fire(labels, "3")]), (end[4], [])])
+
+
 def money_cases(model: Model) -> list[Case]:
     step = model.scrape
-    window = seconds_of(model.balance_failure_window)
-    gauge = f'zerostate_invariant_violations{{checker="payments", invariant="channel_conservation", {ZSMON}}}'
-    counter = f"zerostate_payment_balance_check_failures_total{{{ZSMON}}}"
     for_s = model.config.render.critical_invariant_for_seconds
-    n = _steps(for_s + 2 * window + 10 * step, step)
-    # The counter steps from 0 to 1 once a whole window of samples exists, so increase() needs no
-    # extrapolation and is exactly 1; the alert is checked while the step is still inside the window.
-    zeros = window // step + 1
-    t_counter = (zeros + 2) * step + for_s
+    counter = f"zerostate_payment_balance_check_failures_total{{{ZSMON}}}"
+    acked = f'zerostate_invariant_violations{{checker="payments", invariant="ledger_reconciliation", {ZSMON}}}'
+    acked_un = f'zerostate_invariant_violations_unacknowledged{{checker="payments", ' \
+               f'invariant="ledger_reconciliation", {ZSMON}}}'
+    n = _steps(for_s + 10 * step, step)
     return [
-        Case("BalanceInvariantViolation fires on a current violation", "BalanceInvariantViolation",
-             [(gauge, f"0 2x{n}"), (counter, f"0 1x{n}")], step + for_s + step,
-             [Fire({"checker": "payments"}, "2")]),
-        Case("BalanceInvariantViolation fires on a new failing balance check", "BalanceInvariantViolation",
-             [(gauge, f"0x{n}"), (counter, f"0x{zeros} 1x{n}")], t_counter, [Fire({"checker": "payments"}, "1")]),
-        Case("BalanceInvariantViolation stays quiet on an old counter that never resets", "BalanceInvariantViolation",
-             [(gauge, f"0x{n}"), (counter, f"7x{n}")], n * step - step),
-        Case("BalanceInvariantViolation resolves once the money adds up", "BalanceInvariantViolation",
-             [(gauge, f"0 2 2 0x{n}"), (counter, f"0 1 2 2x{n}")], 3 * step + window + 2 * step + for_s),
+        lifecycle_case("BalanceInvariantViolation", 'checker="payments", invariant="channel_conservation"', for_s,
+                       step, {"checker": "payments"}),
+        Case("BalanceInvariantViolation stays quiet on known, acknowledged violations and a counter that keeps "
+             "counting them", "BalanceInvariantViolation",
+             [(acked, f"250x{n}"), (acked_un, f"0x{n}"), (counter, f"0+1x{n}")], n * step - step),
+        Case("BalanceInvariantViolation pages for a new violation beside acknowledged ones",
+             "BalanceInvariantViolation",
+             [(acked, f"250x{n}"), (acked_un, f"0 1x{n}"), (counter, f"0+1x{n}")], 2 * step + for_s,
+             [Fire({"checker": "payments"}, "1")]),
     ]
 
 
-def collector_cases(model: Model) -> list[Case]:
+def exporter_cases(model: Model) -> list[Case]:
     step = model.scrape
     cases = []
-    for col in model.collectors:
-        last = f"zsmon_collector_last_success_timestamp_seconds{{{col.selector}, {ZSMON}}}"
+    for col in model.exporters:
+        last = f"zsmon_exporter_last_success_timestamp_seconds{{{col.selector}, {ZSMON}}}"
         t = (col.stale_after_seconds // step + 2) * step
         n = _steps(t, step)
         stop = n * step
-        cases.append(Case(f"ZsmonCollectorFailing stays quiet while {col.name} succeeds, fires when it stops",
-                          "ZsmonCollectorFailing", [(last, f"0+{step}x{n} {stop}x{2 * n}")], t,
-                          later=[(stop + t, [Fire({"collector": col.name}, humanize_duration(t))])]))
+        cases.append(Case(f"ZsmonExporterFailing stays quiet while {col.name} succeeds, fires when it stops",
+                          "ZsmonExporterFailing", [(last, f"0+{step}x{n} {stop}x{2 * n}")], t,
+                          later=[(stop + t, [Fire({"exporter": col.name}, humanize_duration(t))])]))
     return cases
 
 
@@ -331,7 +345,7 @@ def rule_test_files(model: Model, rule_files: dict[str, Any]) -> dict[str, dict[
                                                       step, ev)
     return {
         **out,
-        "zsmon-self.test.yml": doc("zsmon-self.rules.yml", self_cases(model) + collector_cases(model), step, ev),
+        "zsmon-self.test.yml": doc("zsmon-self.rules.yml", self_cases(model) + exporter_cases(model), step, ev),
         "zerostate-platform.test.yml": doc("zerostate-platform.rules.yml", platform_cases(model), step, ev),
         "zerostate-slo.test.yml": doc("zerostate-slo.rules.yml", slo_cases(model), 60, "1m"),
     }

@@ -1,1 +1,1 @@
-"""Checkers: one module per checker. ``registry.checker_classes()`` finds them all."""
+"""Checkers: one module per checker; the registry (``zsmon.core.registry``) finds them all."""

@@ -50,14 +50,13 @@ sample and one summary line per invariant, never a flood.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Literal
 
-from psycopg import sql as pgsql
 from pydantic import Field
 
-from zsmon.checkers.base import Checker, CheckContext, CheckerSettings, Invariant
+from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Found, Invariant
 from zsmon.core.results import Violation
 
 AUCTION_STATUSES = ("open", "closed", "awarded", "canceled", "expired")
@@ -118,7 +117,9 @@ def ended_predicate(settings: AuctionsSettings, alias: str = "a") -> tuple[str, 
 _ISO = "YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\""
 
 # One pass over auctions and bids. {A} is the auction source (the whole table or the
-# incremental scope); {BEST}/{WORSE}/{DIR} follow the ranking direction.
+# incremental scope); {BEST}/{WORSE}/{DIR} follow the ranking direction. Each violation is
+# tagged with its kind (counted per kind for the summary); the side rows ``_tracked`` name the
+# violating auctions, which the next incremental run re-judges.
 _ENTITY_SQL = """
 {SCOPE}
 bid_stats AS (
@@ -165,8 +166,9 @@ af AS (
                         AND coalesce(au.final_price = ANY (au.second_prices), false)) AS f_price_rule,
            au.final_price IS NOT NULL AND au.max_price > 0 AND au.final_price > au.max_price AS f_over_budget
     FROM au
-)
-SELECT x.invariant, 'auction' AS entity_type, au.id::text AS entity_id, au.id AS auction_id, x.kind,
+),
+found AS (
+SELECT x.invariant, 'auction' AS entity_type, au.id::text AS entity_id, au.id AS auction_id, x.kind AS tag,
        x.expected, x.actual, x.difference, x.detail
 FROM (SELECT * FROM af WHERE f_no_winner OR f_stray_winner OR f_not_top OR f_price_rule OR f_over_budget) au
 CROSS JOIN LATERAL (VALUES
@@ -270,6 +272,11 @@ SELECT 'awarded_without_channel', 'auction', a.id::text, a.id,
 FROM {A} a
 WHERE a.status = 'awarded' AND a.updated_at < now() - make_interval(secs => %(grace)s)
   AND NOT EXISTS (SELECT 1 FROM payment_channels pc WHERE pc.auction_id = a.id::text)
+)
+SELECT invariant, entity_type, entity_id, expected, actual, difference, detail, tag FROM found
+UNION ALL
+SELECT '_tracked', 'auction', t.auction_id::text, NULL, NULL, NULL, NULL, NULL
+FROM (SELECT DISTINCT auction_id FROM found LIMIT %(cap)s) AS t
 """
 
 _SCOPE_SQL = """
@@ -281,27 +288,6 @@ WITH scope AS MATERIALIZED (
     UNION SELECT unnest(%(tracked)s::uuid[])
 ),
 """
-
-# Sample (largest |difference| first), counts per kind, and the violating auctions to track.
-_JUDGE = """
-WITH v AS MATERIALIZED ({inner}),
-ranked AS (
-    SELECT v.*, count(*) OVER (PARTITION BY v.invariant) AS total,
-           row_number() OVER (PARTITION BY v.invariant
-                              ORDER BY abs(v.difference) DESC NULLS LAST, v.entity_id) AS rn
-    FROM v
-)
-SELECT 'row' AS row_kind, invariant, entity_type, entity_id, kind, expected, actual, difference, detail,
-       total, NULL::text[] AS ids
-FROM ranked WHERE rn <= {limit}
-UNION ALL
-SELECT 'kind', invariant, NULL, NULL, kind, NULL, NULL, NULL, NULL, count(*), NULL
-FROM v GROUP BY invariant, kind
-UNION ALL
-SELECT 'ids', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       ARRAY(SELECT DISTINCT auction_id::text FROM v LIMIT {cap})
-"""
-
 
 class AuctionsChecker(Checker):
     name = "auctions"
@@ -354,34 +340,17 @@ class AuctionsChecker(Checker):
     # ---- run ---------------------------------------------------------------------------
     def run(self, ctx: CheckContext) -> None:
         s = self.settings
-        snapshot_epoch = float(ctx.scalar("SELECT extract(epoch FROM now())::float8"))
-        state = self._load_state(ctx) if ctx.mode == "incremental" else None
-        if ctx.mode == "incremental" and state is None:
-            ctx.mode = "full"
-        tracked = self._judge_entities(ctx, state)
+        state = ctx.state()
+        previous = state.resume()
+        if previous is not None and previous.get("overflow"):
+            ctx.fall_back_to_full(f"more than {s.incremental_max_tracked} auctions violated at the previous run "
+                                  "(incremental_max_tracked)")
+            previous = None
+        tracked = self._judge_entities(ctx, previous)
         self._judge_stale(ctx)
         self._judge_allocation(ctx)
-        if ctx.redis is not None:
-            overflow = len(tracked) > s.incremental_max_tracked
-            payload = json.dumps({"watermark": snapshot_epoch, "overflow": overflow,
-                                  "tracked": [] if overflow else tracked})
-            key, redis = ctx.key("incremental"), ctx.redis
-            ctx.after_success(lambda: redis.set(key, payload))
-
-    def _load_state(self, ctx: CheckContext) -> dict[str, Any] | None:
-        """The previous run's watermark and violating auctions, or None (→ full sweep)."""
-        if ctx.redis is None:
-            return None
-        try:
-            raw = ctx.redis.get(ctx.key("incremental"))
-            state = json.loads(raw) if raw else None
-        except Exception as exc:  # unreadable state is no reason to fail: sweep everything instead
-            if ctx.log is not None:
-                ctx.log.warning("incremental_state_unreadable", error=str(exc))
-            return None
-        if not isinstance(state, dict) or state.get("overflow") or "watermark" not in state:
-            return None
-        return state
+        overflow = len(tracked) > s.incremental_max_tracked
+        state.save({"watermark": ctx.snapshot_time, "overflow": overflow, "tracked": [] if overflow else tracked})
 
     def _direction(self) -> dict[str, str]:
         if self.settings.ranking == "lowest_composite":
@@ -401,40 +370,26 @@ class AuctionsChecker(Checker):
             text = text.replace("{" + k + "}", v)
         return text
 
-    def _judge_entities(self, ctx: CheckContext, state: dict[str, Any] | None) -> list[str]:
+    def _judge_entities(self, ctx: CheckContext, previous: dict[str, Any] | None) -> list[str]:
+        """Judge the per-auction and per-bid invariants; returns the violating auctions to track."""
         s = self.settings
-        params: dict[str, Any] = {"grace": float(s.grace_period_seconds)}
-        incremental = state is not None
-        if incremental:
-            params["since"] = float(state["watermark"]) - s.incremental_overlap_seconds
-            params["tracked"] = [str(t) for t in state.get("tracked", [])]
+        params: dict[str, Any] = {"grace": float(s.grace_period_seconds), "cap": s.incremental_max_tracked + 1}
+        incremental = previous is not None
         inner = self.entity_sql(incremental)
         if incremental:
+            params["since"] = float(previous["watermark"]) - s.incremental_overlap_seconds
+            params["tracked"] = [str(t) for t in previous.get("tracked", [])]
             # to_timestamp(...) keeps the parameter a plain float on the wire.
             inner = inner.replace("%(since)s", "to_timestamp(%(since)s)")
-        query = pgsql.SQL(_JUDGE).format(inner=pgsql.SQL(inner), limit=pgsql.Literal(ctx.sample_limit),
-                                         cap=pgsql.Literal(s.incremental_max_tracked + 1))
-        rows = ctx.query(query, params)
-        totals = {i: 0 for i in ENTITY_INVARIANTS}
-        samples: dict[str, list[Violation]] = {i: [] for i in ENTITY_INVARIANTS}
-        kinds: dict[str, dict[str, int]] = {i: {} for i in ENTITY_INVARIANTS}
-        tracked: list[str] = []
-        for r in rows:
-            if r["row_kind"] == "row":
-                totals[r["invariant"]] = int(r["total"])
-                samples[r["invariant"]].append(Violation(
-                    r["invariant"], r["entity_type"], r["entity_id"], _num(r["expected"]), _num(r["actual"]),
-                    r["difference"], r["detail"] or ""))
-            elif r["row_kind"] == "kind":
-                kinds[r["invariant"]][r["kind"]] = int(r["total"])
-            else:
-                tracked = list(r["ids"] or [])
+        found = ctx.find_many(inner, ENTITY_INVARIANTS, params, tags=True)
         for inv in ENTITY_INVARIANTS:
-            ctx.report(inv, samples[inv], totals[inv])
-            if totals[inv]:
-                parts = sorted(kinds[inv].items(), key=lambda kv: (-kv[1], kv[0]))
+            f = found[inv]
+            # Expected/actual are text (one column type across invariants): money back to Decimal.
+            ctx.report(inv, [replace(v, expected=_num(v.expected), actual=_num(v.actual)) for v in f.sample], f.count)
+            if f.count:
+                parts = sorted(f.tags.items(), key=lambda kv: (-kv[1], kv[0]))
                 ctx.summarize(inv, "; ".join(f"{n} {kind}" for kind, n in parts))
-        return tracked
+        return [v.entity_id for v in found.get("_tracked", Found()).sample]
 
     def _judge_stale(self, ctx: CheckContext) -> None:
         grace = float(self.settings.grace_period_seconds)
@@ -498,7 +453,6 @@ class AuctionsChecker(Checker):
 
 
 def _num(value: Any) -> Any:
-    """Expected/actual come back as text (one column type across invariants); money back to Decimal."""
     if isinstance(value, str):
         try:
             return Decimal(value)

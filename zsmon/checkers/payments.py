@@ -15,8 +15,8 @@ ONLY`` snapshot, so correct concurrent traffic never shows up as a violation:
 - one aggregate judges ``global_conservation``, in every mode;
 - ``sequence_regression`` compares every channel's ``sequence_number`` with the
   highest one seen before, kept in one Redis hash (channel id -> sequence
-  number). Without Redis the runner reports it skipped; on the very first
-  observation it is skipped too (nothing to compare with yet).
+  number; ``zsmon.core.memory.ColumnMemory``). Without Redis it is reported
+  skipped; on the very first observation too (nothing to compare with yet).
 
 Money stays ``numeric`` in SQL and ``Decimal`` in Python: a leak of 0.00000001
 is a violation.
@@ -24,10 +24,10 @@ is a violation.
 Modes. A full sweep reads everything. An incremental run re-checks only the
 channels touched since the watermark (ledger rows by ``created_at``, channels by
 ``updated_at``) and the accounts of their payers and payees plus accounts whose
-``updated_at`` moved. The watermark is the snapshot's ``transaction_timestamp()``
-minus ``watermark_safety_seconds`` (so a write that committed just after the
-snapshot, stamped a little before it, is still seen next time), written to Redis
-only when the run's result is published. No watermark, no Redis, or more touched
+``updated_at`` moved, since the previous snapshot's time (kept in the checker's
+incremental state, written only when the run's result is published) minus
+``watermark_safety_seconds`` (so a write that committed just after that snapshot,
+stamped a little before it, is still seen). No watermark, no Redis, or more touched
 channels than ``incremental_max_channels``: the run is a full sweep.
 
 Full sweeps are steered to sequential, single-process plans (no index scans, no
@@ -40,27 +40,21 @@ sort spills once. Incremental runs turn JIT off. See docs/performance.md.
 """
 from __future__ import annotations
 
-import heapq
-import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Iterator
 
-import redis
 from prometheus_client import Counter
 from pydantic import Field
 
-from zsmon.checkers.base import Checker, CheckContext, CheckerSettings, Invariant
-from zsmon.core.redis import redis_error
+from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Invariant
 from zsmon.core.results import Violation
 
 RELEASE_TYPES = ("release", "settlement", "settle")  # the platform's settle endpoint writes 'settlement'
 RELEASE_OR_REFUND = RELEASE_TYPES + ("refund",)
 
 SEQUENCE_KEY = "sequence"      # hash: channel id -> highest sequence_number observed
-WATERMARK_KEY = "watermark"    # ISO timestamp: incremental runs re-check what changed since
-STAGING_TTL_SECONDS = 3600
-OBSERVED_FIELD = "_observed_at"   # sentinel field of the sequence hash: when it was last written
 
 # ---- SQL -----------------------------------------------------------------------------------------
 # {ledger_from} / {channels_from} / {scope}: the whole tables (full sweep), or only the touched channels
@@ -105,7 +99,8 @@ WITH l AS (
             OR (x.e > 0 AND (x.task_id IS NULL OR x.escrow_released))) AS f_escrow
     FROM x
 )
-SELECT v.invariant, f.id AS entity_id, v.expected, v.actual, v.difference, v.detail, v.tag
+SELECT v.invariant, NULL AS entity_type, f.id AS entity_id, v.expected, v.actual, v.difference,
+       v.detail, v.tag
 FROM f
 CROSS JOIN LATERAL (VALUES
     ('channel_conservation', f.f_cons, f.td::text, f.held::text, f.held - f.td,
@@ -177,7 +172,8 @@ _CHANNEL_INVARIANTS = ("channel_conservation", "channel_non_negative", "ledger_r
 
 # (channel, task) pairs with more than one release/refund row; counts only (cheap over the whole ledger).
 _DOUBLE_RELEASE_SQL = """
-SELECT d.channel_id AS entity_id, '1' AS expected, max(d.n)::text AS actual, (max(d.n) - 1)::numeric AS difference,
+SELECT 'double_release' AS invariant, NULL AS entity_type, d.channel_id AS entity_id, '1' AS expected,
+       max(d.n)::text AS actual, (max(d.n) - 1)::numeric AS difference,
        '' AS detail, bool_or(d.settlements > 1) AS tag
 FROM (
     SELECT t.channel_id, t.task_id, count(*) AS n,
@@ -219,7 +215,8 @@ WITH ch AS (
            least(a.bal, a.dep, a.wd) AS lowest
     FROM a
 )
-SELECT v.invariant, f.did AS entity_id, v.expected, v.actual, v.difference, v.detail, v.tag
+SELECT v.invariant, NULL AS entity_type, f.did AS entity_id, v.expected, v.actual, v.difference,
+       v.detail, v.tag
 FROM f
 CROSS JOIN LATERAL (VALUES
     ('account_non_negative', NOT f.missing AND f.lowest < 0, '0', f.lowest::text, f.lowest,
@@ -274,36 +271,21 @@ FROM (SELECT coalesce(sum(total_deposited), 0) AS deposited, coalesce(sum(total_
 
 _TOUCHED_CHANNELS_SQL = """
 SELECT id::text FROM (
-    SELECT channel_id AS id FROM channel_transactions WHERE created_at >= %(since)s::timestamptz
+    SELECT channel_id AS id FROM channel_transactions WHERE created_at >= to_timestamp(%(since)s)
     UNION
-    SELECT id FROM payment_channels WHERE updated_at >= %(since)s::timestamptz
+    SELECT id FROM payment_channels WHERE updated_at >= to_timestamp(%(since)s)
 ) AS t
 LIMIT %(cap)s
 """
 
 _TOUCHED_DIDS_SQL = """
-SELECT did FROM accounts WHERE updated_at >= %(since)s::timestamptz
+SELECT did FROM accounts WHERE updated_at >= to_timestamp(%(since)s)
 UNION
 SELECT d.did
 FROM unnest(%(ids)s::uuid[]) AS k(id)
 JOIN payment_channels c ON c.id = k.id
 CROSS JOIN LATERAL (VALUES (c.payer_did), (c.payee_did)) AS d(did)
 """
-
-# Ranks the violations of several invariants in SQL: full count, tagged count, and the largest sample.
-_RANK_SQL = """
-SELECT invariant, entity_id, expected, actual, difference, detail, tag, total, tagged
-FROM (
-    SELECT v.invariant::text AS invariant, v.entity_id::text AS entity_id, v.expected, v.actual, v.difference,
-           v.detail, v.tag, count(*) OVER w AS total, count(*) FILTER (WHERE v.tag) OVER w AS tagged,
-           row_number() OVER (PARTITION BY v.invariant
-                              ORDER BY abs(v.difference) DESC NULLS LAST, v.entity_id::text) AS rn
-    FROM ({inner}) AS v
-    WINDOW w AS (PARTITION BY v.invariant)
-) AS ranked
-WHERE rn <= %(limit)s
-"""
-
 
 class PaymentsSettings(CheckerSettings):
     watermark_safety_seconds: float = Field(
@@ -395,41 +377,40 @@ class PaymentsChecker(Checker):
         s = self.settings
         if s.work_mem_mb:
             ctx.scalar("SELECT set_config('work_mem', %s, true)", (f"{s.work_mem_mb}MB",))
-        next_mark = ctx.scalar("SELECT transaction_timestamp() - make_interval(secs => %s)",
-                               (s.watermark_safety_seconds,))
-        ids: list[str] | None = None
-        dids: list[str] | None = None
-        if ctx.mode == "incremental":
-            ids, dids = self._touched(ctx)
-            if ids is None:
-                ctx.mode = "full"
-        if ctx.redis is not None:
-            ctx.after_success(lambda: ctx.redis.set(ctx.key(WATERMARK_KEY), next_mark.isoformat()))
-
-        full = ctx.mode == "full"
-        self._judge_channels(ctx, None if full else ids)
-        self._judge_double_release(ctx, None if full else ids)
-        self._judge_accounts(ctx, None if full else dids)
+        state = ctx.state()
+        ids, dids = self._touched(ctx, state.resume())
+        state.save({"watermark": ctx.snapshot_time})
+        self._judge_channels(ctx, ids)
+        self._judge_double_release(ctx, ids)
+        self._judge_accounts(ctx, dids)
         self._judge_global(ctx)
-        if ctx.redis is not None:
-            self._judge_sequences(ctx, None if ctx.mode == "full" else ids)
+        self._judge_sequences(ctx, ids)
 
     # ---- scope --------------------------------------------------------------------------------------
-    def _touched(self, ctx: CheckContext) -> tuple[list[str] | None, list[str] | None]:
-        """Channels and DIDs changed since the watermark; (None, None) when a full sweep is needed."""
-        try:
-            since = ctx.redis.get(ctx.key(WATERMARK_KEY)) if ctx.redis is not None else None
-        except redis.RedisError:
-            since = None
-        if not since:
+    def _touched(self, ctx: CheckContext, previous: dict[str, Any] | None
+                 ) -> tuple[list[str] | None, list[str] | None]:
+        """Channels and DIDs to judge: those changed since the previous run and those that violated at it
+        (so the result stays complete: a violation leaves only when re-judged clean); (None, None): a full
+        sweep."""
+        if previous is None:
             return None, None
+        known_channels = ctx.violators(*_CHANNEL_INVARIANTS, "double_release", "sequence_regression")
+        known_dids = ctx.violators(*_ACCOUNT_INVARIANTS)
+        if known_channels is None or known_dids is None:
+            ctx.fall_back_to_full("the previous run's violators are not all known (checks.track_limit)")
+            return None, None
+        since = previous["watermark"] - self.settings.watermark_safety_seconds
         cap = self.settings.incremental_max_channels
         ids = [r[0] for r in ctx.conn.execute(_TOUCHED_CHANNELS_SQL, {"since": since, "cap": cap + 1}).fetchall()]
+        ids = sorted(set(ids) | known_channels)
         if len(ids) > cap:
+            ctx.fall_back_to_full(f"more than {cap} channels touched or violating (incremental_max_channels)")
             return None, None
         dids = [r[0] for r in ctx.conn.execute(_TOUCHED_DIDS_SQL, {"since": since, "ids": ids}).fetchall()]
+        dids = sorted(set(dids) | known_dids)
         if ctx.log is not None:
-            ctx.log.debug("payments_incremental_scope", since=since, channels=len(ids), dids=len(dids))
+            ctx.log.debug("payments_incremental_scope", since=since, channels=len(ids), dids=len(dids),
+                          carried_channels=len(known_channels), carried_dids=len(known_dids))
         return ids, dids
 
     @contextmanager
@@ -458,20 +439,6 @@ class PaymentsChecker(Checker):
             ctx.scalar("SELECT set_config(%s, %s, true)", (k, v))
 
     # ---- judging ------------------------------------------------------------------------------------
-    def _rank(self, ctx: CheckContext, inner: str, params: dict[str, Any], entity_type: str,
-              invariants: tuple[str, ...]) -> dict[str, tuple[int, int, list[Violation]]]:
-        """Run ``inner`` ranked per invariant: {invariant: (count, tagged count, sample)}; reports each."""
-        rows = ctx.query(_RANK_SQL.format(inner=inner), {**params, "limit": ctx.sample_limit})
-        out: dict[str, tuple[int, int, list[Violation]]] = {i: (0, 0, []) for i in invariants}
-        for r in rows:
-            total, tagged, sample = out[r["invariant"]]
-            sample.append(Violation(r["invariant"], entity_type, r["entity_id"], r["expected"], r["actual"],
-                                    r["difference"], r["detail"] or ""))
-            out[r["invariant"]] = (int(r["total"]), int(r["tagged"]), sample)
-        for inv, (total, _, sample) in out.items():
-            ctx.report(inv, sample, count=total)
-        return out
-
     def _examples(self, sample: list[Violation], ids: list[str] | None = None) -> str:
         n = self.settings.summary_examples
         chosen = (ids if ids is not None else [v.entity_id for v in sample])[:n]
@@ -483,49 +450,46 @@ class PaymentsChecker(Checker):
         else:
             inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
         with self._sweep_plan(ctx, ids is None, sort=True):
-            found = self._rank(ctx, inner, {"ids": ids}, "channel", _CHANNEL_INVARIANTS)
+            found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True)
         scope = "channels" if ids is None else "channels touched since the watermark"
 
-        total, tagged, sample = found["ledger_reconciliation"]
-        if tagged:
+        ledger = found["ledger_reconciliation"]
+        if ledger.tagged:
             checked = ctx.scalar("SELECT count(*) FROM payment_channels") if ids is None else len(ids)
-            tagged_ids = [v.entity_id for v in sample if "no deposit row" in v.detail]
+            tagged_ids = [v.entity_id for v in ledger.sample if "no deposit row" in v.detail]
             ctx.summarize("ledger_reconciliation",
-                          f"{tagged} of {checked} {scope} have no deposit in the ledger (opened without a deposit "
-                          f"row, as the deployed platform's open path does){self._examples(sample, tagged_ids)}")
-        total, tagged, sample = found["closed_channel_drained"]
-        if tagged:
+                          f"{ledger.tagged} of {checked} {scope} have no deposit in the ledger (opened without a "
+                          f"deposit row, as the deployed platform's open path does)"
+                          f"{self._examples(ledger.sample, tagged_ids)}")
+        drained = found["closed_channel_drained"]
+        if drained.tagged:
             closed = ctx.scalar(f"SELECT count(*) FROM {_ALL_CHANNELS if ids is None else _TOUCHED_CHANNELS} "
                                 "WHERE c.state = 'closed'", {"ids": ids})
             ctx.summarize("closed_channel_drained",
-                          f"{tagged} of {closed} closed {scope} still hold a current_balance (closed without "
-                          f"draining, as the deployed settle endpoint does){self._examples(sample)}")
+                          f"{drained.tagged} of {closed} closed {scope} still hold a current_balance (closed "
+                          f"without draining, as the deployed settle endpoint does){self._examples(drained.sample)}")
 
     def _judge_double_release(self, ctx: CheckContext, ids: list[str] | None) -> None:
         inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
         with self._sweep_plan(ctx, ids is None, sort=True):
-            rows = ctx.query(_RANK_SQL.format(inner=f"SELECT 'double_release' AS invariant, d.* FROM ({inner}) AS d"),
-                             {"ids": ids, "limit": ctx.sample_limit})
-        if not rows:
-            ctx.report("double_release", [], count=0)
+            found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
+        if not found.count:
             return
-        total, tagged = int(rows[0]["total"]), int(rows[0]["tagged"])
         details: dict[str, str] = {}
-        for d in ctx.query(_DOUBLE_RELEASE_DETAIL_SQL, {"ids": [r["entity_id"] for r in rows]}):
+        for d in ctx.query(_DOUBLE_RELEASE_DETAIL_SQL, {"ids": [v.entity_id for v in found.sample]}):
             if d["channel_id"] in details:
                 continue  # the worst task of the channel is enough for the line
             details[d["channel_id"]] = (
                 f"task {d['task_id']!s} has {d['n']} release/refund rows ({d['types']}) moving {d['paid']} "
                 f"where one escrow pays {d['once']} once: recover {d['paid'] - d['once']} and make "
                 f"settle/release idempotent")
-        sample = [Violation("double_release", "channel", r["entity_id"], r["expected"], r["actual"],
-                            r["difference"], details.get(r["entity_id"], "more than one release/refund row per task"))
-                  for r in rows]
-        ctx.report("double_release", sample, count=total)
-        if tagged:
+        sample = [replace(v, detail=details.get(v.entity_id, "more than one release/refund row per task"))
+                  for v in found.sample]
+        ctx.report("double_release", sample, count=found.count)
+        if found.tagged:
             ctx.summarize("double_release",
-                          f"{tagged} channels have more than one settlement row for one task (concurrent calls "
-                          f"of the settle endpoint, which has no guard){self._examples(sample)}")
+                          f"{found.tagged} channels have more than one settlement row for one task (concurrent "
+                          f"calls of the settle endpoint, which has no guard){self._examples(sample)}")
 
     def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None) -> None:
         if dids is None:
@@ -535,13 +499,12 @@ class PaymentsChecker(Checker):
                 channel_rows=_DID_CHANNEL_ROWS,
                 accounts_from="unnest(%(dids)s::text[]) AS k(did) JOIN accounts acc0 ON acc0.did = k.did")
         with self._sweep_plan(ctx, dids is None):
-            found = self._rank(ctx, inner, {"dids": dids}, "account", _ACCOUNT_INVARIANTS)
-        total, tagged, sample = found["account_reconciliation"]
-        if tagged:
-            missing = [v.entity_id for v in sample if v.detail.startswith("no account row")]
+            found = ctx.find_many(inner, _ACCOUNT_INVARIANTS, {"dids": dids}, tags=True)["account_reconciliation"]
+        if found.tagged:
+            missing = [v.entity_id for v in found.sample if v.detail.startswith("no account row")]
             ctx.summarize("account_reconciliation",
-                          f"{tagged} DIDs named by channels have no account row, so money moved for nobody "
-                          f"(e.g. a placeholder payer_did){self._examples(sample, missing)}")
+                          f"{found.tagged} DIDs named by channels have no account row, so money moved for nobody "
+                          f"(e.g. a placeholder payer_did){self._examples(found.sample, missing)}")
 
     def _judge_global(self, ctx: CheckContext) -> None:
         g = ctx.query(_GLOBAL_SQL)[0]
@@ -559,84 +522,17 @@ class PaymentsChecker(Checker):
 
     # ---- sequence memory ----------------------------------------------------------------------------
     def _judge_sequences(self, ctx: CheckContext, ids: list[str] | None) -> None:
-        r = ctx.redis
-        live = ctx.key(SEQUENCE_KEY)
-        staging = ctx.key(SEQUENCE_KEY, "staging", uuid.uuid4().hex)
-        try:
-            first = not r.exists(live)
-            found, worst, seen = self._compare_sequences(ctx, r, live, staging, ids)
-        except redis.RedisError as exc:  # Redis lost mid-run: the SQL invariants still stand
-            r_delete_quietly(r, staging)
-            ctx.skip("sequence_regression", f"needs memory across runs: {redis_error(exc)}")
+        if ids is None:
+            sql, params = "SELECT id::text, sequence_number FROM payment_channels", None
+        else:
+            sql, params = f"SELECT c.id::text, c.sequence_number FROM {_TOUCHED_CHANNELS}", {"ids": ids}
+        memory = ctx.memory(SEQUENCE_KEY, parse=int, keep="highest", batch=self.settings.sequence_batch)
+        obs = memory.observe("sequence_regression", sql, params, breaks=lambda prev, cur: cur < prev,
+                              recorded="the sequence numbers of {n} channels")
+        if obs is None or obs.first:
             return
-
-        def commit() -> None:
-            if not r.exists(live):
-                r.rename(staging, live)
-                r.persist(live)
-                return
-            cursor = 0
-            while True:
-                cursor, chunk = r.hscan(staging, cursor, count=self.settings.sequence_batch)
-                if chunk:
-                    r.hset(live, mapping=chunk)
-                if cursor == 0:
-                    break
-            r.delete(staging)
-        ctx.after_success(commit)
-
-        if first:
-            ctx.skip("sequence_regression",
-                     f"first observation: recorded the sequence numbers of {seen} channels; judged from the next run")
-            return
-        sample = [Violation("sequence_regression", "channel", cid, Decimal(prev), Decimal(cur), Decimal(cur - prev),
-                            f"sequence_number went back from {prev} (seen before) to {cur}: a stale or replayed "
-                            f"write overwrote this channel; compare its row with its latest ledger rows")
-                  for _, cid, prev, cur in sorted(worst, reverse=True)]
-        ctx.report("sequence_regression", sample, count=found)
-
-    def _compare_sequences(self, ctx: CheckContext, r: Any, live: str, staging: str,
-                           ids: list[str] | None) -> tuple[int, list[tuple[int, str, int, int]], int]:
-        """Stream (id, sequence_number) in batches; compare with the memory; stage new high-water marks."""
-        found, seen = 0, 0
-        worst: list[tuple[int, str, int, int]] = []  # min-heap of (drop, id, prev, cur), the largest drops kept
-        batch = self.settings.sequence_batch
-        # The sentinel field makes the memory exist after a first observation, even of zero channels.
-        r.hset(staging, OBSERVED_FIELD, str(ctx.scalar("SELECT transaction_timestamp()")))
-        r.expire(staging, STAGING_TTL_SECONDS)
-        with ctx.conn.cursor(name=f"zsmon_payments_seq_{uuid.uuid4().hex[:8]}") as cur:
-            if ids is None:
-                cur.execute("SELECT id::text, sequence_number FROM payment_channels")
-            else:
-                cur.execute(f"SELECT c.id::text, c.sequence_number FROM {_TOUCHED_CHANNELS}", {"ids": ids})
-            while rows := cur.fetchmany(batch):
-                seen += len(rows)
-                previous = r.hmget(live, [cid for cid, _ in rows])
-                updates: dict[str, int] = {}
-                for (cid, seq), prev in zip(rows, previous):
-                    if prev is None:
-                        updates[cid] = seq
-                        continue
-                    prev = int(prev)
-                    if seq > prev:
-                        updates[cid] = seq
-                    elif seq < prev:
-                        found += 1
-                        item = (prev - seq, cid, prev, seq)
-                        if len(worst) < ctx.sample_limit:
-                            heapq.heappush(worst, item)
-                        else:
-                            heapq.heappushpop(worst, item)
-                if updates:
-                    pipe = r.pipeline(transaction=False)
-                    pipe.hset(staging, mapping=updates)
-                    pipe.expire(staging, STAGING_TTL_SECONDS)
-                    pipe.execute()
-        return found, worst, seen
-
-
-def r_delete_quietly(r: Any, key: str) -> None:
-    try:
-        r.delete(key)
-    except redis.RedisError:
-        pass
+        ctx.report("sequence_regression", [
+            Violation("sequence_regression", "channel", cid, Decimal(prev), Decimal(cur), Decimal(cur - prev),
+                      f"sequence_number went back from {prev} (seen before) to {cur}: a stale or replayed "
+                      f"write overwrote this channel; compare its row with its latest ledger rows")
+            for cid, prev, cur in obs.worst], count=obs.count)

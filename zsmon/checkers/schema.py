@@ -5,7 +5,7 @@ checker error far from its cause; this names the missing column directly.
 """
 from __future__ import annotations
 
-from zsmon.checkers.base import Checker, CheckContext, Invariant
+from zsmon.core.checker import Checker, CheckContext, Invariant
 
 # The columns zsmon's checkers and exporters read (shared/domain.md).
 REQUIRED: dict[str, tuple[str, ...]] = {

@@ -12,16 +12,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
-
-class ConfigError(Exception):
-    """A user mistake in configuration: one line, exit code 2."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from zsmon.core.yamlfile import ConfigError, Strict, YamlDoc, describe, explain, read_yaml
 
 
 def _listen(value: str) -> str:
@@ -31,7 +24,7 @@ def _listen(value: str) -> str:
     return value
 
 
-class DatabaseConfig(_Strict):
+class DatabaseConfig(Strict):
     """The monitored PostgreSQL. zsmon's sessions are read-only and time-bounded."""
 
     url: SecretStr | None = Field(None, description="A full libpq DSN; overrides host/port/user/password/name/sslmode.")
@@ -50,7 +43,7 @@ class DatabaseConfig(_Strict):
                                            "run is an error.")
 
 
-class RedisConfig(_Strict):
+class RedisConfig(Strict):
     """zsmon's memory across runs (watermarks, last-seen values, baselines) and HA leases. Optional."""
 
     enabled: bool = Field(True, description="Use Redis. Without it, invariants needing memory report skipped.")
@@ -63,7 +56,7 @@ class RedisConfig(_Strict):
     socket_timeout_seconds: float = Field(2.0, gt=0, description="Connect and read timeout.")
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(Strict):
     """Structured logs on stderr; secrets are redacted by a processor."""
 
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum level.")
@@ -75,13 +68,15 @@ class LoggingConfig(_Strict):
         return v.lower() if isinstance(v, str) else v
 
 
-class HttpConfig(_Strict):
+class HttpConfig(Strict):
     """The two listeners: metrics (/metrics, /health, /ready) and API (checks API, admin, status page)."""
 
     metrics_listen: str = Field("0.0.0.0:9090", description="HOST:PORT of the metrics listener.")
     api_listen: str = Field("0.0.0.0:8080", description="HOST:PORT of the API listener.")
     admin_token: SecretStr | None = Field(None, description="Bearer token for /api and /admin; without it those "
                                           "routes answer 403.")
+    admin_name: str = Field("admin", min_length=1, max_length=100, description="Who the admin token stands for: "
+                            "recorded as the author of acknowledgements made through the API.")
     tls_cert_file: Path | None = Field(None, description="PEM certificate: serve both listeners over TLS.")
     tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
     max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies get 413.")
@@ -101,7 +96,7 @@ class HttpConfig(_Strict):
     _v_listen = field_validator("metrics_listen", "api_listen")(lambda cls, v: _listen(v))
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(Strict):
     """Every checker and exporter collection is a job with its own interval."""
 
     max_workers: int = Field(4, ge=1, le=64, description="Jobs running at once.")
@@ -111,10 +106,10 @@ class SchedulerConfig(_Strict):
     misfire_grace_seconds: float = Field(30.0, gt=0, description="A run later than this is skipped, not run late.")
 
 
-class HaConfig(_Strict):
+class HaConfig(Strict):
     """High availability: N replicas share the work through Redis leases (see docs/deployment.md)."""
 
-    enabled: bool = Field(False, description="Run as one of several replicas: each checker and collector runs "
+    enabled: bool = Field(False, description="Run as one of several replicas: each checker and exporter runs "
                           "on the replica holding its Redis lease; results are shared through Redis.")
     lease_seconds: float = Field(15.0, ge=0.5, le=600, description="Lease length. The holder renews it every "
                                  "third of it; a dead holder's jobs move to another replica after at most this long.")
@@ -125,7 +120,7 @@ class HaConfig(_Strict):
         "every replica (duplicated results, never a blind spot); stand_by runs nothing until Redis is back.")
 
 
-class CheckerConfig(_Strict):
+class CheckerConfig(Strict):
     enabled: bool = Field(True, description="Run this checker.")
     interval_seconds: float | None = Field(None, gt=0, description="Seconds between runs (default: the checker's).")
     full_interval_seconds: float | None = Field(None, gt=0, description="Seconds between full sweeps for checkers "
@@ -134,17 +129,22 @@ class CheckerConfig(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict, description="The checker's own settings (below).")
 
 
-class ExporterConfig(_Strict):
+class ExporterConfig(Strict):
     enabled: bool = Field(True, description="Run this exporter.")
     interval_seconds: float | None = Field(None, gt=0, description="Seconds between collections.")
     settings: dict[str, Any] = Field(default_factory=dict, description="The exporter's own settings (below).")
 
 
-class ChecksConfig(_Strict):
+class ChecksConfig(Strict):
     """Shared by every checker."""
 
     sample_limit: int = Field(100, ge=1, le=10000, description="Violations listed per invariant (largest "
                               "differences first); counts are always complete.")
+    track_limit: int = Field(10000, ge=1, le=1_000_000, description="Violating entities remembered per "
+                             "invariant (first seen, acknowledgements; about 150 bytes of Redis each), and "
+                             "re-judged by every incremental run. Beyond it the count stays exact, the extra "
+                             "violations page unacknowledged, and incremental runs become full sweeps until "
+                             "fewer violate.")
     paths: list[Path] = Field(default_factory=list, description="Directories (their *.yml/*.yaml files) or files "
                               "of declarative YAML checkers (docs/writing-a-checker.md); relative to the config "
                               "file. The environment variable takes a colon-separated list.")
@@ -160,7 +160,7 @@ _MATCHERS = re.compile(r'^\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=~|!~|!=|=)\s*"(?:[^"\\]|
 _METRIC = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
-class RenderConfig(_Strict):
+class RenderConfig(Strict):
     """What `zsmon render` writes: Prometheus, Alertmanager and Grafana configuration."""
 
     scrape_interval_seconds: int = Field(10, ge=1, le=300, description="Prometheus scrape interval; also the "
@@ -191,7 +191,7 @@ class RenderConfig(_Strict):
     availability_slo: float = Field(0.999, gt=0, lt=1, description="API availability objective (share of "
                                     "requests that do not fail); burn-rate factors are computed from it.")
     slo_period_days: int = Field(30, ge=1, le=365, description="Period of the availability objective.")
-    staleness_factor: float = Field(3.0, ge=1.5, le=100, description="A checker or collector with no successful "
+    staleness_factor: float = Field(3.0, ge=1.5, le=100, description="A checker or exporter with no successful "
                                     "run for this many of its intervals alerts as stale.")
     critical_invariant_for_seconds: int = Field(0, ge=0, description="`for` of alerts on critical (money) "
                                                 "invariants: a violation seen in one snapshot is real.")
@@ -239,7 +239,7 @@ class RenderConfig(_Strict):
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
-class KubernetesConfig(_Strict):
+class KubernetesConfig(Strict):
     """What `zsmon render --format kubernetes` writes: zsmon's Deployment and Service, a ServiceMonitor and
     PrometheusRules for the prometheus-operator, and dashboard ConfigMaps for the Grafana sidecar."""
 
@@ -268,7 +268,7 @@ class KubernetesConfig(_Strict):
     memory_limit: str = Field("512Mi", description="Memory limit of the zsmon container.")
 
 
-class Config(_Strict):
+class Config(Strict):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -283,6 +283,12 @@ class Config(_Strict):
                                          description="What `zsmon render --format kubernetes` writes.")
     # Where the config came from, for messages (not a key).
     source: str | None = Field(None, exclude=True)
+    # The parsed file, so later validation (checker settings, in the registry) can name file and line.
+    _document: YamlDoc = PrivateAttr(default_factory=lambda: YamlDoc(None, "config file", {}))
+
+    @property
+    def document(self) -> YamlDoc:
+        return self._document
 
     def checker(self, name: str) -> CheckerConfig:
         return self.checkers.get(name) or CheckerConfig()
@@ -329,63 +335,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "ZSMON_HA_IDENTITY": ("ha", "identity"),
     "ZSMON_CHECKERS_PATH": ("checks", "paths"),
 }
-_SECRET_LEAVES = {"password", "url", "admin_token"}
-
-
-def _line_of(node: Any, path: tuple) -> int | None:
-    """The 1-based line of ``path`` in a composed YAML node tree, or of its nearest parent."""
-    line = None
-    for part in path:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key, value in node.value:
-            if key.value == str(part):
-                line, node = key.start_mark.line + 1, value
-                break
-        else:
-            break
-    return line
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist (set --config or ZSMON_CONFIG to a readable YAML file)")
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): is it the YAML file?")
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
-        _no_duplicate_keys(node, ())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"config file {path}{where}: invalid YAML: {problem}")
-    if data is None:
-        return {}, node
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of sections (database, redis, ...)")
-    return data, node
-
-
-def _no_duplicate_keys(node: Any, path: tuple[str, ...]) -> None:
-    """YAML lets a later key silently replace an earlier one: refuse, naming the line."""
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = str(key.value)
-            if name in seen:
-                raise yaml.MarkedYAMLError(problem=f"duplicate key {'.'.join((*path, name))}",
-                                           problem_mark=key.start_mark)
-            seen.add(name)
-            _no_duplicate_keys(value, (*path, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _no_duplicate_keys(item, path)
+_UNKNOWN_HINT = " (see docs/configuration.md for the keys this section takes)"
 
 
 def _set(data: dict, path: tuple[str, ...], value: Any) -> None:
@@ -398,13 +348,25 @@ def _set(data: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Defaults < the YAML file < the environment, validated as data.
+
+    Only the config's own shape is checked here; each checker's and exporter's
+    ``settings`` stay raw until the registry validates them against their models
+    (with the same file-and-line errors, through ``config.document``).
+    """
     env = os.environ if env is None else env
     if path is None and env.get("ZSMON_CONFIG"):
         path = env["ZSMON_CONFIG"]
-    data: dict[str, Any] = {}
-    node = None
+    doc = YamlDoc(None, "config file", {})
     if path is not None:
-        data, node = _read_yaml(Path(path))
+        doc = read_yaml(Path(path), "config file",
+                        hint=" (set --config or ZSMON_CONFIG to a readable YAML file)")
+        if doc.data is None:
+            doc = YamlDoc(doc.path, doc.what, {}, doc.node)
+        if not isinstance(doc.data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections "
+                              "(database, redis, ...)")
+    data: dict[str, Any] = doc.data
     from_env: dict[tuple[str, ...], str] = {}
     for var, key in ENV_KEYS.items():
         if var in env:
@@ -419,61 +381,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, path, node, from_env)) from None
+        loc, msg, _ = describe(exc, unknown_hint=_UNKNOWN_HINT)
+        for key_path, var in from_env.items():
+            if loc[: len(key_path)] == key_path:
+                raise ConfigError(f"environment variable {var} ({'.'.join(loc)}): {msg}") from None
+        raise ConfigError(explain(exc, doc, unknown_hint=_UNKNOWN_HINT)) from None
     config.source = str(path) if path else None
+    config._document = doc
     if path is not None and ("checks", "paths") not in from_env:
         base = Path(path).parent
         config.checks.paths = [p if p.is_absolute() else base / p for p in config.checks.paths]
-    from zsmon.checkers import declarative
-
-    declarative.configure(config.checks.paths)  # the registry reads YAML checkers from here
-    _validate_plugins(config, path, node)
     return config
-
-
-def _explain(exc: ValidationError, path: Any, node: Any, from_env: dict) -> str:
-    err = exc.errors()[0]
-    loc = tuple(str(p) for p in err["loc"])
-    key = ".".join(loc) or "(top level)"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (see docs/configuration.md for the keys this section takes)"
-    elif loc and loc[-1] not in _SECRET_LEAVES and err["type"] != "missing":
-        shown = err.get("input")
-        if isinstance(shown, (str, int, float, bool)) and len(str(shown)) < 80:
-            msg += f" (got {shown!r})"
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    for key_path, var in from_env.items():
-        if loc[: len(key_path)] == key_path:
-            return f"environment variable {var} ({key}): {msg}{more}"
-    where = f"config file {path}" if path else "configuration"
-    line = _line_of(node, loc) if node is not None else None
-    if line:
-        where += f" line {line}"
-    return f"{where}: {key}: {msg}{more}"
-
-
-def _validate_plugins(config: Config, path: Any, node: Any) -> None:
-    """Checker and exporter names must exist; their settings must match their models."""
-    from zsmon.checkers.registry import checker_classes
-    from zsmon.exporters.registry import exporter_classes
-
-    where = f"config file {path}" if path else "configuration"
-    for section, known, entries in (
-        ("checkers", checker_classes(), config.checkers),
-        ("exporters", exporter_classes(), config.exporters),
-    ):
-        for name, entry in entries.items():
-            line = _line_of(node, (section, name)) if node is not None else None
-            at = f"{where} line {line}" if line else where
-            if name not in known:
-                raise ConfigError(f"{at}: {section}.{name}: unknown name; known: {', '.join(known) or 'none'}")
-            try:
-                entry.settings = known[name].Settings.model_validate(entry.settings)  # type: ignore[assignment]
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                loc = (section, name, "settings", *map(str, err["loc"]))
-                line = _line_of(node, loc) if node is not None else None
-                at = f"{where} line {line}" if line else where
-                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-                raise ConfigError(f"{at}: {'.'.join(loc)}: {msg}") from None

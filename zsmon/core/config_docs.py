@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from zsmon.core.config import ENV_KEYS, Config
+from zsmon.core.config import ENV_KEYS, CheckerConfig, Config, ExporterConfig
+from zsmon.core.registry import Registry
 
 INTRO = """# Configuration
 
@@ -72,10 +73,8 @@ def _table(model: type[BaseModel], prefix: str, env: dict[tuple, str]) -> list[s
     return rows
 
 
-def reference() -> str:
-    from zsmon.checkers.registry import checker_classes
-    from zsmon.exporters.registry import exporter_classes
-
+def reference(registry: Registry) -> str:
+    """The reference of every key; the sections of ``registry``'s built-in checkers and exporters."""
     env = {v: k for k, v in ENV_KEYS.items()}
     out = [INTRO]
     for section, field in Config.model_fields.items():
@@ -83,13 +82,11 @@ def reference() -> str:
             continue
         model = field.annotation
         out += [f"## `{section}`", "", (model.__doc__ or "").strip(), "", *_table(model, f"{section}.", env), ""]
-    from zsmon.core.config import CheckerConfig, ExporterConfig
-
     out += ["## `checkers.<name>`", "", "Every checker takes these keys; its own settings go under `settings`. "
             "Below: the built-in checkers. Plugin and YAML checkers take the same keys; "
             "`zsmon checkers explain NAME` prints their invariants and settings.", "",
             *_table(CheckerConfig, "checkers.<name>.", env), ""]
-    for name, cls in checker_classes().items():
+    for name, cls in registry.checker_classes.items():
         if cls.source != "builtin":  # installed plugins and YAML files vary by machine: `zsmon checkers explain`
             continue
         out += [f"### checker `{name}`", "", cls.description, "",
@@ -100,7 +97,7 @@ def reference() -> str:
             out += [*_table(cls.Settings, f"checkers.{name}.settings.", env), ""]
     out += ["## `exporters.<name>`", "", "Every exporter takes these keys; its own settings go under `settings`.", "",
             *_table(ExporterConfig, "exporters.<name>.", env), ""]
-    for name, cls in exporter_classes().items():
+    for name, cls in registry.exporter_classes.items():
         out += [f"### exporter `{name}`", "", cls.description, "", f"Default interval {cls.default_interval_seconds:g} s.", ""]
         if cls.Settings.model_fields:
             out += [*_table(cls.Settings, f"exporters.{name}.settings.", env), ""]

@@ -1,7 +1,7 @@
 """High availability: N replicas, each job run by exactly one of them, through Redis leases.
 
 Leases
-  Every scheduled job (``check:<name>``, ``collect:<name>``) has a lease: the Redis
+  Every scheduled job (``check:<name>``, ``export:<name>``) has a lease: the Redis
   key ``<prefix>ha:lease:<job>`` holding ``<identity>|<token>``, set with
   ``NX PX lease_ms``. The token comes from ``INCR <prefix>ha:fence:<job>``, so every
   new holder gets a larger one. Leadership is sticky: the holder renews all its
@@ -51,12 +51,12 @@ from typing import Any, Callable, Iterable
 import redis
 from prometheus_client.core import GaugeMetricFamily
 
-from zsmon.core.config import Config
+from zsmon.core.config import Config, ConfigError
 from zsmon.core.logging import get_logger
 from zsmon.core.metrics import CachedFamilies
-from zsmon.core.redis import redis_error
+from zsmon.core.redis import make_redis, redis_error
 from zsmon.core.results import CheckResult
-from zsmon.core.store import CheckerState, ResultStore
+from zsmon.core.store import ResultStore
 
 log = get_logger("zsmon.ha")
 
@@ -343,22 +343,8 @@ class RedisCoordinator:
 
 
 # ---- exporting only what this replica leads ----------------------------------------------------
-class LeaderView:
-    """The result store as ``/metrics`` sees it: only the checkers whose lease this replica holds."""
-
-    def __init__(self, store: ResultStore, leads: Callable[[str], bool]) -> None:
-        self.store = store
-        self.leads = leads
-
-    def states(self) -> dict[str, CheckerState]:
-        return {k: v for k, v in self.store.states().items() if self.leads(f"check:{k}")}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
-
-
 class LeasedFamilies(CachedFamilies):
-    """Exporter families, served only by the replica holding the collector's lease."""
+    """Exporter families, served only by the replica holding the exporter's lease."""
 
     def __init__(self, leads: Callable[[str], bool]) -> None:
         super().__init__()
@@ -368,7 +354,7 @@ class LeasedFamilies(CachedFamilies):
         with self._lock:
             snapshot = list(self._families.items())
         for name, families in sorted(snapshot, key=lambda kv: kv[0]):
-            if self.leads(f"collect:{name}"):
+            if self.leads(f"export:{name}"):
                 yield from families
 
 
@@ -386,8 +372,6 @@ class LeaderOnly:
 
 def make_coordinator(config: Config, store: ResultStore,
                      on_acquired: Callable[[str], None] | None = None) -> RedisCoordinator:
-    from zsmon.core.config import ConfigError
-    from zsmon.core.redis import make_redis
 
     client = make_redis(config.redis)
     if client is None:

@@ -9,16 +9,18 @@ with no token configured those routes answer 403, never open.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import zsmon
+from zsmon.core.lifecycle import LifecycleError, parse_duration
 from zsmon.core.status import register_status_page
+from zsmon.core.view import ServiceView
 
 
 class BodyLimit:
@@ -97,6 +99,14 @@ class RateLimit:
 
 
 # ---- response models (they make the OpenAPI document exact) --------------------
+class AckBriefOut(BaseModel):
+    id: str
+    reason: str
+    author: str
+    created_at: float
+    expires_at: float | None
+
+
 class ViolationOut(BaseModel):
     invariant: str
     entity_type: str
@@ -105,6 +115,12 @@ class ViolationOut(BaseModel):
     actual: str | None
     difference: str | None
     detail: str
+    # The lifecycle (null without Redis): Unix seconds, runs in a row, the first difference, the acknowledgement.
+    first_seen: float | None = None
+    last_seen: float | None = None
+    runs_seen: int | None = None
+    first_difference: str | None = None
+    acknowledgement: AckBriefOut | None = None
 
 
 class CheckOut(BaseModel):
@@ -119,6 +135,10 @@ class CheckOut(BaseModel):
     error: str | None
     started_at: float
     producer: str | None
+    unacknowledged_counts: dict[str, int] = {}
+    acknowledged_counts: dict[str, int] = {}
+    new_violation_counts: dict[str, int] = {}
+    oldest_unacknowledged_at: dict[str, float] = {}
 
 
 class ChecksOut(BaseModel):
@@ -127,11 +147,40 @@ class ChecksOut(BaseModel):
 
 class CheckerViolationOut(ViolationOut):
     checker: str
+    state: str = "open"   # open (pages), acknowledged, resolved
+    resolved_at: float | None = None
 
 
 class ViolationsOut(BaseModel):
     violations: list[CheckerViolationOut]
     violation_counts: dict[str, dict[str, int]]
+    next_cursor: str | None = None
+
+
+class AckIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checker: str = Field(max_length=200)
+    invariant: str = Field(max_length=200)
+    entities: list[str] | None = Field(None, max_length=100_000, description="Entity ids violating now; "
+                                       "null with all_current: every entity violating now.")
+    all_current: bool = False
+    reason: str = Field(min_length=1, max_length=1000)
+    expires: str | None = Field(None, max_length=20, description="e.g. 12h, 3d, 1w; null: until revoked.")
+
+
+class AckOut(BaseModel):
+    id: str
+    checker: str
+    invariant: str
+    entities: dict[str, str | None]
+    reason: str
+    author: str
+    created_at: float
+    expires_at: float | None
+
+
+class AcksOut(BaseModel):
+    acks: list[AckOut]
 
 
 class InvariantOut(BaseModel):
@@ -172,7 +221,7 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _health_routes(app: FastAPI, service: Any) -> None:
+def _health_routes(app: FastAPI, service: ServiceView) -> None:
     @app.get("/health", response_model=Readiness, tags=["health"])
     def health() -> dict[str, Any]:
         """Liveness: the process serves requests."""
@@ -188,7 +237,7 @@ def _health_routes(app: FastAPI, service: Any) -> None:
         return {"status": "ready", "reasons": []}
 
 
-def create_api_app(service: Any) -> FastAPI:
+def create_api_app(service: ServiceView) -> FastAPI:
     http = service.config.http
     app = FastAPI(title="zsmon API", version=zsmon.__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/v1/openapi.json",
@@ -207,10 +256,9 @@ def create_api_app(service: Any) -> FastAPI:
     auth = [Depends(require_token)]
 
     def _run(name: str) -> dict[str, Any]:
-        if name not in service.runner.checkers:
-            raise HTTPException(404, f"no checker named {name!r}; known: {', '.join(service.runner.checkers)}")
-        result = service.runner.run_check(name)
-        service.metrics.refresh()
+        if name not in service.checkers:
+            raise HTTPException(404, f"no checker named {name!r}; known: {', '.join(service.checkers)}")
+        result = service.run_check_now(name)
         if result is None:
             raise HTTPException(409, f"another replica holds the lease for {name!r}; its latest result is at "
                                      f"GET /api/v1/checks")
@@ -237,25 +285,73 @@ def create_api_app(service: Any) -> FastAPI:
         """Run a checker now and return its result."""
         return _run(name)
 
-    @app.get("/api/v1/violations", response_model=ViolationsOut, dependencies=auth, responses=_AUTH_RESPONSES,
-             tags=["checks"])
+    @app.get("/api/v1/violations", response_model=ViolationsOut, dependencies=auth, tags=["checks"],
+             responses={**_AUTH_RESPONSES, 400: {"model": Problem, "description": "a bad filter or cursor"}})
     def violations(checker: str | None = Query(None, max_length=200),
-                   invariant: str | None = Query(None, max_length=200)) -> dict[str, Any]:
-        """Current violations (a capped sample per invariant) and their full counts."""
-        out, counts = [], {}
-        for r in service.latest_results():
-            if r.status == "error" or (checker and r.checker != checker):
-                continue
-            counts[r.checker] = {k: v for k, v in r.violation_counts.items() if v and (not invariant or k == invariant)}
-            out.extend({**v.to_dict(), "checker": r.checker} for v in r.violations
-                       if not invariant or v.invariant == invariant)
-        return {"violations": out, "violation_counts": counts}
+                   invariant: str | None = Query(None, max_length=200),
+                   state: Literal["open", "acknowledged", "resolved"] | None = Query(
+                       None, description="open (pages), acknowledged, resolved (recent history); default: "
+                                         "open and acknowledged"),
+                   since: float | None = Query(None, ge=0, description="Unix seconds: first seen (resolved: "
+                                                                       "resolved) at or after"),
+                   cursor: str | None = Query(None, max_length=500, description="next_cursor of the previous page"),
+                   limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        """Current violations with their lifecycle, oldest first within an invariant (paged), and full counts."""
+        counts = {r.checker: {k: v for k, v in r.violation_counts.items() if v and (not invariant or k == invariant)}
+                  for r in service.latest_results() if r.status != "error" and (not checker or r.checker == checker)}
+        try:
+            rows, next_cursor = service.violations(checker, invariant, state, since, cursor, limit)
+        except LifecycleError as exc:
+            if cursor or state == "resolved":
+                raise HTTPException(400, str(exc)) from None
+            # Without Redis there is no lifecycle: the latest runs' samples, every one of them paging.
+            rows = [{**v.to_dict(), "checker": r.checker} for r in service.latest_results()
+                    if r.status != "error" and (not checker or r.checker == checker)
+                    for v in r.violations if not invariant or v.invariant == invariant]
+            next_cursor = None
+        return {"violations": rows, "violation_counts": counts, "next_cursor": next_cursor}
+
+    @app.get("/api/v1/acks", response_model=AcksOut, dependencies=auth, tags=["acknowledgements"],
+             responses={**_AUTH_RESPONSES, 503: {"model": Problem, "description": "Redis unavailable"}})
+    def list_acks() -> dict[str, Any]:
+        """Every acknowledgement in force."""
+        try:
+            return {"acks": [a.to_dict() for a in service.acks()]}
+        except LifecycleError as exc:
+            raise HTTPException(503, str(exc)) from None
+
+    @app.post("/api/v1/acks", response_model=AckOut, status_code=201, dependencies=auth,
+              tags=["acknowledgements"],
+              responses={**_AUTH_RESPONSES, 400: {"model": Problem, "description": "unknown checker, invariant, "
+                                                                                  "entity or duration"},
+                         503: {"model": Problem, "description": "Redis unavailable"}})
+    def create_ack(body: AckIn) -> dict[str, Any]:
+        """Acknowledge current violations: they stay visible and stop paging until they change, the
+        acknowledgement expires or is revoked, or they resolve and come back."""
+        if (body.entities is None) == (not body.all_current):
+            raise HTTPException(400, "give entities or all_current: true (not both)")
+        try:
+            expires = parse_duration(body.expires) if body.expires else None
+            return service.acknowledge(body.checker, body.invariant, None if body.all_current else body.entities,
+                                       body.reason, expires).to_dict()
+        except LifecycleError as exc:
+            raise HTTPException(503 if "live in Redis" in str(exc) else 400, str(exc)) from None
+
+    @app.delete("/api/v1/acks/{ack_id}", response_model=AckOut, dependencies=auth, tags=["acknowledgements"],
+                responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "no such acknowledgement"},
+                           503: {"model": Problem, "description": "Redis unavailable"}})
+    def revoke_ack(ack_id: str) -> dict[str, Any]:
+        """Revoke an acknowledgement: its violations page again."""
+        try:
+            return service.revoke(ack_id).to_dict()
+        except LifecycleError as exc:
+            raise HTTPException(503 if "live in Redis" in str(exc) else 404, str(exc)) from None
 
     @app.get("/api/v1/checkers", response_model=CheckersOut, dependencies=auth, responses=_AUTH_RESPONSES,
              tags=["checks"])
     def checkers() -> dict[str, Any]:
         """The registry: every checker with its invariants."""
-        return {"checkers": [service.describe_checker(n) for n in service.runner.checkers]}
+        return {"checkers": [service.describe_checker(n) for n in service.checkers]}
 
     @app.post("/admin/verify-balances", response_model=CheckOut, dependencies=auth, tags=["admin"],
               responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "payments checker not enabled"},
@@ -267,13 +363,13 @@ def create_api_app(service: Any) -> FastAPI:
     return app
 
 
-def create_metrics_app(service: Any) -> FastAPI:
+def create_metrics_app(service: ServiceView) -> FastAPI:
     app = FastAPI(title="zsmon metrics", docs_url=None, redoc_url=None, openapi_url=None)
     _health_routes(app, service)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:  # CPU only: no thread hop needed
-        body, content_type = service.metrics.exposition(request.headers.get("accept"))
+        body, content_type = service.exposition(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -24,10 +24,15 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class ResultsCollector:
-    """Gauges computed from the latest results at scrape time."""
+    """Gauges computed from the latest results at scrape time.
 
-    def __init__(self, store: ResultStore) -> None:
+    ``leads(job)`` says which checkers' series this process exports: all of them
+    alone (None), only those whose lease it holds among HA replicas (``check:<name>``).
+    """
+
+    def __init__(self, store: ResultStore, leads: Callable[[str], bool] | None = None) -> None:
         self.store = store
+        self.leads = leads
 
     def collect(self) -> Iterable[Metric]:
         violations = GaugeMetricFamily(
@@ -42,9 +47,19 @@ class ResultsCollector:
         up = GaugeMetricFamily(
             "zerostate_invariant_check_up", "1 when the checker's latest run completed, 0 when it errored.",
             labels=["checker"])
+        unacked = GaugeMetricFamily(
+            "zerostate_invariant_violations_unacknowledged",
+            "Current violations nobody acknowledged: what pages (zsmon ack).", labels=["checker", "invariant"])
+        acked = GaugeMetricFamily(
+            "zerostate_invariant_violations_acknowledged",
+            "Current violations covered by an acknowledgement: visible, not paging.", labels=["checker", "invariant"])
+        oldest = GaugeMetricFamily(
+            "zerostate_invariant_oldest_unacknowledged_violation_timestamp_seconds",
+            "Unix time the oldest unacknowledged violation of the invariant was first seen (age: time() - this).",
+            labels=["checker", "invariant"])
         for name, state in sorted(self.store.states().items()):
             latest = state.latest
-            if latest is None:
+            if latest is None or (self.leads is not None and not self.leads(f"check:{name}")):
                 continue
             up.add_metric([name], 0.0 if latest.status == "error" else 1.0)
             if state.last_success_timestamp is not None:
@@ -53,9 +68,14 @@ class ResultsCollector:
             if latest.status != "error":
                 for inv, count in sorted(latest.violation_counts.items()):
                     violations.add_metric([name, inv], float(count))
+                for inv, count in sorted(latest.unacknowledged_counts.items()):
+                    unacked.add_metric([name, inv], float(count))
+                    acked.add_metric([name, inv], float(latest.acknowledged_counts.get(inv, 0)))
+                for inv, first_seen in sorted(latest.oldest_unacknowledged.items()):
+                    oldest.add_metric([name, inv], first_seen)
                 for inv in sorted(latest.skipped):
                     skipped.add_metric([name, inv], 1.0)
-        yield from (violations, skipped, last_success, up)
+        yield from (violations, unacked, acked, oldest, skipped, last_success, up)
 
 
 class CachedFamilies:
@@ -78,7 +98,8 @@ class CachedFamilies:
 
 class Metrics:
     def __init__(self, store: ResultStore, checker_names: Iterable[str] = (), job_names: Iterable[str] = (),
-                 collector_names: Iterable[str] = ()) -> None:
+                 exporter_names: Iterable[str] = (), leads: Callable[[str], bool] | None = None,
+                 invariants: Iterable[tuple[str, str]] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.check_runs = Counter("zerostate_invariant_check_runs", "Checker runs by outcome.",
@@ -95,16 +116,21 @@ class Metrics:
                                    ["scheduler_job"], registry=r)
         self.job_lag = Gauge("zsmon_job_lag_seconds", "Delay between a job's scheduled and actual start.",
                              ["scheduler_job"], registry=r)
-        self.collector_duration = Gauge("zsmon_collector_duration_seconds", "Duration of the latest collection.",
-                                        ["collector"], registry=r)
-        self.collector_errors = Counter("zsmon_collector_errors", "Collections that failed.", ["collector"],
+        self.exporter_duration = Gauge("zsmon_exporter_duration_seconds", "Duration of the latest collection.",
+                                        ["exporter"], registry=r)
+        self.exporter_errors = Counter("zsmon_exporter_errors", "Collections that failed.", ["exporter"],
                                         registry=r)
-        self.collector_last_success = Gauge("zsmon_collector_last_success_timestamp_seconds",
-                                            "Unix time of the collector's latest successful collection.",
-                                            ["collector"], registry=r)
+        self.exporter_last_success = Gauge("zsmon_exporter_last_success_timestamp_seconds",
+                                            "Unix time of the exporter's latest successful collection.",
+                                            ["exporter"], registry=r)
+        self.new_violations = Counter("zerostate_invariant_new_violations",
+                                      "Violations first seen by a run (an entity that resolved and came back "
+                                      "counts again).", ["checker", "invariant"], registry=r)
         build = Gauge("zsmon_build_info", "zsmon build information.", ["version", "python"], registry=r)
         build.labels(zsmon.__version__, platform.python_version()).set(1)
         self.up.set(1)
+        for checker, invariant in invariants:  # at 0 from the start, so increase() sees the first one
+            self.new_violations.labels(checker, invariant)
         for name in checker_names:
             for status in CHECK_STATUSES:
                 self.check_runs.labels(name, status)
@@ -113,17 +139,19 @@ class Metrics:
             self.job_runs.labels(job)
             self.job_errors.labels(job)
             self.job_skipped.labels(job)
-        for collector in collector_names:  # errors at 0 from the start, so rate() works before the first failure
-            self.collector_errors.labels(collector)
+        for name in exporter_names:  # errors at 0 from the start, so rate() works before the first failure
+            self.exporter_errors.labels(name)
         self._store = store
         self._rendered: tuple[int, dict[str, bytes]] = (-1, {})  # (store generation, body per content type)
         self.families = CachedFamilies()
-        r.register(ResultsCollector(store))
+        r.register(ResultsCollector(store, leads))
         r.register(self.families)
 
     def observe_result(self, result) -> None:
         self.check_runs.labels(result.checker, result.status).inc()
         self.check_duration.labels(result.checker).observe(result.duration_seconds)
+        for inv, n in result.new_counts.items():
+            self.new_violations.labels(result.checker, inv).inc(n)
 
     def refresh(self) -> None:
         """Render both exposition formats now, off the scrape path.

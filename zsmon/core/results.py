@@ -24,6 +24,9 @@ def _out(value: Any) -> Any:
     return str(value)
 
 
+_LIFECYCLE_KEYS = ("first_seen", "last_seen", "runs_seen", "first_difference", "acknowledgement")
+
+
 @dataclass(frozen=True)
 class Violation:
     invariant: str
@@ -33,8 +36,12 @@ class Violation:
     actual: Decimal | str | None = None
     difference: Decimal | None = None
     detail: str = ""
+    # Its lifecycle (zsmon.core.lifecycle), when memory is available: first_seen, last_seen (Unix
+    # seconds), runs_seen, first_difference, acknowledgement ({id, reason, author, created_at, expires_at}).
+    lifecycle: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
+        life = self.lifecycle or {}
         return {
             "invariant": self.invariant,
             "entity_type": self.entity_type,
@@ -43,6 +50,11 @@ class Violation:
             "actual": _out(self.actual),
             "difference": _out(self.difference),
             "detail": self.detail,
+            "first_seen": life.get("first_seen"),
+            "last_seen": life.get("last_seen"),
+            "runs_seen": life.get("runs_seen"),
+            "first_difference": life.get("first_difference"),
+            "acknowledgement": life.get("acknowledgement"),
         }
 
 
@@ -60,6 +72,16 @@ class CheckResult:
     started_at: float = field(default_factory=time.time)
     # Which replica produced the result (HA: results carry their producer's identity).
     producer: str | None = None
+    # The lifecycle (zsmon.core.lifecycle): per invariant, violations acknowledged, violations first
+    # seen in this run, and when the oldest unacknowledged one was first seen (Unix seconds).
+    acknowledged_counts: dict[str, int] = field(default_factory=dict)
+    new_counts: dict[str, int] = field(default_factory=dict)
+    oldest_unacknowledged: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def unacknowledged_counts(self) -> dict[str, int]:
+        """Violations that page: all of them, less the acknowledged ones."""
+        return {inv: max(0, n - self.acknowledged_counts.get(inv, 0)) for inv, n in self.violation_counts.items()}
 
     @property
     def total_violations(self) -> int:
@@ -78,6 +100,10 @@ class CheckResult:
             "error": self.error,
             "started_at": self.started_at,
             "producer": self.producer,
+            "unacknowledged_counts": self.unacknowledged_counts,
+            "acknowledged_counts": dict(self.acknowledged_counts),
+            "new_violation_counts": dict(self.new_counts),
+            "oldest_unacknowledged_at": dict(self.oldest_unacknowledged),
         }
 
     @classmethod
@@ -101,6 +127,7 @@ class CheckResult:
                     invariant=v["invariant"], entity_type=v["entity_type"], entity_id=v["entity_id"],
                     expected=dec(v.get("expected")), actual=dec(v.get("actual")),
                     difference=dec(v.get("difference")), detail=v.get("detail", ""),
+                    lifecycle={k: v[k] for k in _LIFECYCLE_KEYS if v.get(k) is not None} or None,
                 )
                 for v in data.get("violations", [])
             ],
@@ -109,4 +136,7 @@ class CheckResult:
             error=data.get("error"),
             started_at=float(data.get("started_at", 0.0)),
             producer=data.get("producer"),
+            acknowledged_counts={k: int(v) for k, v in data.get("acknowledged_counts", {}).items()},
+            new_counts={k: int(v) for k, v in data.get("new_violation_counts", {}).items()},
+            oldest_unacknowledged={k: float(v) for k, v in data.get("oldest_unacknowledged_at", {}).items()},
         )

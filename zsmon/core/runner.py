@@ -12,15 +12,19 @@ from collections import defaultdict
 from typing import Any
 
 import psycopg
+from redis import RedisError
 
-from zsmon.checkers.base import Checker, CheckContext
+from zsmon.core.checker import Checker, CheckContext
 from zsmon.core.config import Config
 from zsmon.core.db import Database, DatabaseUnavailable, explain
+from zsmon.core.lifecycle import Lifecycle, Observed
 from zsmon.core.logging import get_logger, redactor
 from zsmon.core.redis import ping as redis_ping
+from zsmon.core.redis import redis_error
 from zsmon.core.results import CheckResult
+from zsmon.core.exporter import CollectContext, Exporter
+from zsmon.core.registry import BoundChecker, BoundExporter
 from zsmon.core.store import ResultStore
-from zsmon.exporters.base import CollectContext, Exporter
 
 log = get_logger("zsmon.runner")
 
@@ -47,8 +51,8 @@ class Runner:
         config: Config,
         db: Database,
         redis: Any,
-        checkers: dict[str, Checker],
-        exporters: dict[str, Exporter] | None = None,
+        checkers: dict[str, BoundChecker],
+        exporters: dict[str, BoundExporter] | None = None,
         store: ResultStore | None = None,
         metrics: Any = None,
         coordinator: Any = None,
@@ -63,14 +67,15 @@ class Runner:
         self.coordinator = coordinator or LocalCoordinator()
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self.database_errors: dict[str, str] = {}
+        # Violations' lifecycle and acknowledgements live in Redis; without it every violation pages.
+        self.lifecycle = Lifecycle(redis, config.redis.key_prefix, config.checks.track_limit) \
+            if redis is not None else None
 
     # ---- checkers ------------------------------------------------------------
     def choose_mode(self, name: str) -> str:
-        checker = self.checkers[name]
-        if not checker.supports_incremental:
+        full_every = self.checkers[name].full_interval_seconds
+        if full_every is None:
             return "full"
-        cfg = self.config.checker(name)
-        full_every = cfg.full_interval_seconds or checker.default_full_interval_seconds
         last_full = self.store.state(name).last_full_timestamp
         if last_full is None or time.time() - last_full >= full_every:
             return "full"
@@ -78,18 +83,18 @@ class Runner:
 
     def run_check(self, name: str, mode: str | None = None, *, publish: bool = True) -> CheckResult | None:
         """Run one checker now. Returns None when another replica holds this checker's lease."""
-        checker = self.checkers[name]
+        bound = self.checkers[name]
         token = self.coordinator.acquire(f"check:{name}")
         if not token:
             return None
         with self._locks[name]:
-            result, ctx = self._execute(checker, mode or self.choose_mode(name))
+            result, ctx = self._execute(bound, mode or self.choose_mode(name))
             if publish:
-                self._publish(checker, result, ctx, token)
+                return self._publish(bound.checker, result, ctx, token)
             return result
 
-    def _execute(self, checker: Checker, mode: str) -> tuple[CheckResult, CheckContext | None]:
-        cfg = self.config.checker(checker.name)
+    def _execute(self, bound: BoundChecker, mode: str) -> tuple[CheckResult, CheckContext | None]:
+        checker = bound.checker
         started = time.time()
         t0 = time.perf_counter()
         redis_reason = redis_ping(self.redis)
@@ -99,11 +104,11 @@ class Runner:
         ctx: CheckContext | None = None
         error = db_error = None
         try:
-            with self.db.snapshot(cfg.statement_timeout_seconds) as conn:
+            with self.db.snapshot(bound.statement_timeout_seconds) as conn:
                 ctx = CheckContext(checker, conn, mode=mode, sample_limit=self.config.checks.sample_limit,
-                                   redis=redis, key_prefix=self.config.redis.key_prefix,
-                                   log=log.bind(checker=checker.name))
-                ctx.redis_reason = redis_reason  # type: ignore[attr-defined]
+                                   redis=redis, redis_reason=redis_reason, key_prefix=self.config.redis.key_prefix,
+                                   log=log.bind(checker=checker.name), track_limit=self.config.checks.track_limit,
+                                   lifecycle=self.lifecycle if redis is not None else None)
                 checker.run(ctx)
         except DatabaseUnavailable as exc:
             error = db_error = str(exc)
@@ -122,8 +127,9 @@ class Runner:
             self.database_errors.pop(checker.name, None)
         if error is not None or ctx is None:
             log.warning("check_error", checker=checker.name, error=error)
-            return CheckResult(checker.name, "error", mode, duration, error=error or "checker did not run",
-                               started_at=started, producer=self.coordinator.identity), None
+            return CheckResult(checker.name, "error", ctx.mode if ctx is not None else mode, duration,
+                               error=error or "checker did not run", started_at=started,
+                               producer=self.coordinator.identity), None
         for inv in checker.invariants:
             if inv.needs_memory and redis is None:
                 ctx.skip(inv.id, f"needs memory across runs: {redis_reason}")
@@ -135,11 +141,14 @@ class Runner:
         return CheckResult(checker.name, status, ctx.mode, duration, counts, sample, dict(ctx.skipped),
                            dict(ctx.summaries), None, started, self.coordinator.identity), ctx
 
-    def _publish(self, checker: Checker, result: CheckResult, ctx: CheckContext | None, token: Any) -> None:
+    def _publish(self, checker: Checker, result: CheckResult, ctx: CheckContext | None, token: Any) -> CheckResult:
+        """Publish a finished run (fenced); returns it as published, with its violations' lifecycle."""
+        if ctx is not None and result.status != "error":
+            result = self._with_lifecycle(result, ctx)
         # Fencing: a replica that lost its lease while it ran (paused, partitioned) publishes nothing.
         if not self.coordinator.publish(f"check:{checker.name}", token, result):
             log.warning("result_discarded_lost_lease", checker=checker.name)
-            return
+            return result
         self.store.put(result)
         if self.metrics is not None:
             self.metrics.observe_result(result)
@@ -148,22 +157,38 @@ class Runner:
         except Exception:
             log.exception("checker_observe_failed", checker=checker.name)
         if ctx is not None and result.status != "error":
-            for fn in ctx._after_success:
-                try:
-                    fn()
-                except Exception as exc:
-                    log.warning("after_success_failed", checker=checker.name, error=redactor.scrub(str(exc)))
+            ctx.run_after_success()
         log.info("check_done", checker=checker.name, status=result.status, mode=result.mode,
                  duration_seconds=round(result.duration_seconds, 4), violations=result.total_violations,
-                 skipped=len(result.skipped))
+                 new=sum(result.new_counts.values()), skipped=len(result.skipped))
+        return result
+
+    def _with_lifecycle(self, result: CheckResult, ctx: CheckContext) -> CheckResult:
+        """Fold the run into its violations' lifecycle (first seen, resolved, acknowledgements)."""
+        if ctx.lifecycle is None:
+            return result
+        observed = {inv: Observed(n, ctx.tracked.get(inv, {})) for inv, n in result.violation_counts.items()}
+        try:
+            new = ctx.lifecycle.record(result, observed)
+            return ctx.lifecycle.annotate(result, new)
+        except RedisError as exc:  # fails safe: without the lifecycle every violation pages
+            log.warning("lifecycle_unavailable", checker=result.checker, error=redis_error(exc))
+            return result
+
+    def reannotate(self, checker: str) -> None:
+        """Show a change of acknowledgements in the latest result at once, not at the next run."""
+        latest = self.store.state(checker).latest
+        if self.lifecycle is None or latest is None or latest.status == "error":
+            return
+        self.store.put(self.lifecycle.annotate(latest))
 
     # ---- exporters -----------------------------------------------------------
     def collect(self, name: str) -> None:
-        exporter = self.exporters[name]
-        if not self.coordinator.acquire(f"collect:{name}"):
+        exporter = self.exporters[name].exporter
+        if not self.coordinator.acquire(f"export:{name}"):
             # Another replica collects and exports these families (HA); this one's own gauges go away.
             if self.metrics is not None:
-                for gauge in (self.metrics.collector_duration, self.metrics.collector_last_success):
+                for gauge in (self.metrics.exporter_duration, self.metrics.exporter_last_success):
                     try:
                         gauge.remove(name)
                     except KeyError:
@@ -176,15 +201,15 @@ class Runner:
         except Exception as exc:
             ok = False
             reason = explain(exc) if isinstance(exc, psycopg.Error) else f"{type(exc).__name__}: {exc}"
-            log.warning("collect_error", collector=name, error=redactor.scrub(reason))
+            log.warning("export_error", exporter=name, error=redactor.scrub(reason))
             families = list(exporter.on_error(exc))
         if self.metrics is not None:
             self.metrics.families.set(name, families)
-            self.metrics.collector_duration.labels(name).set(time.perf_counter() - t0)
+            self.metrics.exporter_duration.labels(name).set(time.perf_counter() - t0)
             if ok:
-                self.metrics.collector_last_success.labels(name).set(time.time())
+                self.metrics.exporter_last_success.labels(name).set(time.time())
             else:
-                self.metrics.collector_errors.labels(name).inc()
+                self.metrics.exporter_errors.labels(name).inc()
 
     def _collect(self, exporter: Exporter) -> list:
         if not exporter.needs_database:

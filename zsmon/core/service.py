@@ -11,65 +11,36 @@ import time
 from typing import Any, Iterable
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
-from zsmon.checkers.base import Checker
-from zsmon.checkers.registry import checker_classes
-from zsmon.core.config import Config, ConfigError
+from zsmon.core.config import ConfigError
 from zsmon.core.db import Database, DatabaseUnavailable
-from zsmon.core.http import create_api_app, create_metrics_app
+from zsmon.core.ha import LeasedFamilies, LeaderOnly, make_coordinator
+from zsmon.core.http import BodyLimit, RateLimit, create_api_app, create_metrics_app
+from zsmon.core.lifecycle import Ack, Lifecycle, LifecycleError, list_violations, validate_target
 from zsmon.core.logging import get_logger
 from zsmon.core.metrics import Metrics
+from zsmon.core.registry import BoundChecker, Registry
 from zsmon.core.redis import make_redis
 from zsmon.core.redis import ping as redis_ping
 from zsmon.core.results import CheckResult
 from zsmon.core.runner import Runner
 from zsmon.core.scheduler import Scheduler
 from zsmon.core.store import ResultStore
-from zsmon.exporters.base import Exporter
-from zsmon.exporters.registry import exporter_classes
 
 log = get_logger("zsmon.service")
 
 
-def build_checkers(config: Config, only: Iterable[str] | None = None) -> dict[str, Checker]:
-    classes = checker_classes()
-    only = list(only or [])
-    unknown = [n for n in only if n not in classes]
-    if unknown:
-        raise ConfigError(f"unknown checker {', '.join(map(repr, unknown))}; known: {', '.join(classes)}")
-    out: dict[str, Checker] = {}
-    for name, cls in classes.items():
-        cfg = config.checker(name)
-        if only and name not in only:
-            continue
-        if not only and not cfg.enabled:
-            continue
-        settings = cfg.settings if isinstance(cfg.settings, cls.Settings) else cls.Settings.model_validate(cfg.settings)
-        out[name] = cls(settings)
-    return out
-
-
-def build_exporters(config: Config) -> dict[str, Exporter]:
-    out: dict[str, Exporter] = {}
-    for name, cls in exporter_classes().items():
-        cfg = config.exporter(name)
-        if cfg.enabled:
-            settings = cfg.settings if isinstance(cfg.settings, cls.Settings) else cls.Settings.model_validate(cfg.settings)
-            out[name] = cls(settings)
-    return out
-
-
-def build_runner(config: Config, only: Iterable[str] | None = None, metrics: Any = None,
-                 store: ResultStore | None = None, exporters: dict[str, Exporter] | None = None,
-                 checkers: dict[str, Checker] | None = None, coordinator: Any = None) -> Runner:
+def build_runner(registry: Registry, only: Iterable[str] | None = None, *, exporters: Iterable[str] = (),
+                 metrics: Any = None, store: ResultStore | None = None, coordinator: Any = None) -> Runner:
+    """A runner over the registry's enabled checkers (or ``only`` these) and the named ``exporters``,
+    with the database pool open."""
+    config = registry.config
     db = Database(config.database)
     db.open()
-    return Runner(config, db, make_redis(config.redis), checkers if checkers is not None else build_checkers(config, only),
-                  exporters or {}, store or ResultStore(), metrics, coordinator)
-
-
-def _interval(cls_default: float, configured: float | None) -> float:
-    return configured if configured is not None else cls_default
+    chosen = {name: registry.exporters[name] for name in exporters}
+    return Runner(config, db, make_redis(config.redis), registry.enabled_checkers(only), chosen,
+                  store or ResultStore(), metrics, coordinator)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -91,37 +62,36 @@ def _split(listen: str) -> tuple[str, int]:
 class Service:
     """The running sidecar. ``start()`` returns once the listeners are bound; ``stop()`` ends everything."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, registry: Registry, dashboard_links: list[dict[str, str]] | None = None) -> None:
+        config = self.config = registry.config
+        self.registry = registry
+        # Links to the Grafana dashboards for the status page (the composition root renders them).
+        self.dashboard_links = dashboard_links or []
         self.store = ResultStore()
-        checkers = build_checkers(config)
-        exporters = build_exporters(config)
+        checkers = registry.enabled_checkers()
+        exporters = registry.enabled_exporters()
         self.coordinator: Any = None
-        exported: Any = self.store
         if config.ha.enabled:  # N replicas: leases per job, shared results, series only from the holder
-            from zsmon.core.ha import LeaderView, make_coordinator
-
             self.coordinator = make_coordinator(config, self.store, on_acquired=self._on_acquired)
-            exported = LeaderView(self.store, self.coordinator.leads)
-        self.metrics = Metrics(exported, checkers, [f"check:{n}" for n in checkers]
-                               + [f"collect:{n}" for n in exporters] + ["health"], collector_names=exporters)
+        self.metrics = Metrics(self.store, checkers, [f"check:{n}" for n in checkers]
+                               + [f"export:{n}" for n in exporters] + ["health"], exporter_names=exporters,
+                               leads=self.coordinator.leads if self.coordinator is not None else None,
+                               invariants=[(n, inv.id) for n, b in checkers.items() for inv in b.invariants])
         if self.coordinator is not None:
-            from zsmon.core.ha import LeasedFamilies
-
             self.coordinator.on_change = self.metrics.refresh
 
-            registry = self.metrics.registry
-            registry.unregister(self.metrics.families)
+            prom = self.metrics.registry
+            prom.unregister(self.metrics.families)
             self.metrics.families = LeasedFamilies(self.coordinator.leads)
-            registry.register(self.metrics.families)
-            registry.register(self.coordinator)
-        for name, checker in checkers.items():
+            prom.register(self.metrics.families)
+            prom.register(self.coordinator)
+        for name, bound in checkers.items():
             if self.coordinator is None:
-                checker.register_metrics(self.metrics.registry)
+                bound.checker.register_metrics(self.metrics.registry)
             else:
-                self._register_leader_only(name, checker)
-        self.runner = build_runner(config, metrics=self.metrics, store=self.store, exporters=exporters,
-                                   checkers=checkers, coordinator=self.coordinator)
+                self._register_leader_only(name, bound)
+        self.runner = build_runner(registry, exporters=exporters, metrics=self.metrics, store=self.store,
+                                   coordinator=self.coordinator)
         self.scheduler = Scheduler(config.scheduler.max_workers, config.scheduler.jitter_ratio,
                                    config.scheduler.misfire_grace_seconds, self.metrics)
         self._db_reason: str | None = "database not checked yet"
@@ -131,35 +101,89 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ports: dict[str, int] = {}
 
-    def _register_leader_only(self, name: str, checker: Checker) -> None:
-        from prometheus_client import CollectorRegistry
-
-        from zsmon.core.ha import LeaderOnly
-
+    def _register_leader_only(self, name: str, bound: BoundChecker) -> None:
         own = CollectorRegistry(auto_describe=True)
-        checker.register_metrics(own)
+        bound.checker.register_metrics(own)
         self.metrics.registry.register(LeaderOnly(own, lambda: self.coordinator.leads(f"check:{name}")))
 
     def _on_acquired(self, job: str) -> None:
         """This replica just took a job over: run it now unless its latest shared result is still fresh."""
         kind, _, name = job.partition(":")
         if kind == "check" and name in self.runner.checkers:
-            every = _interval(self.runner.checkers[name].default_interval_seconds,
-                              self.config.checker(name).interval_seconds)
+            every = self.runner.checkers[name].interval_seconds
             latest = self.store.state(name).latest
             if latest is not None and time.time() - latest.started_at < every:
                 return
         self.scheduler.run_now(job)
 
-    # ---- state the HTTP layer reads ----------------------------------------------
+    # ---- what the HTTP layer reads (zsmon.core.view.ServiceView) ------------------
+    @property
+    def checkers(self) -> dict[str, BoundChecker]:
+        return self.runner.checkers
+
     def latest_results(self) -> list[CheckResult]:
         return self.store.latest()
 
+    def run_check_now(self, name: str) -> CheckResult | None:
+        result = self.runner.run_check(name)
+        self.metrics.refresh()
+        return result
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        return self.metrics.exposition(accept)
+
+    # ---- violations and acknowledgements ------------------------------------------
+    def _lifecycle(self) -> Lifecycle:
+        reason = redis_ping(self.runner.redis)
+        if self.runner.lifecycle is None or reason:
+            raise LifecycleError(f"violations' lifecycle and acknowledgements live in Redis: {reason}")
+        return self.runner.lifecycle
+
+    def violations(self, checker: str | None = None, invariant: str | None = None, state: str | None = None,
+                   since: float | None = None, cursor: str | None = None,
+                   limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+        """Tracked violations, oldest first within an invariant, with the latest sample's detail."""
+        pairs = [(n, inv.id) for n, b in self.checkers.items() for inv in b.invariants
+                 if (checker is None or n == checker) and (invariant is None or inv.id == invariant)]
+        rows, next_cursor = list_violations(self._lifecycle(), pairs, state=state, since=since, cursor=cursor,
+                                            limit=limit)
+        sampled = {(r.checker, v.invariant, v.entity_id): v for r in self.latest_results() for v in r.violations}
+        for row in rows:
+            v = sampled.get((row["checker"], row["invariant"], row["entity_id"]))
+            inv = self.checkers[row["checker"]].checker.invariant(row["invariant"])
+            row.update(entity_type=v.entity_type if v else inv.entity_type,
+                       expected=v.to_dict()["expected"] if v else None, actual=v.to_dict()["actual"] if v else None,
+                       detail=v.detail if v else "")
+        return rows, next_cursor
+
+    def acks(self) -> list[Ack]:
+        return self._lifecycle().acks()
+
+    def ack_events(self) -> list[dict[str, Any]]:
+        return self._lifecycle().ack_events()
+
+    def acknowledge(self, checker: str, invariant: str, entities: list[str] | None, reason: str,
+                    expires_in: float | None = None, author: str | None = None) -> Ack:
+        """Acknowledge current violations (``entities`` None: all of them now); their page stops at once."""
+        validate_target({n: [i.id for i in b.invariants] for n, b in self.checkers.items()}, checker, invariant)
+        ack = self._lifecycle().acknowledge(checker, invariant, entities, reason, author or self.config.http.admin_name,
+                                            expires_in)
+        self.runner.reannotate(checker)
+        self.metrics.refresh()
+        return ack
+
+    def revoke(self, ack_id: str, author: str | None = None) -> Ack:
+        ack = self._lifecycle().revoke(ack_id, author or self.config.http.admin_name)
+        self.runner.reannotate(ack.checker)
+        self.metrics.refresh()
+        return ack
+
     def describe_checker(self, name: str) -> dict[str, Any]:
-        checker = self.runner.checkers[name]
+        bound = self.runner.checkers[name]
+        checker = bound.checker
         return {
             "name": name, "description": checker.description, "source": checker.source,
-            "interval_seconds": _interval(checker.default_interval_seconds, self.config.checker(name).interval_seconds),
+            "interval_seconds": bound.interval_seconds,
             "supports_incremental": checker.supports_incremental,
             "invariants": [dataclasses.asdict(i) for i in checker.invariants],
         }
@@ -195,13 +219,11 @@ class Service:
     def _schedule(self) -> None:
         cfg = self.config
         self.scheduler.add("health", self.health, cfg.scheduler.health_interval_seconds, executor="health")
-        for i, (name, checker) in enumerate(self.runner.checkers.items()):
-            every = _interval(checker.default_interval_seconds, cfg.checker(name).interval_seconds)
-            self.scheduler.add(f"check:{name}", lambda n=name: self.runner.run_check(n), every,
+        for i, (name, bound) in enumerate(self.runner.checkers.items()):
+            self.scheduler.add(f"check:{name}", lambda n=name: self.runner.run_check(n), bound.interval_seconds,
                                first_run_delay=0.2 * i)
-        for name, exporter in self.runner.exporters.items():
-            every = _interval(exporter.default_interval_seconds, cfg.exporter(name).interval_seconds)
-            self.scheduler.add(f"collect:{name}", lambda n=name: self.runner.collect(n), every)
+        for name, exported in self.runner.exporters.items():
+            self.scheduler.add(f"export:{name}", lambda n=name: self.runner.collect(n), exported.interval_seconds)
 
     # ---- lifecycle --------------------------------------------------------------
     def _server(self, app: Any, listen: str) -> _EmbeddedServer:
@@ -215,8 +237,6 @@ class Service:
                 if not f.is_file():
                     raise ConfigError(f"TLS file {f} does not exist or is not a file")
             ssl = {"ssl_certfile": str(http.tls_cert_file), "ssl_keyfile": str(http.tls_key_file)}
-        from zsmon.core.http import BodyLimit, RateLimit
-
         wrapped = BodyLimit(app, http.max_body_bytes)
         if http.rate_limit_per_minute:
             wrapped = RateLimit(wrapped, http.rate_limit_per_minute)
@@ -280,6 +300,12 @@ class Service:
                  exporters=list(self.runner.exporters), metrics_port=self.ports["metrics"],
                  api_port=self.ports["api"], redis="on" if self.runner.redis is not None else "off",
                  ha=self.coordinator.identity if self.coordinator is not None else "off")
+        incremental = [n for n, b in self.runner.checkers.items() if b.full_interval_seconds is not None]
+        no_redis = redis_ping(self.runner.redis)
+        if incremental and no_redis:
+            log.warning("incremental_runs_off", checkers=incremental, reason=no_redis,
+                        detail="without Redis every run is a full sweep (its result says mode full), violations "
+                               "have no lifecycle and cannot be acknowledged: every one pages")
 
     def stop(self) -> None:
         self.scheduler.shutdown()

@@ -32,6 +32,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 import zsmon
+from zsmon.core.lifecycle import LifecycleError
+from zsmon.core.view import ServiceView
 
 COOKIE = "zsmon_status"
 SESSION_SECONDS = 12 * 3600
@@ -74,26 +76,19 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d ago"
 
 
+def _since(seconds: float) -> str:
+    """How long a violation has been seen: ``3 h 12 min``, ``2 d 4 h``, ``45 s``."""
+    s = int(max(0.0, seconds))
+    days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min" if minutes else f"{s} s"
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def dashboards(config: Any) -> list[dict[str, str]]:
-    """Links to the Grafana dashboards ``zsmon render`` provisions (by uid), else to the Grafana base URL."""
-    grafana_url = config.http.grafana_url
-    if not grafana_url:
-        return []
-    base = grafana_url.rstrip("/")
-    boards: dict[str, Any] = {}
-    try:  # the same model render uses: the uids on this page are the ones Grafana was given
-        from zsmon.alerts.model import build_model
-        from zsmon.dashboards.build import build_dashboards
-
-        boards = build_dashboards(build_model(config))
-    except Exception:  # a build without the renderer, or a render problem: the base URL still helps
-        boards = {}
-    links = [{"title": str(b.get("title") or uid), "url": f"{base}/d/{uid}"} for uid, b in boards.items()]
-    return sorted(links, key=lambda d: d["title"]) or [{"title": "Grafana", "url": base + "/"}]
 
 
 def runbook_url(base: str, checker: str) -> str:
@@ -101,10 +96,10 @@ def runbook_url(base: str, checker: str) -> str:
     return f"{base.rstrip('/')}/{checker}.md"
 
 
-def _view(service: Any, details: bool, links: list[dict[str, str]]) -> dict[str, Any]:
+def _view(service: ServiceView, details: bool, links: list[dict[str, str]]) -> dict[str, Any]:
     now = time.time()
     results = {r.checker: r for r in service.latest_results()}
-    checkers = dict(service.runner.checkers)
+    checkers = {name: bound.checker for name, bound in service.checkers.items()}
     http = service.config.http
     rows = []
     for name in sorted(set(checkers) | set(results)):
@@ -113,6 +108,19 @@ def _view(service: Any, details: bool, links: list[dict[str, str]]) -> dict[str,
         severities = {i.id: i.severity for i in checker.invariants} if checker is not None else {}
         finished = r.started_at + r.duration_seconds if r is not None else None
         counts = dict(r.violation_counts) if r is not None and r.status != "error" else {}
+        acked = dict(r.acknowledged_counts) if r is not None and r.status != "error" else {}
+        order = {i.id: n for n, i in enumerate(checker.invariants)} if checker is not None else {}
+        shown = []
+        if details and r is not None and counts:
+            for v in r.violations:  # oldest first within an invariant: what has paged longest leads
+                d = v.to_dict()
+                d["since"] = _since(now - d["first_seen"]) if d["first_seen"] is not None else ""
+                ack = d["acknowledgement"]
+                d["ack"] = (f"acknowledged by {ack['author']}: {ack['reason']}"
+                            + (f" (until {_utc(ack['expires_at'])})" if ack["expires_at"] else "")) if ack else ""
+                shown.append(d)
+            shown.sort(key=lambda d: (order.get(d["invariant"], len(order)), d["invariant"],
+                                      d["first_seen"] if d["first_seen"] is not None else now, d["entity_id"]))
         rows.append({
             "name": name,
             "description": checker.description if checker is not None else "",
@@ -122,10 +130,11 @@ def _view(service: Any, details: bool, links: list[dict[str, str]]) -> dict[str,
             "finished_utc": _utc(finished) if finished is not None else "",
             "duration": f"{r.duration_seconds:.3f} s" if r is not None else "-",
             "total": sum(counts.values()),
-            "counts": [{"invariant": k, "count": v, "severity": severities.get(k, "")}
+            "counts": [{"invariant": k, "count": v, "severity": severities.get(k, ""), "acknowledged": acked.get(k, 0),
+                        "oldest": _since(now - r.oldest_unacknowledged[k]) if k in r.oldest_unacknowledged else ""}
                        for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if v],
             "invariants": len(severities) or len(counts),
-            "violations": [v.to_dict() for v in r.violations] if details and r is not None and counts else [],
+            "violations": shown,
             "summaries": dict(r.summaries) if details and r is not None else {},
             "skipped": dict(r.skipped) if details and r is not None else {},
             "skipped_count": len(r.skipped) if r is not None else 0,
@@ -135,7 +144,17 @@ def _view(service: Any, details: bool, links: list[dict[str, str]]) -> dict[str,
     # Break-glass order: what is failing or cannot run comes first.
     rows.sort(key=lambda c: ({"fail": 0, "error": 1, "pending": 2}.get(c["status"], 3), c["name"]))
     reasons = service.readiness()
+    acks, events = [], []
+    if details:
+        try:
+            acks = [{**a.to_dict(), "entities": len(a.entities),
+                     "expires": _utc(a.expires_at) if a.expires_at else "until revoked"} for a in service.acks()]
+            events = [{**e, "when": _utc(e["at"])} for e in service.ack_events()]
+        except LifecycleError:
+            pass  # without Redis there are no acknowledgements: every violation pages
     return {
+        "acks": acks,
+        "ack_events": events,
         "version": zsmon.__version__,
         "generated_utc": _utc(now),
         "refresh": REFRESH_SECONDS,
@@ -151,11 +170,11 @@ def _view(service: Any, details: bool, links: list[dict[str, str]]) -> dict[str,
     }
 
 
-def register_status_page(app: FastAPI, service: Any) -> None:
+def register_status_page(app: FastAPI, service: ServiceView) -> None:
     """Add ``GET /``, ``GET``/``POST /login`` and ``POST /logout`` to the API app."""
     http = service.config.http
     secure = bool(http.tls_cert_file)
-    links = dashboards(service.config)
+    links = service.dashboard_links
 
     def token() -> str:
         return http.admin_token.get_secret_value() if http.admin_token else ""

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zsmon.alerts.model import Model
+from zsmon.alerts.model import Model, build_model
 from zsmon.alerts.templating import environment, render_yaml
+from zsmon.core.registry import Registry
 
 TEMPLATES = Path(__file__).parent / "templates"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -181,3 +182,15 @@ def _options(kind: str, p: dict[str, Any]) -> dict[str, Any]:
     if kind == "table":
         return {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"]}}
     return {}
+
+
+def dashboard_links(registry: Registry) -> list[dict[str, str]]:
+    """Links to the Grafana dashboards ``zsmon render`` provisions (by uid), else to the Grafana base URL."""
+    grafana_url = registry.config.http.grafana_url
+    if not grafana_url:
+        return []
+    base = grafana_url.rstrip("/")
+    # The same model render uses: the uids on the status page are the ones Grafana was given.
+    boards = build_dashboards(build_model(registry))
+    links = [{"title": str(b.get("title") or uid), "url": f"{base}/d/{uid}"} for uid, b in boards.items()]
+    return sorted(links, key=lambda d: d["title"]) or [{"title": "Grafana", "url": base + "/"}]

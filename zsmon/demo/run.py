@@ -30,6 +30,12 @@ from typing import Any, Callable, TextIO
 
 import psycopg
 
+import yaml
+
+from zsmon.app import build_registry, build_service
+from zsmon.core.config import Config, ConfigError, load_config
+from zsmon.core.lifecycle import LifecycleError
+from zsmon.core.logging import configure_logging
 from zsmon.demo import schema_sql
 
 SIMULATORS = ("payments", "auctions", "reputation")
@@ -349,12 +355,7 @@ def prepare_database(url: str, say: Printer) -> None:
 
 # ---- the sidecar -----------------------------------------------------------------------
 def demo_config(base: str, database_url: str, redis_port: int, token: str, options: Options) -> Any:
-    import yaml
-
-    from zsmon.checkers.registry import checker_classes
-    from zsmon.core.config import load_config
-    from zsmon.exporters.registry import exporter_classes
-
+    builtin = build_registry(Config())  # names only: the demo runs the built-in checkers and installed plugins
     data: dict[str, Any] = {
         "redis": {"host": "127.0.0.1", "port": redis_port, "key_prefix": "zsmon-demo:"},
         "http": {"metrics_listen": f"{options.host}:{options.metrics_port}",
@@ -362,9 +363,9 @@ def demo_config(base: str, database_url: str, redis_port: int, token: str, optio
         "logging": {"level": options.log_level},
         "scheduler": {"health_interval_seconds": 2},
         # Short intervals so a planted fault shows within seconds.
-        "checkers": {name: {"interval_seconds": options.check_interval} for name in checker_classes()},
+        "checkers": {name: {"interval_seconds": options.check_interval} for name in builtin.checkers},
         # There is no platform API in the demo to probe.
-        "exporters": {name: {"enabled": False} for name in exporter_classes() if name == "api_probe"},
+        "exporters": {name: {"enabled": False} for name in builtin.exporters if name == "api_probe"},
     }
     if "reputation" in data["checkers"]:
         # The simulator's two writes are microseconds apart, and every demo agent works every few seconds:
@@ -414,6 +415,42 @@ class ViolationPrinter:
                              f"(of {r.violation_counts.get(inv, n)} in all)")
 
 
+class DemoAck:
+    """Once two invariants page, acknowledges the current violations of the one paging longest, as on-call
+    would for a known gap, and prints that its page stopped while the others still page."""
+
+    REASON = "demo: known gap, ticket ZS-DEMO, fix scheduled"
+
+    def __init__(self, service: Any, say: Printer) -> None:
+        self.service = service
+        self.say = say
+        self.target: tuple[str, str] | None = None
+        self.reported = False
+
+    def poll(self) -> None:
+        paging = {(r.checker, inv): (n, r.oldest_unacknowledged.get(inv, r.started_at))
+                  for r in self.service.latest_results() if r.status != "error"
+                  for inv, n in r.unacknowledged_counts.items() if n}
+        if self.target is None:
+            if len(paging) < 2:
+                return
+            self.target = min(paging, key=lambda k: (paging[k][1], k))
+            checker, invariant = self.target
+            try:
+                ack = self.service.acknowledge(checker, invariant, None, self.REASON, expires_in=3600, author="demo")
+            except LifecycleError as exc:
+                self.say(f"could not acknowledge {checker}/{invariant}: {exc}")
+                self.reported = True
+                return
+            self.say(f"ACK {checker}/{invariant}: {len(ack.entities)} violation(s) acknowledged as {ack.id} for 1 h "
+                     f"({self.REASON}); zsmon ack list shows it, zsmon ack revoke {ack.id} undoes it")
+        elif not self.reported and self.target not in paging:
+            others = ", ".join(f"{c}/{i} ({n})" for (c, i), (n, _) in sorted(paging.items())) or "nothing"
+            self.say(f"ACK {self.target[0]}/{self.target[1]}: its page stopped (still listed, marked acknowledged); "
+                     f"still paging: {others}")
+            self.reported = True
+
+
 # ---- the command -------------------------------------------------------------------------
 def run_demo(options: Options, out: TextIO | None = None) -> int:
     """Run the demo until ``options.duration`` passes or SIGINT/SIGTERM; return the exit code."""
@@ -439,10 +476,6 @@ def run_demo(options: Options, out: TextIO | None = None) -> int:
 
 def _run(options: Options, say: Printer, stop: threading.Event, base: str,
          cleanup: list[tuple[str, Callable[[], None]]]) -> int:
-    from zsmon.core.config import ConfigError
-    from zsmon.core.logging import configure_logging
-    from zsmon.core.service import Service
-
     say("zsmon demo: starting", stamp=False)
     if options.database_url:
         url = options.database_url
@@ -475,7 +508,7 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
     say(f"warm-up: done in {time.monotonic() - t0:.1f} s", stamp=False)
 
     try:
-        service = Service(config)
+        service = build_service(config)
         service.start()
     except ConfigError as exc:
         raise DemoError(str(exc)) from None
@@ -501,9 +534,11 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
     say("", stamp=False)
 
     printer = ViolationPrinter(service, say)
+    acker = DemoAck(service, say)
     deadline = time.monotonic() + options.duration if options.duration else None
     while not stop.wait(0.5):
         printer.poll()
+        acker.poll()
         if deadline is not None and time.monotonic() >= deadline:
             break
     printer.poll()

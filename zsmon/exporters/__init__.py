@@ -1,1 +1,1 @@
-"""Exporters: one module per family of metrics. ``registry.exporter_classes()`` finds them."""
+"""Exporters: one module per family of metrics; the registry (``zsmon.core.registry``) finds them."""

@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import Field, field_validator
 
 import zsmon
-from zsmon.exporters.base import CollectContext, Exporter, ExporterSettings
+from zsmon.core.exporter import CollectContext, Exporter, ExporterSettings
 
 
 def target_label(url: str) -> str:

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from zsmon.checkers.auctions import AUCTION_STATUSES, AuctionsSettings, ended_predicate
-from zsmon.exporters.base import CollectContext, Exporter
+from zsmon.core.exporter import CollectContext, Exporter
 
 BIDS_PER_AUCTION_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21)
 TIME_TO_AWARD_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import Field
 
-from zsmon.exporters.base import CollectContext, Exporter, ExporterSettings
+from zsmon.core.exporter import CollectContext, Exporter, ExporterSettings
 
 CHANNEL_STATES = ("open", "escrowed", "settling", "closed")
 MONEY_BUCKETS = ("current", "escrowed", "settled", "refunded", "available")

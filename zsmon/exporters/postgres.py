@@ -28,7 +28,7 @@ from psycopg import sql
 from pydantic import Field
 
 from zsmon.core.db import explain
-from zsmon.exporters.base import CollectContext, Exporter, ExporterSettings
+from zsmon.core.exporter import CollectContext, Exporter, ExporterSettings
 
 # pg_stat_activity.state values (PostgreSQL 10+); exported at 0 when absent so series never vanish.
 # A NULL state (a backend of another role, read without pg_read_all_stats) is counted as "unknown".

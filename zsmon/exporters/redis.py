@@ -20,7 +20,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import Field
 
-from zsmon.exporters.base import CollectContext, Exporter, ExporterSettings
+from zsmon.core.exporter import CollectContext, Exporter, ExporterSettings
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 

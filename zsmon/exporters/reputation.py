@@ -24,7 +24,7 @@ from typing import Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 
-from zsmon.exporters.base import CollectContext, Exporter, ExporterSettings
+from zsmon.core.exporter import CollectContext, Exporter, ExporterSettings
 
 BUCKETS = tuple(range(10, 101, 10))
 QUANTILES = ("0.1", "0.5", "0.9")

@@ -1,7 +1,24 @@
 """The plugin's own tests, with zsmon's fixtures: a consistent world, then one planted fault."""
-from zsmon.checkers.registry import checker_classes
+import ast
+import re
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from pydantic import ValidationError
+
+from zsmon.app import build_registry
+from zsmon.core.config import Config
+from zsmon.core.lifecycle import Lifecycle
+from zsmon.core.service import build_runner
+from zsmon.core.yamlfile import ConfigError
+from zsmon.testing import REDIS_URL, bind_checker
 
 from zsmon_example_plugin import AgentLivenessChecker
+from zsmon_example_plugin.checker import AgentLivenessSettings
+
+CHECKER_FILE = Path(__file__).resolve().parents[1] / "src/zsmon_example_plugin/checker.py"
 
 
 def _world(writer):
@@ -14,8 +31,18 @@ def _world(writer):
     """)
 
 
+def test_the_checker_imports_only_the_sdk():
+    imported = set()
+    for node in ast.walk(ast.parse(CHECKER_FILE.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert {m for m in imported if m.split(".")[0] == "zsmon"} == {"zsmon.sdk"}, imported
+
+
 def test_registered_through_the_entry_point():
-    assert checker_classes()["agent_liveness"] is AgentLivenessChecker
+    assert build_registry(Config()).checker_classes["agent_liveness"] is AgentLivenessChecker
     assert AgentLivenessChecker.source == "plugin"
 
 
@@ -28,8 +55,10 @@ def test_clean_world_then_a_silent_agent(writer, run_check):
     found = run_check("agent_liveness", redis=False)
     assert found.status == "fail" and found.violation_counts == {"silent_active_agent": 2}
     by_id = {v.entity_id: v for v in found.violations}
-    assert by_id["did:agent:quiet"].difference > 3000 and by_id["did:agent:ghost"].actual == "never"
-    assert "never sent a heartbeat" in by_id["did:agent:ghost"].detail
+    assert by_id["did:agent:ghost"].actual == "never" and "never sent a heartbeat" in by_id["did:agent:ghost"].detail
+    quiet = by_id["did:agent:quiet"]
+    assert quiet.expected == "a heartbeat within 300 s" and quiet.actual.endswith("Z")
+    assert re.search(r"is active but sent no heartbeat for 36\d\d s$", quiet.detail), quiet.detail
 
 
 def test_threshold_is_a_setting(writer, run_check):
@@ -37,3 +66,46 @@ def test_threshold_is_a_setting(writer, run_check):
     result = run_check("agent_liveness", redis=False,
                        checkers={"agent_liveness": {"settings": {"max_silence_seconds": 60}}})
     assert [v.entity_id for v in result.violations] == ["did:agent:quiet"]
+
+
+def test_the_registry_refuses_a_bad_setting_with_file_and_line(make_config):
+    with pytest.raises(ConfigError) as bad:
+        build_registry(make_config(redis=False, checkers={"agent_liveness": {"settings": {"max_silence_seconds": 0}}}))
+    assert "line 4: checkers.agent_liveness.settings.max_silence_seconds: Input should be greater than 0" \
+        in str(bad.value)
+    with pytest.raises(ConfigError, match=r"line 4: checkers\.agent_liveness\.settings\.max_silence: unknown key"):
+        build_registry(make_config(redis=False, checkers={"agent_liveness": {"settings": {"max_silence": 60}}}))
+
+
+def test_an_instance_with_its_own_settings_runs_against_the_database(writer, make_config):
+    """Without the registry: the class instantiated with settings, bound to a runner on the test database."""
+    with pytest.raises(ValidationError):
+        AgentLivenessSettings(max_silence_seconds=-1)
+    _world(writer)
+    config = make_config(redis=False)
+    runner = build_runner(build_registry(config), only=["schema"])
+    try:
+        checker = AgentLivenessChecker(AgentLivenessSettings(max_silence_seconds=60, statuses=["active", "offline"]))
+        runner.checkers[checker.name] = bind_checker(checker, config)
+        result = runner.run_check(checker.name)
+        assert result.violation_counts == {"silent_active_agent": 3}
+        assert {v.entity_id for v in result.violations} == {"did:agent:quiet", "did:agent:retired", "did:agent:new"}
+    finally:
+        runner.db.close()
+
+
+def test_an_acknowledged_silent_agent_stays_acknowledged(writer, make_config, run_check):
+    """The lifecycle comes for free; a difference that does not grow with the clock keeps an ack valid."""
+    _world(writer)
+    writer.execute("UPDATE agents SET last_seen_at = now() - interval '1 hour' WHERE did = 'did:agent:quiet'")
+    config = make_config()
+    first = run_check("agent_liveness", config=config)
+    (violation,) = first.violations
+    assert violation.lifecycle["runs_seen"] == 1 and first.unacknowledged_counts == {"silent_active_agent": 1}
+    Lifecycle(redis.Redis.from_url(REDIS_URL, decode_responses=True), config.redis.key_prefix).acknowledge(
+        "agent_liveness", "silent_active_agent", ["did:agent:quiet"], "ZS-1: agent being decommissioned", "test")
+    time.sleep(1.1)  # the silence grows between the runs
+    second = run_check("agent_liveness", config=config)
+    (violation,) = second.violations
+    assert violation.lifecycle["runs_seen"] == 2 and violation.lifecycle["acknowledgement"] is not None
+    assert second.unacknowledged_counts == {"silent_active_agent": 0}

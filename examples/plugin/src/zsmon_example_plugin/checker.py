@@ -4,15 +4,21 @@ The platform sets ``agents.last_seen_at`` on every heartbeat. An ``active``
 agent that has not been seen for longer than ``max_silence_seconds`` still
 receives auctions and tasks it will never run: the scheduler should have
 marked it offline. One set-based query, judged in zsmon's read-only snapshot.
+
+The file imports nothing of zsmon but ``zsmon.sdk``: it knows neither the
+registry nor the config. zsmon finds it through the ``zsmon.checkers`` entry
+point, validates ``checkers.agent_liveness.settings`` against ``Settings`` and
+hands the instance its settings.
 """
 from __future__ import annotations
 
 from pydantic import Field
 
-from zsmon.checkers.base import Checker, CheckContext, CheckerSettings, Invariant
+from zsmon.sdk import Checker, CheckContext, CheckerSettings, Invariant
 
 
 class AgentLivenessSettings(CheckerSettings):
+    # Every field: Field(default, description=...); `zsmon checkers explain` shows them.
     max_silence_seconds: float = Field(300.0, gt=0, description="An active agent silent for longer than this "
                                        "(or never seen) is a violation.")
     statuses: list[str] = Field(["active"], min_length=1, description="Agent statuses that promise heartbeats.")
@@ -31,15 +37,20 @@ class AgentLivenessChecker(Checker):
     default_interval_seconds = 60.0
     runbook_url = "https://github.com/zerostate/zsmon/blob/main/examples/plugin/README.md#runbook"
 
+    settings: AgentLivenessSettings
+
     def run(self, ctx: CheckContext) -> None:
+        # `difference` stays NULL: the silence grows with the clock, and an acknowledged violation
+        # pages again as soon as its difference grows. The silence is in `detail`; `actual` (the last
+        # heartbeat) changes only when the agent's row does.
         ctx.find(
             "silent_active_agent",
             """
             SELECT a.did AS entity_id,
-                   'seen within ' || %(limit)s || ' s' AS expected,
+                   'a heartbeat within ' || %(limit)s || ' s' AS expected,
                    coalesce(to_char(a.last_seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), 'never')
                        AS actual,
-                   round(extract(epoch FROM now() - a.last_seen_at)::numeric - %(limit)s::numeric, 3) AS difference,
+                   NULL::numeric AS difference,
                    'agent ' || coalesce(nullif(a.name, ''), a.did) || ' is ' || a.status || ' but '
                        || CASE WHEN a.last_seen_at IS NULL THEN 'has never sent a heartbeat'
                                ELSE 'sent no heartbeat for '

@@ -6,6 +6,7 @@ A user mistake prints one line on stderr, never a traceback.
 """
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 import time
@@ -15,8 +16,17 @@ from typing import Any, NoReturn
 import click
 
 import zsmon
+from zsmon.alerts.kubernetes import render_kubernetes
+from zsmon.alerts.render import render_all
+from zsmon.app import build_registry, build_service
 from zsmon.core.config import Config, ConfigError, load_config
+from zsmon.core.config_docs import reference
+from zsmon.core.lifecycle import Lifecycle, LifecycleError, parse_duration, validate_target
 from zsmon.core.logging import configure_logging
+from zsmon.core.redis import make_redis, ping
+from zsmon.core.registry import Registry
+from zsmon.core.service import build_runner
+from zsmon.demo.run import Options, main as demo_main
 
 EXIT_VIOLATIONS = 1
 EXIT_ERROR = 2
@@ -36,6 +46,15 @@ def _load(ctx: click.Context) -> Config:
     return config
 
 
+def _registry(ctx: click.Context) -> Registry:
+    """The config and the registry it selects (checker settings validated): a mistake is one line, exit 2."""
+    config = _load(ctx)
+    try:
+        return build_registry(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(), envvar="ZSMON_CONFIG",
               help="YAML config file (default: $ZSMON_CONFIG; env vars such as DB_HOST override it).")
@@ -50,11 +69,9 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_context
 def run(ctx: click.Context) -> None:
     """Run the sidecar: scheduled checks and collections, /metrics and the API."""
-    from zsmon.core.service import Service
-
-    config = _load(ctx)
+    registry = _registry(ctx)
     try:
-        Service(config).run_forever()
+        build_service(registry.config, registry).run_forever()
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -95,11 +112,9 @@ def exit_code(results: list[dict[str, Any]]) -> int:
 @click.pass_context
 def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode: str, interval: float) -> None:
     """Run checkers now and print their results (exit 1: violations, 2: could not check, 0: clean)."""
-    from zsmon.core.service import build_runner
-
-    config = _load(ctx)
+    registry = _registry(ctx)
     try:
-        runner = build_runner(config, only=only or None)
+        runner = build_runner(registry, only=only or None)
     except ConfigError as exc:
         _fail(str(exc))
     if not runner.checkers:
@@ -128,14 +143,9 @@ def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode:
 @click.pass_context
 def render(ctx: click.Context, out: str, fmt: str) -> None:
     """Render Prometheus rules and config, Alertmanager config and Grafana dashboards (or Kubernetes manifests)."""
-    config = _load(ctx)
+    registry = _registry(ctx)
     try:
-        from zsmon.alerts.kubernetes import render_kubernetes
-        from zsmon.alerts.render import render_all
-    except ImportError:
-        _fail("rendering is not available in this build")
-    try:
-        written = (render_kubernetes if fmt == "kubernetes" else render_all)(config, Path(out))
+        written = (render_kubernetes if fmt == "kubernetes" else render_all)(registry, Path(out))
     except ConfigError as exc:
         _fail(str(exc))
     click.echo(f"wrote {len(written)} files to {out}")
@@ -157,8 +167,6 @@ def render(ctx: click.Context, out: str, fmt: str) -> None:
 def demo(duration: float | None, seed: int, faults: bool, fault_every: float, rate: float, database_url: str | None,
          metrics_port: int, api_port: int, check_interval: float) -> None:
     """Everything in one command: embedded PostgreSQL and Redis, simulated traffic with faults, the sidecar."""
-    from zsmon.demo.run import Options, main as demo_main
-
     sys.exit(demo_main(Options(duration=duration, seed=seed, faults=faults, fault_every=fault_every, rate=rate,
                                database_url=database_url, metrics_port=metrics_port, api_port=api_port,
                                check_interval=check_interval)))
@@ -169,23 +177,19 @@ def checkers() -> None:
     """Inspect the registry of checkers."""
 
 
-def _checker_rows(config: Config) -> list[dict[str, Any]]:
+def _checker_rows(registry: Registry) -> list[dict[str, Any]]:
     """Every registered checker (enabled or not) as the list/explain commands show it."""
-    from zsmon.checkers.registry import checker_classes
-
     rows = []
-    for name, cls in checker_classes().items():
-        cfg = config.checker(name)
-        raw = cfg.settings if isinstance(cfg.settings, cls.Settings) else cls.Settings.model_validate(cfg.settings)
+    for name, bound in registry.checkers.items():
+        cls, raw = bound.cls, bound.checker.settings
         rows.append({
-            "name": name, "source": cls.source, "enabled": cfg.enabled, "description": cls.description,
+            "name": name, "source": cls.source, "enabled": bound.enabled, "description": cls.description,
             "origin": str(getattr(cls, "path", "") or cls.__module__),
-            "interval_seconds": cfg.interval_seconds or cls.default_interval_seconds,
+            "interval_seconds": bound.interval_seconds,
             "default_interval_seconds": cls.default_interval_seconds,
             "supports_incremental": cls.supports_incremental,
-            "full_interval_seconds": (cfg.full_interval_seconds or cls.default_full_interval_seconds)
-            if cls.supports_incremental else None,
-            "statement_timeout_seconds": cfg.statement_timeout_seconds or config.database.statement_timeout_seconds,
+            "full_interval_seconds": bound.full_interval_seconds,
+            "statement_timeout_seconds": bound.statement_timeout_seconds,
             "runbook_url": cls.runbook_url,
             "invariants": [dict(vars(i)) for i in cls.invariants],
             "settings": [{"key": key, "value": getattr(raw, key), "default": field.get_default(call_default_factory=True),
@@ -214,11 +218,7 @@ def _jsonable(value: Any) -> Any:
 @click.pass_context
 def checkers_list(ctx: click.Context, fmt: str) -> None:
     """Every checker: name, source (builtin, plugin, yaml), interval, invariants."""
-    config = _load(ctx)
-    try:
-        rows = _checker_rows(config)
-    except ConfigError as exc:
-        _fail(str(exc))
+    rows = _checker_rows(_registry(ctx))
     if fmt == "json":
         keys = ("name", "source", "enabled", "interval_seconds", "invariants")
         click.echo(json.dumps({"checkers": _jsonable([{k: r[k] for k in keys} for r in rows])}, indent=2))
@@ -237,11 +237,7 @@ def checkers_list(ctx: click.Context, fmt: str) -> None:
 @click.pass_context
 def checkers_explain(ctx: click.Context, name: str, fmt: str) -> None:
     """One checker in full: invariants, settings with their values, the SQL of a YAML checker."""
-    config = _load(ctx)
-    try:
-        rows = {r["name"]: r for r in _checker_rows(config)}
-    except ConfigError as exc:
-        _fail(str(exc))
+    rows = {r["name"]: r for r in _checker_rows(_registry(ctx))}
     if name not in rows:
         _fail(f"unknown checker {name!r}; known: {', '.join(rows)} (zsmon checkers list)")
     r = rows[name]
@@ -285,15 +281,8 @@ def checkers_reset_memory(ctx: click.Context, name: str, keys: tuple[str, ...]) 
     Without KEYS: every key of the checker (last-seen values, watermarks, baselines);
     its next run starts afresh (a full sweep; memory invariants skipped once).
     """
-    from zsmon.core.redis import make_redis, ping
-
-    config = _load(ctx)
-    from zsmon.checkers.registry import checker_classes
-
-    try:
-        known = checker_classes()
-    except ConfigError as exc:
-        _fail(str(exc))
+    registry = _registry(ctx)
+    config, known = registry.config, registry.checkers
     if name not in known:
         _fail(f"unknown checker {name!r}; known: {', '.join(known)}")
     client = make_redis(config.redis)
@@ -306,6 +295,104 @@ def checkers_reset_memory(ctx: click.Context, name: str, keys: tuple[str, ...]) 
     click.echo(f"deleted {deleted} key{'s' if deleted != 1 else ''} of checker {name}")
 
 
+class _AckGroup(click.Group):
+    """``zsmon ack CHECKER INVARIANT ...`` acknowledges; ``list`` and ``revoke`` are subcommands."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "create", self.commands["create"], args
+        return super().resolve_command(ctx, args)
+
+
+def _lifecycle(registry: Registry) -> Lifecycle:
+    config = registry.config
+    client = make_redis(config.redis)
+    reason = ping(client)
+    if reason:
+        _fail(f"acknowledgements live in Redis: {reason}")
+    return Lifecycle(client, config.redis.key_prefix, config.checks.track_limit)
+
+
+def _when(ts: float | None) -> str:
+    return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+@cli.group(cls=_AckGroup)
+def ack() -> None:
+    """Acknowledge known violations so they stop paging (they stay visible everywhere).
+
+    \b
+      zsmon ack CHECKER INVARIANT ENTITY_ID... --reason TEXT [--expires 3d]
+      zsmon ack CHECKER INVARIANT --all-current --reason TEXT [--expires 3d]
+      zsmon ack list
+      zsmon ack revoke ID
+
+    An acknowledged violation pages again when its difference grows beyond what was
+    acknowledged, when the acknowledgement expires or is revoked, or when it resolves and
+    comes back. --all-current covers the entities violating now, never future ones.
+    """
+
+
+@ack.command("create", hidden=True)
+@click.argument("checker")
+@click.argument("invariant")
+@click.argument("entities", nargs=-1)
+@click.option("--all-current", is_flag=True, help="Every entity violating the invariant now.")
+@click.option("--reason", required=True, help="Why it is known (a ticket, a plan); shown beside the violation.")
+@click.option("--expires", metavar="DURATION", help="e.g. 12h, 3d, 1w (default: until revoked).")
+@click.option("--author", default=None, help="Who acknowledges (default: your login name).")
+@click.pass_context
+def ack_create(ctx: click.Context, checker: str, invariant: str, entities: tuple[str, ...], all_current: bool,
+               reason: str, expires: str | None, author: str | None) -> None:
+    """Acknowledge current violations of one invariant."""
+    registry = _registry(ctx)
+    try:
+        validate_target({n: [i.id for i in b.invariants] for n, b in registry.checkers.items()}, checker, invariant)
+        if bool(entities) == all_current:
+            raise LifecycleError("name the entities to acknowledge or give --all-current (not both)")
+        if not reason.strip():
+            raise LifecycleError("--reason must say why (a ticket, a plan)")
+        expires_in = parse_duration(expires) if expires else None
+        done = _lifecycle(registry).acknowledge(checker, invariant, None if all_current else list(entities),
+                                                reason.strip(), author or getpass.getuser(), expires_in)
+    except LifecycleError as exc:
+        _fail(str(exc))
+    n = len(done.entities)
+    click.echo(f"acknowledged {n} violation{'s' if n != 1 else ''} of {checker}/{invariant} as {done.id} "
+               f"(expires: {_when(done.expires_at)}): they stop paging; a new violation still pages")
+
+
+@ack.command("list")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_context
+def ack_list(ctx: click.Context, fmt: str) -> None:
+    """Every acknowledgement in force."""
+    acks = _lifecycle(_registry(ctx)).acks()
+    if fmt == "json":
+        click.echo(json.dumps({"acks": [a.to_dict() for a in acks]}, indent=2))
+        return
+    if not acks:
+        click.echo("no acknowledgement in force")
+        return
+    click.echo(f"{'ID':<8}  {'CHECKER/INVARIANT':<40}  {'ENTITIES':>8}  {'AUTHOR':<12}  {'EXPIRES':<20}  REASON")
+    for a in acks:
+        click.echo(f"{a.id:<8}  {a.checker + '/' + a.invariant:<40}  {len(a.entities):>8}  {a.author:<12}  "
+                   f"{_when(a.expires_at):<20}  {a.reason}")
+
+
+@ack.command("revoke")
+@click.argument("ack_id", metavar="ID")
+@click.option("--author", default=None, help="Who revokes (default: your login name).")
+@click.pass_context
+def ack_revoke(ctx: click.Context, ack_id: str, author: str | None) -> None:
+    """Revoke an acknowledgement: its violations page again."""
+    try:
+        done = _lifecycle(_registry(ctx)).revoke(ack_id, author or getpass.getuser())
+    except LifecycleError as exc:
+        _fail(str(exc))
+    click.echo(f"revoked {done.id} ({done.checker}/{done.invariant}, {len(done.entities)} entities): they page again")
+
+
 @cli.group("config")
 def config_group() -> None:
     """Validate the configuration or print its reference."""
@@ -315,16 +402,15 @@ def config_group() -> None:
 @click.pass_context
 def config_check(ctx: click.Context) -> None:
     """Validate the config file and environment; print nothing but errors (exit 2) or 'ok'."""
-    config = _load(ctx)
+    config = _registry(ctx).config
     click.echo(f"ok: {config.source or 'no file (defaults and environment)'}")
 
 
 @config_group.command("reference")
 def config_reference() -> None:
     """Print docs/configuration.md: every key, its type, default, env var and meaning."""
-    from zsmon.core.config_docs import reference
-
-    click.echo(reference(), nl=False)
+    # The defaults only: the reference documents the built-in checkers, whatever this machine's config says.
+    click.echo(reference(build_registry(Config())), nl=False)
 
 
 @cli.command()

@@ -20,21 +20,16 @@ becomes, at load, a ``Checker`` subclass (``source = "yaml"``) whose ``run`` han
 the query to ``ctx.find``: it runs in the same ``REPEATABLE READ READ ONLY``
 snapshot under the same ``statement_timeout`` (``checkers.<name>.statement_timeout_seconds``)
 as any built-in checker, and its result goes to the same metrics, API, status
-page, rules and dashboards, because all of them read ``checker_classes()``.
+page, rules and dashboards, because all of them read the registry.
 
 Every row the query returns is one violation. Its columns are read by name:
 ``entity_id`` (required), ``expected``, ``actual``, ``difference`` (numeric: the
 sample keeps the largest ``|difference|``) and ``detail``; a column the query
 does not return is NULL. ``columns:`` maps these to other names.
 
-Where the files come from (the registry is called without arguments in many
-places, so the search path is module state, set in one place):
-
-* ``configure(paths)`` — ``load_config`` calls it with ``checks.paths`` (a list of
-  directories or files; ``ZSMON_CHECKERS_PATH``, colon-separated, overrides it
-  like every other environment variable) before it validates ``checkers.<name>``.
-* before any config was loaded (``zsmon config reference``, a plain
-  ``checker_classes()``), ``ZSMON_CHECKERS_PATH`` from the process environment.
+The files come from the config's ``checks.paths`` (a list of directories or
+files; ``ZSMON_CHECKERS_PATH``, colon-separated, overrides it like every other
+environment variable), which the registry hands to ``load(paths)``.
 
 A directory contributes its ``*.yml`` and ``*.yaml`` files (not recursively).
 Loaded classes are cached per file and modification time, so a class keeps its
@@ -43,7 +38,6 @@ identity across calls and an edited file is reloaded. Any mistake is a
 """
 from __future__ import annotations
 
-import os
 import re
 import threading
 from pathlib import Path
@@ -51,10 +45,10 @@ from typing import Any, ClassVar, Iterable, Literal, Union
 
 import psycopg
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 
-from zsmon.checkers.base import Checker, CheckContext, CheckerSettings, Invariant
-from zsmon.core.config import ConfigError, _line_of
+from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Invariant
+from zsmon.core.yamlfile import ConfigError, Strict, YamlDoc, explain, read_yaml
 
 ENV_VAR = "ZSMON_CHECKERS_PATH"
 SUFFIXES = (".yml", ".yaml")
@@ -74,11 +68,9 @@ class DeclarativeError(ConfigError):
 
 
 # ---- the file format --------------------------------------------------------------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class ParamSpec(_Strict):
+class ParamSpec(Strict):
     """A threshold of the query: ``%(name)s`` in the SQL, ``checkers.<name>.settings.<param>`` in the config."""
 
     default: Union[bool, int, float, str] = Field(description="Value used unless the config overrides it; "
@@ -86,7 +78,7 @@ class ParamSpec(_Strict):
     description: str = Field(min_length=1, description="What the threshold means (shown in docs and explain).")
 
 
-class ColumnsSpec(_Strict):
+class ColumnsSpec(Strict):
     """Which column of the query's rows holds each part of a violation."""
 
     entity_id: str = Field("entity_id", description="Column naming the violating entity (required in the rows).")
@@ -103,7 +95,7 @@ class ColumnsSpec(_Strict):
         return v.lower()  # PostgreSQL folds unquoted aliases to lower case
 
 
-class CheckerSpec(_Strict):
+class CheckerSpec(Strict):
     """One declarative checker."""
 
     name: str = Field(pattern=_NAME, description="Checker name: lower case, digits, underscore.")
@@ -196,12 +188,12 @@ def _check_query(spec: CheckerSpec) -> tuple[str, int | None] | None:
     return None
 
 
-def _query_line(node: Any, offset: int | None) -> int | None:
+def _query_line(doc: YamlDoc, offset: int | None) -> int | None:
     """The file line of ``offset`` in the query's text: exact for block scalars (``|``, ``>``), else the key's line."""
-    key_line = _line_of(node, ("query",))
-    if offset is None or not isinstance(node, yaml.MappingNode):
+    key_line = doc.line_of(("query",))
+    if offset is None or not isinstance(doc.node, yaml.MappingNode):
         return key_line
-    for key, value in node.value:
+    for key, value in doc.node.value:
         if key.value == "query" and isinstance(value, yaml.ScalarNode) and value.style == "|":
             return value.start_mark.line + 2 + value.value.count("\n", 0, offset)
     return key_line
@@ -298,85 +290,25 @@ def build_class(spec: CheckerSpec, path: Path) -> type[DeclarativeChecker]:
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def _fail(path: Path, line: int | None, key: str, message: str) -> DeclarativeError:
-    where = f"checker file {path}" + (f" line {line}" if line else "")
-    return DeclarativeError(f"{where}: {key + ': ' if key else ''}{message}")
-
-
-def _duplicate_key(node: Any) -> tuple[str, int] | None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            if key.value in seen:
-                return key.value, key.start_mark.line + 1
-            seen.add(key.value)
-            found = _duplicate_key(value)
-            if found:
-                return found
-    return None
-
-
 def load_file(path: Path) -> type[DeclarativeChecker]:
     """Parse and validate one file; raises ``DeclarativeError`` naming file, line and key."""
+    doc = read_yaml(path, "checker file", DeclarativeError)
+    if not isinstance(doc.data, dict):
+        raise DeclarativeError(f"{doc.where()}: the top level must be a mapping with name, description, severity, "
+                               "entity_type, runbook_url and query")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise _fail(path, None, "", f"cannot be read: {exc.strerror}") from None
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise _fail(path, mark.line + 1 if mark else None, "", f"invalid YAML: {problem}") from None
-    if not isinstance(data, dict):
-        raise _fail(path, None, "", "the top level must be a mapping with name, description, severity, "
-                    "entity_type, runbook_url and query")
-    dup = _duplicate_key(node)
-    if dup:
-        raise _fail(path, dup[1], dup[0], "duplicate key")
-    try:
-        spec = CheckerSpec.model_validate(data)
+        spec = CheckerSpec.model_validate(doc.data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        if err["type"] == "missing":
-            msg = "required key is missing"
-        shown = err.get("input")
-        if err["type"] not in ("missing", "extra_forbidden") and isinstance(shown, (str, int, float, bool)) \
-                and len(str(shown)) < 80:
-            msg += f" (got {shown!r})"
-        line = _line_of(node, loc) if loc else None
-        if err["type"] == "missing" or line is None:
-            line = _line_of(node, loc[:-1]) if len(loc) > 1 else None
-        raise _fail(path, line, ".".join(loc) or "(top level)", msg) from None
+        raise DeclarativeError(explain(exc, doc)) from None
     problem = _check_query(spec)
     if problem:
-        raise _fail(path, _query_line(node, problem[1]), "query", problem[0])
+        raise DeclarativeError(doc.error(("query",), problem[0], line=_query_line(doc, problem[1])))
     return build_class(spec, path)
 
 
-# The search path: None until a config was loaded, then that config's checks.paths.
-_configured: list[Path] | None = None
+# Classes cached per file and modification time: a class keeps its identity across registries.
 _cache: dict[Path, tuple[tuple[int, int], type[DeclarativeChecker]]] = {}
 _lock = threading.Lock()
-
-
-def configure(paths: Iterable[str | Path] | None) -> None:
-    """Set the directories/files to load (``None``: fall back to ``$ZSMON_CHECKERS_PATH``)."""
-    global _configured
-    _configured = None if paths is None else [Path(p) for p in paths]
-
-
-def search_path() -> list[Path]:
-    if _configured is not None:
-        return list(_configured)
-    return split_path(os.environ.get(ENV_VAR, ""))
-
-
-def split_path(value: str) -> list[Path]:
-    return [Path(p) for p in value.split(os.pathsep) if p.strip()]
 
 
 def files(paths: Iterable[Path]) -> list[Path]:
@@ -392,11 +324,11 @@ def files(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
-def load(paths: Iterable[Path] | None = None) -> dict[str, type[DeclarativeChecker]]:
-    """Every YAML checker on the search path, by name; cached per file and mtime."""
+def load(paths: Iterable[Path]) -> dict[str, type[DeclarativeChecker]]:
+    """Every YAML checker in ``paths`` (directories or files), by name."""
     found: dict[str, type[DeclarativeChecker]] = {}
     with _lock:
-        for f in files(search_path() if paths is None else paths):
+        for f in files(paths):
             resolved = f.resolve()
             st = resolved.stat()
             stamp = (st.st_mtime_ns, st.st_size)

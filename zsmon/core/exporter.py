@@ -11,13 +11,12 @@ from typing import Any, ClassVar, Iterable
 import psycopg
 from prometheus_client.core import Metric
 from psycopg.rows import dict_row
-from pydantic import BaseModel, ConfigDict
+
+from zsmon.core.yamlfile import Strict
 
 
-class ExporterSettings(BaseModel):
+class ExporterSettings(Strict):
     """Base for an exporter's own settings (``exporters.<name>.settings``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class CollectContext:

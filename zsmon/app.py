@@ -1,0 +1,24 @@
+"""The composition root: config -> registry -> service, renderers, demo.
+
+The only place that names the built-in checker and exporter packages; every
+command of ``zsmon.cli``, the demo and the test fixtures build from here.
+"""
+from __future__ import annotations
+
+import zsmon.checkers
+import zsmon.exporters
+from zsmon.core.config import Config
+from zsmon.core.registry import Registry
+from zsmon.core.service import Service
+from zsmon.dashboards.build import dashboard_links
+
+
+def build_registry(config: Config) -> Registry:
+    """Built-in checkers and exporters, installed plugins and the YAML checkers of ``config``."""
+    return Registry(config, checker_packages=[zsmon.checkers], exporter_packages=[zsmon.exporters])
+
+
+def build_service(config: Config, registry: Registry | None = None) -> Service:
+    """The sidecar for ``config``; the status page links to the dashboards ``zsmon render`` provisions."""
+    registry = registry or build_registry(config)
+    return Service(registry, dashboard_links=dashboard_links(registry))

@@ -1,0 +1,348 @@
+"""The checker framework: what a checker declares and the context it runs in.
+
+A checker is one class in one module of this package (or of an installed plugin
+package, see ``zsmon.checkers`` entry points). It declares its invariants and,
+in ``run``, hands set-based SQL to the context, which keeps the count of every
+violating entity and a capped sample of the largest ones.
+
+The context's connection is inside one ``REPEATABLE READ READ ONLY``
+transaction opened by the runner: every query of a run sees the same snapshot.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
+
+import psycopg
+import redis
+from psycopg import sql as pgsql
+from psycopg.rows import dict_row, tuple_row
+
+from zsmon.core.logging import redactor
+from zsmon.core.memory import ColumnMemory, StoredState
+from zsmon.core.results import Violation
+from zsmon.core.yamlfile import Strict
+
+Severity = Literal["critical", "warning", "info"]
+
+_cursor_ids = itertools.count()  # names of server-side cursors, unique per process
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """One property a checker proves. ``id`` is canonical (see domain.md)."""
+
+    id: str
+    description: str
+    entity_type: str
+    severity: Severity = "warning"
+    # True when judging it needs memory across runs (Redis); without Redis it is skipped.
+    needs_memory: bool = False
+
+
+class CheckerSettings(Strict):
+    """Base for a checker's own settings (``checkers.<name>.settings`` in the config)."""
+
+
+class Checker:
+    """Base class of every checker. Subclasses set the class attributes and implement ``run``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    invariants: ClassVar[tuple[Invariant, ...]] = ()
+    Settings: ClassVar[type[CheckerSettings]] = CheckerSettings
+    default_interval_seconds: ClassVar[float] = 60.0
+    # Checkers that can re-check only what changed since a watermark set this.
+    supports_incremental: ClassVar[bool] = False
+    default_full_interval_seconds: ClassVar[float] = 3600.0
+    # Where the checker came from: builtin, plugin (entry point) or yaml.
+    source: ClassVar[str] = "builtin"
+    # A runbook of the checker's own (YAML checkers, plugins); None: the default page under
+    # http.runbook_base_url. Alerts and the status page link to it.
+    runbook_url: ClassVar[str | None] = None
+
+    def __init__(self, settings: CheckerSettings | None = None) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+
+    def run(self, ctx: "CheckContext") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # Hooks for checker-specific metrics (e.g. the payments failure counter).
+    def register_metrics(self, registry: Any) -> None:
+        """Create extra metrics on ``registry`` once, when the service starts."""
+
+    def observe(self, result: Any) -> None:
+        """Called with every published result of this checker."""
+
+    @classmethod
+    def invariant(cls, invariant_id: str) -> Invariant:
+        for inv in cls.invariants:
+            if inv.id == invariant_id:
+                return inv
+        raise KeyError(f"checker {cls.name!r} declares no invariant {invariant_id!r}")
+
+
+# Ranks and caps the violations of one pass in SQL, so a million violating rows cost one sort, not a
+# transfer. Rows are ranked within each (invariant, tag) group first: the full count per tag and the top
+# {track} of each come out of that one sort; the top {track} of the invariant are among them. The top
+# {limit} come whole (the sample); the rest up to {track} only as entity id and difference (the violators
+# the lifecycle tracks). Side rows (invariant "_...") get a group each, so they all pass. Ties: entity id
+# in byte order, as in ``report``.
+_RANK = """
+SELECT invariant, entity_type, entity_id, difference, tag, tag_total, total, rn,
+       CASE WHEN rn <= {limit} OR starts_with(invariant, '_') THEN expected END AS expected,
+       CASE WHEN rn <= {limit} OR starts_with(invariant, '_') THEN actual END AS actual,
+       CASE WHEN rn <= {limit} OR starts_with(invariant, '_') THEN detail END AS detail
+FROM (
+    SELECT t.*, sum(t.tag_total) FILTER (WHERE t.tag_rn = 1) OVER (PARTITION BY t.invariant) AS total,
+           row_number() OVER (PARTITION BY t.invariant
+                              ORDER BY abs(t.difference) DESC NULLS LAST, t.entity_id COLLATE "C") AS rn
+    FROM (
+        SELECT v.invariant::text AS invariant, v.entity_type::text AS entity_type,
+               v.entity_id::text AS entity_id, v.expected, v.actual, v.difference, v.detail,
+               {tag}::text AS tag, count(*) OVER w AS tag_total,
+               row_number() OVER (w ORDER BY abs(v.difference) DESC NULLS LAST,
+                                  v.entity_id::text COLLATE "C") AS tag_rn
+        FROM ({inner}) AS v
+        WINDOW w AS (PARTITION BY v.invariant, {tag},
+                     CASE WHEN starts_with(v.invariant::text, '_') THEN v.entity_id::text END)
+    ) AS t
+    WHERE t.tag_rn <= {track}
+) AS ranked
+WHERE rn <= {track} OR tag_rn = 1 OR starts_with(invariant, '_')
+ORDER BY invariant, rn
+"""
+
+# ``find``'s rows name no invariant: the one judged is added as a constant.
+_ONE = "SELECT {invariant}::text AS invariant, NULL::text AS entity_type, q.* FROM ({inner}) AS q"
+
+
+@dataclass(frozen=True)
+class Found:
+    """What one set-based pass found for one invariant (or one side set ``_...``)."""
+
+    count: int = 0
+    # The largest |difference| first, at most ``sample_limit`` (side sets: every row).
+    sample: list[Violation] = field(default_factory=list)
+    # The count per value of the query's ``tag`` column (as text: "true"/"false" for a boolean).
+    tags: dict[str | None, int] = field(default_factory=dict)
+
+    @property
+    def tagged(self) -> int:
+        """How many rows a boolean ``tag`` marked."""
+        return self.tags.get("true", 0)
+
+
+def _sort_key(v: Violation) -> tuple:
+    diff = v.difference
+    magnitude = abs(diff) if isinstance(diff, Decimal) else Decimal(-1)
+    return (-magnitude, v.entity_id)
+
+
+class CheckContext:
+    """What a checker run sees: one snapshot, its settings, optional Redis memory."""
+
+    def __init__(
+        self,
+        checker: Checker,
+        conn: psycopg.Connection,
+        *,
+        mode: str = "full",
+        sample_limit: int = 100,
+        redis: Any = None,
+        redis_reason: str | None = None,
+        key_prefix: str = "zsmon:",
+        log: Any = None,
+        track_limit: int = 10_000,
+        lifecycle: Any = None,
+    ) -> None:
+        self.checker = checker
+        self.conn = conn
+        self._mode = mode
+        self.settings = checker.settings
+        self.sample_limit = sample_limit
+        self.redis = redis
+        # Why ``redis`` is None (shown in the reasons of skipped memory invariants).
+        self.redis_reason = redis_reason
+        self._key_prefix = key_prefix
+        self.log = log
+        # Violators remembered per invariant (zsmon.core.lifecycle), beyond the sample: id -> difference.
+        self.track_limit = max(track_limit, sample_limit)
+        self.lifecycle = lifecycle
+        self.counts: dict[str, int] = {}
+        self.samples: dict[str, list[Violation]] = {}
+        self.tracked: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, str] = {}
+        self.summaries: dict[str, str] = {}
+        self.fallback_reason: str | None = None
+        self._snapshot_time: float | None = None
+        self._after_success: list[Callable[[], None]] = []
+
+    # ---- mode ----------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``full`` or ``incremental``: what this run does (and what its result says it did)."""
+        return self._mode
+
+    def fall_back_to_full(self, reason: str) -> None:
+        """Sweep everything although an incremental run was asked (no state to resume, too much changed)."""
+        if self._mode == "full":
+            return
+        self._mode = "full"
+        self.fallback_reason = reason
+        if self.log is not None:
+            self.log.debug("incremental_fell_back_to_full", reason=reason)
+
+    # ---- reading -------------------------------------------------------
+    @property
+    def snapshot_time(self) -> float:
+        """The snapshot's ``transaction_timestamp()`` in epoch seconds: the time every query of the run sees."""
+        if self._snapshot_time is None:
+            self._snapshot_time = float(self.scalar("SELECT extract(epoch FROM transaction_timestamp())::float8"))
+        return self._snapshot_time
+
+    def query(self, sql: str | pgsql.Composable, params: Any = None) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def scalar(self, sql: str | pgsql.Composable, params: Any = None) -> Any:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            row = cur.fetchone()
+            return row[0] if row else None
+
+    def batches(self, sql: str, params: Any = None, size: int = 10_000, row_factory: Any = tuple_row
+                ) -> Iterator[list[Any]]:
+        """Rows in lists of ``size`` through a server-side cursor: memory stays flat however large the result."""
+        with self.conn.cursor(name=f"zsmon_stream_{next(_cursor_ids)}", row_factory=row_factory) as cur:
+            cur.itersize = size
+            cur.execute(sql, params)
+            while rows := cur.fetchmany(size):
+                yield rows
+
+    def stream(self, sql: str, params: Any = None, batch: int = 10_000) -> Iterator[dict[str, Any]]:
+        """Rows one by one (as dicts) through a server-side cursor."""
+        for rows in self.batches(sql, params, batch, dict_row):
+            yield from rows
+
+    # ---- judging -------------------------------------------------------
+    def find(self, invariant_id: str, sql: str, params: Any = None) -> int:
+        """Judge one invariant with one set-based query.
+
+        ``sql`` returns one row per violating entity with the columns
+        ``entity_id, expected, actual, difference, detail``; the context keeps the
+        count and the ``sample_limit`` largest ``|difference|`` rows. Returns the count.
+        """
+        inv = self.checker.invariant(invariant_id)
+        inner = pgsql.SQL(_ONE).format(invariant=pgsql.Literal(inv.id), inner=pgsql.SQL(sql))
+        return self.find_many(inner, [inv.id], params)[inv.id].count
+
+    def find_many(self, sql: str | pgsql.Composable, invariants: Iterable[str], params: Any = None, *,
+                  tags: bool = False) -> dict[str, Found]:
+        """Judge several invariants in one pass over the data; returns what was found per invariant.
+
+        ``sql`` returns ``invariant, entity_type, entity_id, expected, actual,
+        difference, detail`` (``entity_type`` may be NULL: the invariant's own is
+        used), and with ``tags`` a ``tag`` column too, counted per value (``Found.tags``):
+        how many violations share a pattern worth a summary line. Every id in
+        ``invariants`` counts as judged, with 0 when no row names it.
+
+        Rows whose ``invariant`` starts with ``_`` are not violations but a side set the
+        same pass produces (e.g. ``_deferred`` entities): they come back under that name,
+        all of them (keep such sets small), and are not recorded.
+        """
+        ids = [self.checker.invariant(i).id for i in invariants]
+        inner = pgsql.SQL(sql) if isinstance(sql, str) else sql
+        ranked = pgsql.SQL(_RANK).format(inner=inner, limit=pgsql.Literal(self.sample_limit),
+                                         track=pgsql.Literal(self.track_limit),
+                                         tag=pgsql.SQL("v.tag" if tags else "NULL"))
+        totals: dict[str, int] = {i: 0 for i in ids}
+        samples: dict[str, list[Violation]] = {i: [] for i in ids}
+        tracked: dict[str, dict[str, Any]] = {i: {} for i in ids}
+        tag_counts: dict[str, dict[str | None, int]] = {i: {} for i in ids}
+        for r in self.query(ranked, params):
+            name = r["invariant"]
+            side = name.startswith("_")
+            if not side and name not in totals:
+                raise ValueError(f"query returned invariant {name!r} not listed in invariants=")
+            totals[name] = int(r["total"])
+            if not side:
+                tag_counts[name][r["tag"]] = int(r["tag_total"])
+                if r["rn"] <= self.track_limit:
+                    tracked[name][r["entity_id"]] = r["difference"]
+            if side or r["rn"] <= self.sample_limit:
+                entity_type = r["entity_type"] or ("" if side else self.checker.invariant(name).entity_type)
+                samples.setdefault(name, []).append(Violation(
+                    name, entity_type, r["entity_id"], r["expected"], r["actual"], r["difference"], r["detail"] or ""))
+        for i in ids:
+            self._record(i, totals[i], samples[i], tracked[i])
+        return {name: Found(n, samples.get(name, []), tag_counts.get(name, {})) for name, n in totals.items()}
+
+    def report(self, invariant_id: str, violations: Iterable[Violation], count: int | None = None) -> int:
+        """Judge an invariant computed in Python (streamed or across runs)."""
+        inv = self.checker.invariant(invariant_id)
+        found = sorted(violations, key=_sort_key)
+        total = len(found) if count is None else count
+        self._record(inv.id, total, found[: self.sample_limit],
+                     {v.entity_id: v.difference for v in found[: self.track_limit]})
+        return total
+
+    def skip(self, invariant_id: str, reason: str) -> None:
+        """This run could not judge the invariant: it is listed as skipped, never as passed."""
+        inv = self.checker.invariant(invariant_id)
+        self.counts.pop(inv.id, None)
+        self.samples.pop(inv.id, None)
+        self.tracked.pop(inv.id, None)
+        self.skipped[inv.id] = reason
+
+    def summarize(self, invariant_id: str, text: str) -> None:
+        """One line that explains a systemic pattern (e.g. "N of N channels have no deposit")."""
+        self.summaries[self.checker.invariant(invariant_id).id] = text
+
+    # ---- memory across runs ------------------------------------------------
+    def after_success(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` only if this run completes and its result is published (watermarks, memory)."""
+        self._after_success.append(fn)
+
+    def run_after_success(self) -> None:
+        """Called by the runner once the result is published. A failing step is logged, the others still run."""
+        steps, self._after_success = self._after_success, []
+        for fn in steps:
+            try:
+                fn()
+            except Exception as exc:
+                if self.log is not None:
+                    self.log.warning("after_success_failed", error=redactor.scrub(str(exc)))
+
+    def key(self, *parts: str) -> str:
+        """A Redis key under zsmon's prefix, namespaced by checker."""
+        return self._key_prefix + ":".join((self.checker.name, *parts))
+
+    def memory(self, name: str, **options: Any) -> ColumnMemory:
+        """A column's value per entity kept between runs (see ``ColumnMemory``)."""
+        return ColumnMemory(self, name, **options)
+
+    def state(self, name: str = "incremental") -> StoredState:
+        """A JSON object kept between runs, e.g. where the next incremental run resumes (see ``StoredState``)."""
+        return StoredState(self, name)
+
+    def violators(self, *invariants: str) -> set[str] | None:
+        """Every entity the previous runs found violating one of ``invariants``: an incremental run
+        judges them again beside what changed, so its result stays complete (a violation leaves only when
+        re-judged clean). None when that set is not completely known (no Redis, never judged, more
+        violators than ``checks.track_limit``): sweep everything instead."""
+        if self.lifecycle is None:
+            return None
+        try:
+            return self.lifecycle.violators(self.checker.name, [self.checker.invariant(i).id for i in invariants])
+        except redis.RedisError:
+            return None
+
+    def _record(self, invariant_id: str, total: int, sample: list[Violation], tracked: dict[str, Any]) -> None:
+        self.counts[invariant_id] = total
+        self.samples[invariant_id] = sample
+        self.tracked[invariant_id] = tracked
+        self.skipped.pop(invariant_id, None)
