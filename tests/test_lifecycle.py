@@ -107,6 +107,20 @@ def test_expiry_and_revocation(lc: Lifecycle) -> None:
         lc.revoke(ack.id, author="lead")
 
 
+def test_an_age_that_grows_keeps_its_acknowledgement(lc: Lifecycle) -> None:
+    """An invariant whose difference is an age (seconds past a deadline): growth alone does not page."""
+    def aged(at: float, diff: str) -> CheckResult:
+        result = CheckResult("auctions", "fail", started_at=at, violation_counts={"stale_open_auction": 1},
+                             violations=[Violation("stale_open_auction", "auction", "a1", difference=Decimal(diff))])
+        new = lc.record(result, {"stale_open_auction": Observed(1, {"a1": Decimal(diff)}, age=True)})
+        return lc.annotate(result, new, now=at)
+
+    aged(100.0, "600")
+    lc.acknowledge("auctions", "stale_open_auction", ["a1"], reason="closer replaced Friday", author="t", now=100.0)
+    assert aged(130.0, "630").unacknowledged_counts == {"stale_open_auction": 0}
+    assert [a.entities for a in lc.acks("auctions")] == [{"a1": "600"}]
+
+
 @pytest.mark.parametrize("acked, now, grew", [
     ("5", "5", False), ("5", "4", False), ("5", "6", True), ("-5", "-6", True), ("5", "-1", True),
     (None, None, False), (None, "1", True), ("1", None, True),

@@ -321,7 +321,7 @@ class AuctionsChecker(Checker):
                   entity_type="bid", severity="warning"),
         Invariant("stale_open_auction",
                   "No auction stays open longer than the grace period past expires_at (the closer job is stuck).",
-                  entity_type="auction", severity="warning"),
+                  entity_type="auction", severity="warning", difference_is_age=True),
         Invariant("awarded_without_channel",
                   "An auction awarded longer ago than the grace period has a payment channel with its id.",
                   entity_type="auction", severity="warning"),

@@ -40,6 +40,9 @@ class Invariant:
     severity: Severity = "warning"
     # True when judging it needs memory across runs (Redis); without Redis it is skipped.
     needs_memory: bool = False
+    # True when the difference is a duration that grows while the violation stands (seconds past a
+    # deadline): its growth alone does not undo an acknowledgement.
+    difference_is_age: bool = False
 
 
 class CheckerSettings(Strict):

@@ -103,6 +103,9 @@ class CheckerSpec(Strict):
     description: str = Field(min_length=1, description="What must hold, in one or two sentences.")
     severity: Literal["critical", "warning", "info"] = Field(description="critical pages; warning does not.")
     entity_type: str = Field(pattern=_NAME, description="What a violating row names (task, agent, ...).")
+    difference_is_age: bool = Field(False, description="The difference is a duration that grows while the "
+                                    "violation stands (seconds past a deadline): its growth alone does not undo "
+                                    "an acknowledgement.")
     interval_seconds: float = Field(60.0, gt=0, description="Seconds between runs (config may override).")
     runbook_url: str = Field(min_length=1, description="Runbook linked from the alert and the status page.")
     params: dict[str, ParamSpec] = Field(default_factory=dict, description="Thresholds used by the query.")
@@ -269,7 +272,8 @@ def _camel(name: str) -> str:
 
 
 def build_class(spec: CheckerSpec, path: Path) -> type[DeclarativeChecker]:
-    invariant = Invariant(spec.invariant or spec.name, spec.description.strip(), spec.entity_type, spec.severity)
+    invariant = Invariant(spec.invariant or spec.name, spec.description.strip(), spec.entity_type, spec.severity,
+                          difference_is_age=spec.difference_is_age)
     query = _statements(spec.query)[0].strip()
     attrs = {
         "__module__": GENERATED_MODULE,

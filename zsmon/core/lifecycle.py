@@ -107,6 +107,8 @@ class Observed:
 
     total: int
     tracked: dict[str, Any] = field(default_factory=dict)   # entity id -> difference (Decimal or None)
+    # The difference grows with the clock (an age): growth does not undo an acknowledgement.
+    age: bool = False
 
     @property
     def complete(self) -> bool:
@@ -235,7 +237,7 @@ class Lifecycle:
         pipe.execute()
         # An acknowledged difference that grew: the acknowledgement no longer covers that entity.
         for ack in acks:
-            if ack.invariant != inv:
+            if ack.invariant != inv or seen.age:
                 continue
             for e, acked in list(ack.entities.items()):
                 if e in tracked and grew_beyond(acked, _text(tracked[e])):

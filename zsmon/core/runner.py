@@ -167,7 +167,8 @@ class Runner:
         """Fold the run into its violations' lifecycle (first seen, resolved, acknowledgements)."""
         if ctx.lifecycle is None:
             return result
-        observed = {inv: Observed(n, ctx.tracked.get(inv, {})) for inv, n in result.violation_counts.items()}
+        observed = {inv: Observed(n, ctx.tracked.get(inv, {}), ctx.checker.invariant(inv).difference_is_age)
+                    for inv, n in result.violation_counts.items()}
         try:
             new = ctx.lifecycle.record(result, observed)
             return ctx.lifecycle.annotate(result, new)

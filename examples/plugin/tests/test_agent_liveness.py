@@ -1,8 +1,6 @@
 """The plugin's own tests, with zsmon's fixtures: a consistent world, then one planted fault."""
-import ast
 import re
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -18,7 +16,6 @@ from zsmon.testing import REDIS_URL, bind_checker
 from zsmon_example_plugin import AgentLivenessChecker
 from zsmon_example_plugin.checker import AgentLivenessSettings
 
-CHECKER_FILE = Path(__file__).resolve().parents[1] / "src/zsmon_example_plugin/checker.py"
 
 
 def _world(writer):
@@ -29,16 +26,6 @@ def _world(writer):
           ('did:agent:retired', 'retired', 'offline', now() - interval '30 days'),
           ('did:agent:new',     'new',     'offline', NULL)
     """)
-
-
-def test_the_checker_imports_only_the_sdk():
-    imported = set()
-    for node in ast.walk(ast.parse(CHECKER_FILE.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            imported.add(node.module)
-        elif isinstance(node, ast.Import):
-            imported.update(alias.name for alias in node.names)
-    assert {m for m in imported if m.split(".")[0] == "zsmon"} == {"zsmon.sdk"}, imported
 
 
 def test_registered_through_the_entry_point():
@@ -95,7 +82,8 @@ def test_an_instance_with_its_own_settings_runs_against_the_database(writer, mak
 
 
 def test_an_acknowledged_silent_agent_stays_acknowledged(writer, make_config, run_check):
-    """The lifecycle comes for free; a difference that does not grow with the clock keeps an ack valid."""
+    """The lifecycle comes for free; the silence (an age, declared difference_is_age) keeps growing, and
+    an acknowledgement still holds."""
     _world(writer)
     writer.execute("UPDATE agents SET last_seen_at = now() - interval '1 hour' WHERE did = 'did:agent:quiet'")
     config = make_config()

@@ -31,7 +31,9 @@ class AgentLivenessChecker(Checker):
         Invariant("silent_active_agent",
                   "An agent whose status promises heartbeats was seen within max_silence_seconds "
                   "(otherwise it is still offered work it will never run).",
-                  entity_type="agent", severity="warning"),
+                  # The difference is the silence beyond the limit: it grows with the clock, so its growth
+                  # alone must not undo an acknowledgement of a known-dead agent.
+                  entity_type="agent", severity="warning", difference_is_age=True),
     )
     Settings = AgentLivenessSettings
     default_interval_seconds = 60.0
@@ -40,9 +42,6 @@ class AgentLivenessChecker(Checker):
     settings: AgentLivenessSettings
 
     def run(self, ctx: CheckContext) -> None:
-        # `difference` stays NULL: the silence grows with the clock, and an acknowledged violation
-        # pages again as soon as its difference grows. The silence is in `detail`; `actual` (the last
-        # heartbeat) changes only when the agent's row does.
         ctx.find(
             "silent_active_agent",
             """
@@ -50,7 +49,7 @@ class AgentLivenessChecker(Checker):
                    'a heartbeat within ' || %(limit)s || ' s' AS expected,
                    coalesce(to_char(a.last_seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), 'never')
                        AS actual,
-                   NULL::numeric AS difference,
+                   round(extract(epoch FROM now() - a.last_seen_at)::numeric - %(limit)s::numeric, 3) AS difference,
                    'agent ' || coalesce(nullif(a.name, ''), a.did) || ' is ' || a.status || ' but '
                        || CASE WHEN a.last_seen_at IS NULL THEN 'has never sent a heartbeat'
                                ELSE 'sent no heartbeat for '
