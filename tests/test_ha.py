@@ -261,6 +261,8 @@ def test_a_replica_keeps_checking_while_redis_is_down_then_resumes_leases(make_c
         assert 'zerostate_invariant_violations{checker="schema"' in scrape()
         private_redis.start()
         wait_for(lambda: metric(scrape(), "zsmon_ha_degraded") == 0, timeout=10)
-        wait_for(lambda: private_redis.client().get(f"{cfg.redis.key_prefix}ha:lease:check:schema"), timeout=10)
+        # The lease lives under the deployment's prefix (the monitored database's identity).
+        leases = f"{svc.service.runner.deployment.prefix}ha:lease:check:schema"
+        wait_for(lambda: private_redis.client().get(leases), timeout=10)
         before = runs()
         wait_for(lambda: runs() >= before + 2, timeout=10)

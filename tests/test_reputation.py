@@ -317,8 +317,8 @@ def test_drift_quiet_when_stationary_fires_on_shift_and_resets(writer, make_conf
         assert runner.run_check("reputation").violation_counts["distribution_drift"] == 1
 
         client = redis_lib.Redis.from_url(REDIS_URL, decode_responses=True)
-        assert reset_baseline(client, redis_prefix) is True
-        assert reset_baseline(client, redis_prefix) is False
+        assert reset_baseline(client, runner.deployment.prefix) is True
+        assert reset_baseline(client, runner.deployment.prefix) is False
         client.close()
         after_reset = runner.run_check("reputation")
         assert after_reset.skipped == {"distribution_drift": "baseline recorded now; drift judged from the next run"}

@@ -21,6 +21,8 @@ from zsmon.alerts.render import render_all
 from zsmon.app import build_registry, build_service
 from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.core.config_docs import reference
+from zsmon.core.db import Database
+from zsmon.core.deployment import Deployment
 from zsmon.core.lifecycle import Lifecycle, LifecycleError, parse_duration, validate_target
 from zsmon.core.logging import configure_logging
 from zsmon.core.redis import make_redis, ping
@@ -273,7 +275,7 @@ def checkers_explain(ctx: click.Context, name: str, fmt: str) -> None:
 @click.argument("keys", nargs=-1)
 @click.pass_context
 def checkers_reset_memory(ctx: click.Context, name: str, keys: tuple[str, ...]) -> None:
-    """Forget what a checker remembers in Redis (all of it, or only KEYS).
+    """Forget what a checker remembers in Redis (all of it, or only KEYS), for this deployment only.
 
     \b
     After a deliberate change, e.g. a legitimate shift of the reputation population:
@@ -289,7 +291,7 @@ def checkers_reset_memory(ctx: click.Context, name: str, keys: tuple[str, ...]) 
     reason = ping(client)
     if reason:
         _fail(f"cannot reset memory: {reason}")
-    base = f"{config.redis.key_prefix}{name}:"
+    base = f"{_deployment_prefix(config)}{name}:"
     targets = [base + k for k in keys] if keys else list(client.scan_iter(match=base + "*", count=1000))
     deleted = client.delete(*targets) if targets else 0
     click.echo(f"deleted {deleted} key{'s' if deleted != 1 else ''} of checker {name}")
@@ -304,13 +306,27 @@ class _AckGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
+def _deployment_prefix(config: Config) -> str:
+    """The Redis prefix of the monitored database's memory (zsmon.core.deployment)."""
+    db = Database(config.database)
+    db.open()
+    try:
+        prefix = Deployment(config, db).resolve()
+    finally:
+        db.close()
+    if prefix is None:
+        _fail(f"cannot tell whose memory to use: database {db.where} does not answer (or set `deployment`, "
+              "ZSMON_DEPLOYMENT, to the deployment's name)")
+    return prefix
+
+
 def _lifecycle(registry: Registry) -> Lifecycle:
     config = registry.config
     client = make_redis(config.redis)
     reason = ping(client)
     if reason:
         _fail(f"acknowledgements live in Redis: {reason}")
-    return Lifecycle(client, config.redis.key_prefix, config.checks.track_limit)
+    return Lifecycle(client, _deployment_prefix(config), config.checks.track_limit)
 
 
 def _when(ts: float | None) -> str:

@@ -21,6 +21,8 @@ import yaml
 
 from zsmon.app import build_registry, build_service
 from zsmon.core.config import load_config
+from zsmon.core.db import Database
+from zsmon.core.deployment import Deployment
 from zsmon.core.registry import BoundChecker
 from zsmon.core.service import build_runner
 from zsmon.demo import schema_sql
@@ -135,6 +137,18 @@ def run_check(make_config) -> Iterator[Callable[..., Any]]:
     yield run
     for runner in opened:
         runner.db.close()
+
+
+def deployment_prefix(config: Any) -> str:
+    """The Redis prefix of ``config``'s deployment (``redis.key_prefix`` + the database's identity + ``:``)."""
+    db = Database(config.database)
+    db.open()
+    try:
+        prefix = Deployment(config, db).resolve()
+    finally:
+        db.close()
+    assert prefix is not None, f"database {db.where} does not answer"
+    return prefix
 
 
 def bind_checker(checker: Any, config: Any) -> BoundChecker:

@@ -103,6 +103,12 @@ class CheckerView:
     invariants: tuple[InvariantView, ...]
     # The checker's own runbook (plugins, YAML checkers); None: zsmon generates one per invariant.
     own_runbook: str | None = None
+    # With a critical invariant: how long without a completed run pages (CriticalInvariantsUnverified).
+    unverified_after_seconds: int | None = None
+
+    @property
+    def critical_invariants(self) -> list[str]:
+        return [i.id for i in self.invariants if i.severity == "critical"]
 
     @property
     def selector(self) -> str:
@@ -214,6 +220,10 @@ def percent(ratio: float) -> str:
     return format(Decimal(str(ratio)) * 100, "f").rstrip("0").rstrip(".") + "%"
 
 
+# Money never goes unverified longer than this without a page, whatever the checker's interval.
+UNVERIFIED_AT_MOST = 600
+
+
 def runbook_url(config: Config, alert: str) -> str:
     return f"{config.http.runbook_base_url.rstrip('/')}/{alert}.md"
 
@@ -253,9 +263,13 @@ def build_model(registry: Registry, *, builtin_only: bool = False) -> Model:
                 checker=name, id=inv.id, description=safe_prom_text(" ".join(inv.description.split())),
                 entity_type=inv.entity_type, severity=severity, needs_memory=inv.needs_memory, alert=alert,
                 for_seconds=for_s, runbook_url=own or runbook_url(config, alert)))
+        unverified = None
+        if any(i.severity == "critical" for i in invs):
+            unverified = r.unverified_after_seconds or min(stale, UNVERIFIED_AT_MOST)
         checkers.append(CheckerView(name=name, description=safe_prom_text(" ".join(cls.description.split())),
                                     interval_seconds=interval, stale_after_seconds=stale,
-                                    failing_for_seconds=failing_for, invariants=tuple(invs), own_runbook=own))
+                                    failing_for_seconds=failing_for, invariants=tuple(invs), own_runbook=own,
+                                    unverified_after_seconds=unverified))
     exporters = []
     for name, exported in sorted(registry.enabled_exporters().items()):
         interval = float(exported.interval_seconds)

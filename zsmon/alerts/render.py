@@ -52,6 +52,7 @@ FIXED_RULE_FILES = {
 GENERIC_SUMMARIES = {
     "InvariantCheckFailing": "A checker's runs end in errors: its invariants are not judged",
     "InvariantCheckStale": "A checker has not completed a run for several intervals",
+    "CriticalInvariantsUnverified": "A checker with critical (money) invariants has completed no run: unverified",
     "InvariantCheckMissing": "zsmon reports no result at all for a checker",
     "InvariantSkipped": "An invariant has been skipped (not judged) for a long time",
     "ZsmonExporterFailing": "A zsmon exporter has not succeeded for several intervals",

@@ -135,6 +135,15 @@ def checker_cases(model: Model, c: CheckerView) -> list[Case]:
     cases.append(Case(f"InvariantCheckStale stays quiet while {c.name} completes runs, fires when it stops",
                       "InvariantCheckStale", [(up, f"1x{3 * n}"), (last, f"0+{step}x{n} {stop}x{2 * n}")], t,
                       later=[(stop + t, [Fire({"checker": c.name}, humanize_duration(t))])]))
+    if c.unverified_after_seconds:
+        t = (c.unverified_after_seconds // step + 2) * step
+        n = _steps(t, step)
+        stop = n * step  # the last completed run; then runs keep failing, then one succeeds again
+        cases.append(Case(f"CriticalInvariantsUnverified stays quiet while {c.name} completes runs, pages when it "
+                          f"stops, resolves on the next completed run", "CriticalInvariantsUnverified",
+                          [(last, f"0+{step}x{n} {stop}x{n} {stop + (n + 1) * step}+{step}x{n}")], stop - step,
+                          later=[(stop + t, [Fire({"checker": c.name}, humanize_duration(t))]),
+                                 (stop + (n + 2) * step, [])]))
     t = max(c.stale_after_seconds, 2 * step) + 3 * step
     n = _steps(t, step)
     cases.append(Case(f"InvariantCheckMissing fires when zsmon has no result for {c.name}", "InvariantCheckMissing",

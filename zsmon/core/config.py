@@ -141,7 +141,7 @@ class ChecksConfig(Strict):
     sample_limit: int = Field(100, ge=1, le=10000, description="Violations listed per invariant (largest "
                               "differences first); counts are always complete.")
     track_limit: int = Field(10000, ge=1, le=1_000_000, description="Violating entities remembered per "
-                             "invariant (first seen, acknowledgements; about 150 bytes of Redis each), and "
+                             "invariant (first seen, acknowledgements; about 170 bytes of Redis each), and "
                              "re-judged by every incremental run. Beyond it the count stays exact, the extra "
                              "violations page unacknowledged, and incremental runs become full sweeps until "
                              "fewer violate.")
@@ -191,6 +191,11 @@ class RenderConfig(Strict):
     availability_slo: float = Field(0.999, gt=0, lt=1, description="API availability objective (share of "
                                     "requests that do not fail); burn-rate factors are computed from it.")
     slo_period_days: int = Field(30, ge=1, le=365, description="Period of the availability objective.")
+    unverified_after_seconds: int | None = Field(None, ge=10, le=86400, description="CriticalInvariantsUnverified "
+                                                 "pages when a checker with a critical invariant (payments) has "
+                                                 "completed no run for this long (default: its staleness limit - "
+                                                 "three intervals, or an interval plus its statement_timeout - "
+                                                 "and never more than 10 minutes).")
     staleness_factor: float = Field(3.0, ge=1.5, le=100, description="A checker or exporter with no successful "
                                     "run for this many of its intervals alerts as stale.")
     critical_invariant_for_seconds: int = Field(0, ge=0, description="`for` of alerts on critical (money) "
@@ -269,6 +274,11 @@ class KubernetesConfig(Strict):
 
 
 class Config(Strict):
+    deployment: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Names this deployment's "
+                                   "memory in Redis (every key lives under redis.key_prefix + this + ':'). Default: "
+                                   "the monitored cluster's system identifier and the database name, so two "
+                                   "databases never share memory or HA leases. Set it to keep the memory across a "
+                                   "change of cluster (a major-version upgrade); see docs/deployment.md.")
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -334,6 +344,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "ZSMON_HA_ENABLED": ("ha", "enabled"),
     "ZSMON_HA_IDENTITY": ("ha", "identity"),
     "ZSMON_CHECKERS_PATH": ("checks", "paths"),
+    "ZSMON_DEPLOYMENT": ("deployment",),
 }
 _UNKNOWN_HINT = " (see docs/configuration.md for the keys this section takes)"
 

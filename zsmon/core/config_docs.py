@@ -61,10 +61,14 @@ def _default(field: Any) -> str:
     return f"`{value}`" if value is not None else "unset"
 
 
-def _table(model: type[BaseModel], prefix: str, env: dict[tuple, str]) -> list[str]:
+def _section(field: Any) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def _table(model: type[BaseModel], prefix: str, env: dict[tuple, str], only: Any = None) -> list[str]:
     rows = ["| key | type | default | env | meaning |", "|---|---|---|---|---|"]
     for name, field in model.model_fields.items():
-        if field.exclude:
+        if field.exclude or (only is not None and not only(name, field)):
             continue
         key = f"{prefix}{name}"
         var = env.get(tuple(key.split(".")), "")
@@ -76,9 +80,9 @@ def _table(model: type[BaseModel], prefix: str, env: dict[tuple, str]) -> list[s
 def reference(registry: Registry) -> str:
     """The reference of every key; the sections of ``registry``'s built-in checkers and exporters."""
     env = {v: k for k, v in ENV_KEYS.items()}
-    out = [INTRO]
+    out = [INTRO, "## Top level", "", *_table(Config, "", env, only=lambda name, f: not _section(f) and name not in ("checkers", "exporters")), ""]
     for section, field in Config.model_fields.items():
-        if field.exclude or section in ("checkers", "exporters"):
+        if field.exclude or section in ("checkers", "exporters") or not _section(field):
             continue
         model = field.annotation
         out += [f"## `{section}`", "", (model.__doc__ or "").strip(), "", *_table(model, f"{section}.", env), ""]

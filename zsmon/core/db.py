@@ -175,6 +175,18 @@ class Database:
             raise DatabaseUnavailable(f"database {self.where} unavailable: no connection within "
                                       f"{self.cfg.connect_timeout_seconds:g}s") from None
 
+    def identity(self, timeout: float = 5.0) -> tuple[str, str]:
+        """(system identifier, database name): who this database is, whatever address reaches it."""
+        try:
+            with self.pool.connection(timeout=timeout) as conn, _bounded(conn, timeout):
+                row = conn.execute("SELECT system_identifier::text, current_database() FROM pg_control_system()"
+                                   ).fetchone()
+        except PoolTimeout:
+            raise DatabaseUnavailable(f"database {self.where} unavailable: no connection within {timeout:g}s") from None
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(f"database {self.where} unavailable: {explain(exc)}") from None
+        return str(row[0]), str(row[1])
+
     def ping(self, timeout: float = 2.0) -> None:
         try:
             with self.pool.connection(timeout=timeout) as conn, _bounded(conn, timeout):

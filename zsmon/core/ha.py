@@ -111,11 +111,14 @@ def default_identity() -> str:
 class RedisCoordinator:
     """Per-job Redis leases with fencing tokens; the runner's ``coordinator``."""
 
-    def __init__(self, client: redis.Redis, *, key_prefix: str, lease_seconds: float, identity: str | None = None,
+    def __init__(self, client: redis.Redis, *, key_prefix: str | Callable[[], str | None], lease_seconds: float,
+                 identity: str | None = None,
                  on_redis_down: str = "run_locally", store: ResultStore | None = None,
                  on_acquired: Callable[[str], None] | None = None) -> None:
         self.redis = client
-        self.prefix = key_prefix
+        # The deployment's key prefix, or what resolves it: no lease is taken before it is known, so two
+        # deployments sharing a Redis never contend (zsmon.core.deployment).
+        self._prefix = key_prefix
         self.lease_seconds = lease_seconds
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.identity = identity or default_identity()
@@ -137,6 +140,10 @@ class RedisCoordinator:
             ("release", _RELEASE))}
 
     # ---- keys ------------------------------------------------------------------
+    @property
+    def prefix(self) -> str | None:
+        return self._prefix() if callable(self._prefix) else self._prefix
+
     def _lease_key(self, job: str) -> str:
         return f"{self.prefix}ha:lease:{job}"
 
@@ -185,6 +192,10 @@ class RedisCoordinator:
             self._jobs.add(job)
         if self._degraded is not None:
             return LOCAL if self.on_redis_down == "run_locally" else None
+        if self.prefix is None:
+            # The database has never answered, so whose lease this is is unknown. Run locally: the run
+            # fails on the database and says so (check_up 0, /ready), which is better than a blind spot.
+            return LOCAL
         sent = time.monotonic()
         try:
             value = self._scripts["acquire"](keys=[self._lease_key(job), self._fence_key(job)],
@@ -286,6 +297,12 @@ class RedisCoordinator:
         with self._lock:
             jobs = sorted(self._jobs)
             held = dict(self._held)
+        if self.prefix is None:  # no lease before the deployment is known; Redis' health is still watched
+            try:
+                self.redis.ping()
+            except redis.RedisError as exc:
+                self._redis_failed(exc)
+            return
         try:
             for job in jobs:
                 if job in held:
@@ -310,7 +327,7 @@ class RedisCoordinator:
 
     def sync(self) -> None:
         """Pull the leaders' latest results into this replica's store."""
-        if self.store is None:
+        if self.store is None or self.prefix is None:
             return
         checkers = [j.split(":", 1)[1] for j in self._jobs if j.startswith("check:")]
         if not checkers:
@@ -370,12 +387,12 @@ class LeaderOnly:
             yield from self.registry.collect()
 
 
-def make_coordinator(config: Config, store: ResultStore,
+def make_coordinator(config: Config, store: ResultStore, key_prefix: Callable[[], str | None],
                      on_acquired: Callable[[str], None] | None = None) -> RedisCoordinator:
-
+    """The Redis coordinator; ``key_prefix`` resolves the deployment's prefix (zsmon.core.deployment)."""
     client = make_redis(config.redis)
     if client is None:
         raise ConfigError("ha.enabled needs Redis: set REDIS_HOST (redis.enabled must be true)")
-    return RedisCoordinator(client, key_prefix=config.redis.key_prefix, lease_seconds=config.ha.lease_seconds,
+    return RedisCoordinator(client, key_prefix=key_prefix, lease_seconds=config.ha.lease_seconds,
                             identity=config.ha.identity, on_redis_down=config.ha.on_redis_down, store=store,
                             on_acquired=on_acquired)

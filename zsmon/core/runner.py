@@ -17,6 +17,7 @@ from redis import RedisError
 from zsmon.core.checker import Checker, CheckContext
 from zsmon.core.config import Config
 from zsmon.core.db import Database, DatabaseUnavailable, explain
+from zsmon.core.deployment import Deployment
 from zsmon.core.lifecycle import Lifecycle, Observed
 from zsmon.core.logging import get_logger, redactor
 from zsmon.core.redis import ping as redis_ping
@@ -67,9 +68,20 @@ class Runner:
         self.coordinator = coordinator or LocalCoordinator()
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self.database_errors: dict[str, str] = {}
-        # Violations' lifecycle and acknowledgements live in Redis; without it every violation pages.
-        self.lifecycle = Lifecycle(redis, config.redis.key_prefix, config.checks.track_limit) \
-            if redis is not None else None
+        # Every Redis key lives under the monitored database's identity (zsmon.core.deployment).
+        self.deployment = Deployment(config, db)
+        self._lifecycle: Lifecycle | None = None
+
+    @property
+    def lifecycle(self) -> Lifecycle | None:
+        """Violations' lifecycle and acknowledgements, in Redis under this deployment; None without Redis
+        or before the database told who it is (every violation pages)."""
+        prefix = self.deployment.prefix
+        if self.redis is None or prefix is None:
+            return None
+        if self._lifecycle is None:
+            self._lifecycle = Lifecycle(self.redis, prefix, self.config.checks.track_limit)
+        return self._lifecycle
 
     # ---- checkers ------------------------------------------------------------
     def choose_mode(self, name: str) -> str:
@@ -98,6 +110,9 @@ class Runner:
         started = time.time()
         t0 = time.perf_counter()
         redis_reason = redis_ping(self.redis)
+        prefix = self.deployment.resolve()
+        if redis_reason is None and prefix is None:
+            redis_reason = "the deployment identity is not known yet (the database has not answered)"
         redis = self.redis if redis_reason is None else None
         if redis is None and mode == "incremental":
             mode = "full"  # watermarks live in Redis: without it, sweep everything
@@ -106,7 +121,7 @@ class Runner:
         try:
             with self.db.snapshot(bound.statement_timeout_seconds) as conn:
                 ctx = CheckContext(checker, conn, mode=mode, sample_limit=self.config.checks.sample_limit,
-                                   redis=redis, redis_reason=redis_reason, key_prefix=self.config.redis.key_prefix,
+                                   redis=redis, redis_reason=redis_reason, key_prefix=prefix or self.config.redis.key_prefix,
                                    log=log.bind(checker=checker.name), track_limit=self.config.checks.track_limit,
                                    lifecycle=self.lifecycle if redis is not None else None)
                 checker.run(ctx)

@@ -6,6 +6,7 @@ Overlaps and errors are counted by listeners, not logged once per tick.
 """
 from __future__ import annotations
 
+import random
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -68,12 +69,14 @@ class Scheduler:
         if event.code != EVENT_JOB_SUBMITTED:
             m.refresh()  # a job changed metrics: render /metrics now, not on the next scrape
 
-    def run_now(self, job_id: str) -> None:
-        """Bring a job's next run forward to now (e.g. a replica that just took over its lease)."""
+    def run_now(self, job_id: str, within_seconds: float = 0.0) -> None:
+        """Bring a job's next run forward to now, or to a random moment within ``within_seconds`` (spreads
+        many jobs brought forward at once, e.g. every checker after a database outage)."""
         if job_id in self._running:  # it is running now: a second run would only be skipped
             return
         if self._sched.running and self._sched.get_job(job_id) is not None:
-            self._sched.modify_job(job_id, next_run_time=datetime.now(timezone.utc))
+            when = datetime.now(timezone.utc) + timedelta(seconds=random.uniform(0, within_seconds))
+            self._sched.modify_job(job_id, next_run_time=when)
 
     @property
     def running(self) -> bool:

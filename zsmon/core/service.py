@@ -72,7 +72,10 @@ class Service:
         exporters = registry.enabled_exporters()
         self.coordinator: Any = None
         if config.ha.enabled:  # N replicas: leases per job, shared results, series only from the holder
-            self.coordinator = make_coordinator(config, self.store, on_acquired=self._on_acquired)
+            # Leases live under the deployment's prefix, known once the database answered (the runner's).
+            self.coordinator = make_coordinator(
+                config, self.store, key_prefix=lambda: self.runner.deployment.prefix if hasattr(self, "runner")
+                else None, on_acquired=self._on_acquired)
         self.metrics = Metrics(self.store, checkers, [f"check:{n}" for n in checkers]
                                + [f"export:{n}" for n in exporters] + ["health"], exporter_names=exporters,
                                leads=self.coordinator.leads if self.coordinator is not None else None,
@@ -201,13 +204,23 @@ class Service:
             reasons += [f"checker {name}: {why}" for name, why in sorted(self.runner.database_errors.items())]
         return reasons
 
+    def memory_skipped(self) -> list[str]:
+        """``checker/invariant: reason`` for every invariant the latest run skipped for want of memory (Redis
+        down): judged again at the first run after it returns."""
+        return [f"{r.checker}/{inv}: {why}" for r in self.latest_results() for inv, why in sorted(r.skipped.items())
+                if why.startswith("needs memory across runs")]
+
     # ---- jobs -----------------------------------------------------------------
     def health(self) -> None:
         try:
             self.runner.db.ping(timeout=min(2.0, self.config.database.connect_timeout_seconds))
+            was_down = self._db_reason is not None
             if self._db_reason:
                 log.info("database_up", database=self.runner.db.where)
             self._db_reason = None
+            self.runner.deployment.resolve()
+            if was_down:
+                self._recover()
         except DatabaseUnavailable as exc:
             if self._db_reason is None or self._db_reason.startswith("database not checked"):
                 log.warning("database_down", error=str(exc))
@@ -215,6 +228,18 @@ class Service:
         self._health_at = time.time()
         self.metrics.database_up.set(0 if self._db_reason else 1)
         self.metrics.redis_up.set(0 if redis_ping(self.runner.redis) else 1)
+
+    def _recover(self) -> None:
+        """The database answers: re-run now every checker whose latest run failed because of it, rather than
+        at its next interval (the schema checker's is 5 minutes), so /ready and the results recover within
+        a probe interval. Spread over a second; the scheduler's workers bound how many run at once."""
+        failed = sorted(self.runner.database_errors)
+        if not failed or not self.scheduler.running:
+            return
+        log.info("database_recovered_rerun", checkers=failed)
+        spread = min(1.0, self.config.scheduler.health_interval_seconds)
+        for name in failed:
+            self.scheduler.run_now(f"check:{name}", within_seconds=spread)
 
     def _schedule(self) -> None:
         cfg = self.config

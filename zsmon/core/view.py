@@ -27,6 +27,9 @@ class ServiceView(Protocol):
     def readiness(self) -> list[str]:
         """Why this replica is not ready (empty: ready)."""
 
+    def memory_skipped(self) -> list[str]:
+        """Invariants the latest runs skipped for want of memory (Redis): ready, but not all proven."""
+
     def describe_checker(self, name: str) -> dict[str, Any]: ...
 
     def run_check_now(self, name: str) -> CheckResult | None:

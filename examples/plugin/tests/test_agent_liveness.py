@@ -11,7 +11,7 @@ from zsmon.core.config import Config
 from zsmon.core.lifecycle import Lifecycle
 from zsmon.core.service import build_runner
 from zsmon.core.yamlfile import ConfigError
-from zsmon.testing import REDIS_URL, bind_checker
+from zsmon.testing import REDIS_URL, bind_checker, deployment_prefix
 
 from zsmon_example_plugin import AgentLivenessChecker
 from zsmon_example_plugin.checker import AgentLivenessSettings
@@ -90,7 +90,7 @@ def test_an_acknowledged_silent_agent_stays_acknowledged(writer, make_config, ru
     first = run_check("agent_liveness", config=config)
     (violation,) = first.violations
     assert violation.lifecycle["runs_seen"] == 1 and first.unacknowledged_counts == {"silent_active_agent": 1}
-    Lifecycle(redis.Redis.from_url(REDIS_URL, decode_responses=True), config.redis.key_prefix).acknowledge(
+    Lifecycle(redis.Redis.from_url(REDIS_URL, decode_responses=True), deployment_prefix(config)).acknowledge(
         "agent_liveness", "silent_active_agent", ["did:agent:quiet"], "ZS-1: agent being decommissioned", "test")
     time.sleep(1.1)  # the silence grows between the runs
     second = run_check("agent_liveness", config=config)
