@@ -71,5 +71,6 @@ class Deployment:
         return self.prefix
 
     def _announce(self) -> None:
-        log.info("deployment_identity", deployment=self.name, key_prefix=self.prefix, source=self.source,
+        # Debug here: the command line asks often; the service says it once at info when it learns it.
+        log.debug("deployment_identity", deployment=self.name, key_prefix=self.prefix, source=self.source,
                  detail="memory, acknowledgements and HA leases in Redis belong to this deployment only")

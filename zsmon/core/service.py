@@ -218,7 +218,11 @@ class Service:
             if self._db_reason:
                 log.info("database_up", database=self.runner.db.where)
             self._db_reason = None
-            self.runner.deployment.resolve()
+            deployment = self.runner.deployment
+            if deployment.name is None and deployment.resolve() is not None:
+                log.info("deployment_identity", deployment=deployment.name, key_prefix=deployment.prefix,
+                         source=deployment.source, detail="memory, acknowledgements and HA leases in Redis "
+                         "belong to this deployment only")
             if was_down:
                 self._recover()
         except DatabaseUnavailable as exc:
@@ -324,7 +328,8 @@ class Service:
         log.info("zsmon_started", database=self.runner.db.where, checkers=list(self.runner.checkers),
                  exporters=list(self.runner.exporters), metrics_port=self.ports["metrics"],
                  api_port=self.ports["api"], redis="on" if self.runner.redis is not None else "off",
-                 ha=self.coordinator.identity if self.coordinator is not None else "off")
+                 ha=self.coordinator.identity if self.coordinator is not None else "off",
+                 deployment=self.runner.deployment.prefix or "unknown until the database answers")
         incremental = [n for n, b in self.runner.checkers.items() if b.full_interval_seconds is not None]
         no_redis = redis_ping(self.runner.redis)
         if incremental and no_redis:
