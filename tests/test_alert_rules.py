@@ -99,10 +99,43 @@ def _sum_of_rates(node) -> bool:
     return False
 
 
+def counter_histograms() -> frozenset[str]:
+    """Histogram families whose buckets, _sum and _count are counters (observations since start), so rate()
+    applies: zsmon's own (typed ``histogram`` in its registry) and the platform API's request durations.
+
+    Not the gauge histograms (``zerostate_reputation_score``, ``zerostate_auction_bids_per_auction``,
+    ``zerostate_auction_time_to_award_seconds``): snapshots of a population or a window, whose buckets fall.
+    """
+    from zsmon.core.metrics import Metrics
+    from zsmon.core.store import ResultStore
+
+    own = {f.name for f in Metrics(ResultStore()).registry.collect() if f.type == "histogram"}
+    return frozenset(own | {Config().render.http_duration_metric})
+
+
+COUNTER_HISTOGRAMS = counter_histograms()
+
+
+def is_counter(name: str | None, histograms: frozenset[str] = COUNTER_HISTOGRAMS) -> bool:
+    """A series rate()/increase()/irate() may read: a ``_total`` counter, or a counter histogram's series."""
+    if not name:
+        return False
+    if name.endswith("_total"):
+        return True
+    base, _, suffix = name.rpartition("_")
+    return suffix in {"bucket", "sum", "count"} and base in histograms
+
+
 def lint_expr(expr: str) -> list[str]:
     """House-rule problems of one PromQL expression (rules and dashboards share this)."""
     problems = []
     tree = promql_parser.parse(expr)
+    for n in _nodes(tree):
+        if isinstance(n, promql_parser.Call) and n.func.name in RATE_FUNCS:
+            inner = _strip(n.args[0])
+            if isinstance(inner, promql_parser.MatrixSelector) and not is_counter(inner.vector_selector.name):
+                problems.append(f"{n.func.name}() over {inner.vector_selector.name or inner}, which is not a "
+                                f"counter: a gauge (or gauge histogram) is read as it is, without rate()")
     for n in _nodes(tree):
         if isinstance(n, promql_parser.BinaryExpr) and str(n.op) in COMPARISONS:
             for side in (n.lhs, n.rhs):
@@ -123,6 +156,21 @@ def lint_expr(expr: str) -> list[str]:
 
 
 # ---- house rules ------------------------------------------------------------------------------------
+
+
+def test_linter_refuses_rate_over_what_is_not_a_counter():
+    assert lint_expr("histogram_quantile(0.5, sum by (le) (rate(zerostate_auction_bids_per_auction_bucket[5m])))")
+    assert lint_expr("rate(zerostate_auction_time_to_award_seconds_bucket[5m])")
+    assert lint_expr("increase(zerostate_reputation_score_bucket[1h])")
+    assert lint_expr("irate(zerostate_auctions[5m])")
+    assert lint_expr("sum(rate(zerostate_postgres_connections[5m]))")
+    assert not lint_expr("histogram_quantile(0.5, sum by (le) (zerostate_auction_bids_per_auction_bucket))")
+    assert not lint_expr("sum by (le) (rate(zerostate_invariant_check_duration_seconds_bucket[5m]))")
+    assert not lint_expr("sum(rate(http_request_duration_seconds_count[5m]))")
+    assert not lint_expr("sum(rate(zerostate_auction_bids_total[5m]))")
+    assert "zerostate_invariant_check_duration_seconds" in COUNTER_HISTOGRAMS
+    assert not {"zerostate_reputation_score", "zerostate_auction_bids_per_auction",
+                "zerostate_auction_time_to_award_seconds"} & COUNTER_HISTOGRAMS
 
 
 def test_linter_catches_what_it_should():
@@ -150,6 +198,7 @@ def test_every_alert_follows_the_house_rules(alerts, model):
         if "$value" in ann["description"]:
             assert re.search(r"\$value \| humanize", ann["description"]), f"{name}: humanize $value"
         expand(ann["description"], {}, "1")  # only template actions the tests can expand (and Go accepts)
+        assert not re.search(r"\}\}\s*\{\{", ann["description"]), f"{name}: two values glued together"
         for key, value in labels.items():
             assert "{{" not in str(value) and "$value" not in str(value), f"{name}: no query value in label {key}"
         assert not lint_expr(rule["expr"]), f"{name}: {lint_expr(rule['expr'])}"
@@ -172,9 +221,22 @@ def test_the_guides_three_alerts_done_right(alerts, model):
         by.setdefault(r["alert"], []).append(r)
     hi = by["HighErrorRate"][0]["expr"]
     assert re.match(r"sum\(rate\(http_requests_total\{.*status=~\"5\.\.\"\}\[5m\]\)\) / sum\(rate\(", hi)
-    db = by["DatabaseDown"][0]
-    assert 'up{job="postgres"} == 0' in db["expr"] and "zsmon_database_up == 0" in db["expr"]
+    # DatabaseDown reads what says PostgreSQL is down (pg_up from postgres-exporter, zsmon's own probe), never
+    # whether postgres-exporter can be scraped (`up`, that is ExporterDown), and fires once, not per replica.
+    [db] = by["DatabaseDown"]
+    tree = promql_parser.parse(db["expr"])
+    names = {n.name for n in _nodes(tree) if isinstance(n, promql_parser.VectorSelector)}
+    assert names == {"pg_up", "zsmon_database_up"}, db["expr"]
+    top = _strip(tree)
+    assert isinstance(top, promql_parser.AggregateExpr) and str(top.op) == "max", db["expr"]
+    assert {"instance", "pod"} <= set(top.modifier.labels) and "without" in str(top.modifier.type).lower()
     assert db["labels"]["severity"] == "critical"
+    [exporter_down] = by["ExporterDown"]
+    assert re.search(r'up\{job=~"[^"]*\bpostgres\b', exporter_down["expr"]), "ExporterDown covers postgres-exporter"
+    # ApiDown: one rule per branch, each with its own sentence.
+    api = {r["expr"]: r["annotations"]["description"] for r in by["ApiDown"]}
+    assert set(api) == {'up{job="zerostate-api"} == 0', "zerostate_api_up == 0"}
+    assert "target" not in api['up{job="zerostate-api"} == 0'] and "$labels.target" in api["zerostate_api_up == 0"]
     money = by["BalanceInvariantViolation"][0]
     # Pages on money violations nobody acknowledged, never on the passage of time (a counter's window).
     assert money["expr"].strip() == 'max(zerostate_invariant_violations_unacknowledged{checker="payments"}) > 0'
@@ -273,6 +335,30 @@ def test_promtool_catches_balance_alerts_that_page_on_known_violations(out_dir, 
     proc = _promtool_test(mutated / "tests" / test.name)
     assert proc.returncode != 0
     assert "stays quiet on known, acknowledged violations" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("expr, case", [
+    # The old rule: an exporter outage paged as DatabaseDown.
+    ('up{job="postgres"} == 0 or zsmon_database_up == 0',
+     "DatabaseDown stays quiet when only postgres-exporter is down"),
+    # Blind to postgres-exporter's view of the database.
+    ("max without (instance, pod, job) (zsmon_database_up == 0)", "DatabaseDown fires when postgres-exporter sees"),
+    # One alert per zsmon replica.
+    ('pg_up{job="postgres"} == 0 or zsmon_database_up == 0', "DatabaseDown fires once"),
+])
+def test_promtool_catches_database_down_rules_that_misdiagnose(out_dir, tmp_path, expr, case):
+    mutated = tmp_path / "prometheus"
+    (mutated / "rules").mkdir(parents=True)
+    (mutated / "tests").mkdir()
+    rules = yaml.safe_load((out_dir / "prometheus/rules/zerostate-platform.rules.yml").read_text())
+    [db] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "DatabaseDown"]
+    db["expr"] = expr
+    (mutated / "rules/zerostate-platform.rules.yml").write_text(yaml.safe_dump(rules))
+    test = out_dir / "prometheus/tests/zerostate-platform.test.yml"
+    (mutated / "tests" / test.name).write_text(test.read_text())
+    proc = _promtool_test(mutated / "tests" / test.name)
+    assert proc.returncode != 0
+    assert case in proc.stdout + proc.stderr
 
 
 def test_generated_cases_follow_the_config():

@@ -158,6 +158,8 @@ def test_incremental_without_state_falls_back_to_full(writer, run_check, make_co
 
 def test_exporter_families(writer, make_config):
     from prometheus_client import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
     from prometheus_client.parser import text_string_to_metric_families
 
     from zsmon.core.metrics import Metrics
@@ -188,8 +190,24 @@ def test_exporter_families(writer, make_config):
            if s.name.endswith("_bucket")}
     assert list(per) == ["0.0", "1.0", "2.0", "3.0", "5.0", "8.0", "13.0", "21.0", "+Inf"]
     assert per["0.0"] >= 3  # the burst's auctions had no bids
-    award = {s.name: s.value for s in fams["zerostate_auction_time_to_award_seconds"].samples}
-    assert award["zerostate_auction_time_to_award_seconds_count"] > 0
+    # Snapshots of the window, whose buckets fall as auctions leave it: gauge histograms, never counter ones
+    # (rate() would read every fall as a counter reset). Text format: the buckets, then _gcount/_gsum gauges.
+    assert fams["zerostate_auction_time_to_award_seconds_gcount"].type == "gauge"
+    assert fams["zerostate_auction_time_to_award_seconds_gcount"].samples[0].value > 0
+    assert fams["zerostate_auction_bids_per_auction_gcount"].samples[0].value == per["+Inf"]
+    ended_bids = writer.execute(
+        "SELECT count(*) FROM bids b JOIN auctions a ON a.id = b.auction_id "
+        "WHERE a.expires_at > now() - interval '1 hour' AND a.expires_at <= now() "
+        "AND a.status NOT IN ('open', 'canceled')").fetchone()[0]
+    assert fams["zerostate_auction_bids_per_auction_gsum"].samples[0].value == ended_bids
+    for family in ("zerostate_auction_bids_per_auction", "zerostate_auction_time_to_award_seconds"):
+        assert {s.name for s in fams[family].samples} == {f"{family}_bucket"}, "no counter _count/_sum"
+    om = openmetrics_latest(metrics.registry).decode()
+    om_fams = {f.name: f for f in openmetrics_families(om)}
+    for family in ("zerostate_auction_bids_per_auction", "zerostate_auction_time_to_award_seconds"):
+        assert om_fams[family].type == "gaugehistogram", family
+        assert {s.name for s in om_fams[family].samples} == {f"{family}_bucket", f"{family}_gcount",
+                                                               f"{family}_gsum"}
     ratio = fams["zerostate_auction_allocation_success_ratio"].samples[0].value
     ended, awarded = writer.execute(
         "SELECT count(*), count(*) FILTER (WHERE status = 'awarded') FROM auctions "

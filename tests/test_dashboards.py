@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import promql_parser
 import pytest
@@ -150,3 +151,71 @@ def test_a_panel_without_a_unit_is_refused():
             "rows": [{"title": "r", "panels": [{"title": "p", "description": "d", "targets": [{"expr": "up"}]}]}]}
     with pytest.raises(SpecError, match="unit"):
         build_dashboard(spec, build_model(build_registry(Config())))
+
+
+# ---- the windowed auction histograms, read as gauge histograms ---------------------------------------
+
+BIDS_BOUNDS = (0, 1, 2, 3, 5, 8, 13, 21, float("inf"))
+
+
+def _buckets(bids: list[int]) -> list[int]:
+    """The exporter's cumulative buckets for the auctions in the window now."""
+    return [sum(1 for n in bids if n <= b) for b in BIDS_BOUNDS]
+
+
+def _histogram_quantile(q: float, buckets: list[int]) -> float:
+    """Prometheus' histogram_quantile (linear interpolation within the bucket holding the rank)."""
+    rank = q * buckets[-1]
+    for i, count in enumerate(buckets):
+        if count >= rank:
+            lower, below = (BIDS_BOUNDS[i - 1], buckets[i - 1]) if i else (0.0, 0)
+            return lower + (BIDS_BOUNDS[i] - lower) * (rank - below) / (count - below)
+    raise AssertionError("unreachable")
+
+
+def _promtool_expr_test(tmp_path, exprs: dict[str, dict[int, float]], series: list[tuple[str, str]]) -> str:
+    """Run ``promtool test rules`` on expressions expected to have a value (no labels) at given minutes;
+    returns promtool's complaints, empty when every expectation held."""
+    doc = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series],
+        "promql_expr_test": [{"expr": e, "eval_time": f"{t}m", "exp_samples": [{"labels": "{}", "value": v}]}
+                             for e, at in exprs.items() for t, v in at.items()]}]}
+    path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.test.yml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(["promtool", "test", "rules", path.name], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    return "" if proc.returncode == 0 else proc.stdout + proc.stderr
+
+
+def test_auction_histogram_panels_read_the_window_without_rate(boards, tmp_path):
+    """The panel's query gives the window's quantile while auctions leave the window and its buckets fall.
+
+    Minutes 0-9: ten auctions in the window with 2 bids each; minutes 10-19 they have left it and four
+    auctions with 8 bids each are in it; minutes 20-29 one more with 1 bid joins them. Two zsmon replicas
+    export the same snapshot. The old query (rate() over the buckets) reads each fall as a counter reset and
+    shows nothing at all while the window does not change (NaN), and a wrong value when it grows (0.5 bids).
+    """
+    phases = [[2] * 10, [8] * 4, [8] * 4 + [1]]
+    per_phase = [_buckets(bids) for bids in phases]
+    series = []
+    for pod in ("zsmon-0", "zsmon-1"):
+        for i, bound in enumerate(BIDS_BOUNDS):
+            le = "+Inf" if bound == float("inf") else f"{float(bound)}"
+            values = " ".join(f"{b[i]}x9" for b in per_phase)  # 10 samples a phase
+            series.append((f'zerostate_auction_bids_per_auction_bucket{{job="zsmon", pod="{pod}", le="{le}"}}',
+                           values))
+    panel = next(p for p in _panels(boards["zsmon-auctions"]) if p["title"] == "Bids per auction")
+    queries = {t["legendFormat"]: t["expr"] for t in panel["targets"]}
+    assert set(queries) == {"p50", "p90"}
+    expect = {}
+    for legend, q in (("p50", 0.5), ("p90", 0.9)):
+        assert "rate(" not in queries[legend]
+        expect[queries[legend]] = {m: _histogram_quantile(q, per_phase[m // 10]) for m in (2, 9, 10, 15, 20, 29)}
+    # The window's quantile, in the bucket of the true one: a median of 2 bids, then of 8.
+    assert expect[queries["p50"]][9] == 1.5 and expect[queries["p50"]][15] == 6.5
+    assert _promtool_expr_test(tmp_path, expect, series) == ""
+    old = {q.replace("(zerostate_auction_bids_per_auction_bucket)",
+                     "(rate(zerostate_auction_bids_per_auction_bucket[5m]))"): at for q, at in expect.items()}
+    assert "rate(" in next(iter(old))
+    assert _promtool_expr_test(tmp_path, old, series), "rate() over the window's buckets should be wrong"

@@ -143,13 +143,22 @@ def _inhibited(am: dict, source: dict[str, str], target: dict[str, str]) -> bool
 
 def test_inhibition_rules_silence_consequences_not_money(rendered: Path):
     am = yaml.safe_load((rendered / "alertmanager/alertmanager.yml").read_text())
-    db_down = {"alertname": "DatabaseDown", "severity": "critical", "job": "postgres", "instance": "pg:9187"}
+    # DatabaseDown carries no job or instance: one alert per database, whoever saw it (pg_up or zsmon).
+    db_down = {"alertname": "DatabaseDown", "severity": "critical"}
     for name in ("InvariantCheckFailing", "InvariantCheckStale", "InvariantCheckMissing"):
         assert _inhibited(am, db_down, {"alertname": name, "severity": "warning", "checker": "payments"})
     assert _inhibited(am, db_down, {"alertname": "ZsmonExporterFailing", "exporter": "postgres"})
     assert not _inhibited(am, db_down, {"alertname": "ZsmonExporterFailing", "exporter": "redis"})
-    assert _inhibited(am, db_down, {"alertname": "ExporterDown", "job": "postgres"})
-    assert not _inhibited(am, db_down, {"alertname": "ExporterDown", "job": "redis"})
+    exporter_down = {"alertname": "ExporterDown", "severity": "warning", "job": "postgres",
+                     "instance": "postgres-exporter:9187"}
+    assert _inhibited(am, db_down, exporter_down)
+    assert not _inhibited(am, db_down, {**exporter_down, "job": "redis", "instance": "redis-exporter:9121"})
+    # With the database up, postgres-exporter down is ExporterDown and nothing silences it.
+    for rule in alert_rules(render_files(build_registry(Config()))):
+        if rule["alert"] != "DatabaseDown":
+            source = {"alertname": rule["alert"], **rule["labels"], "job": "postgres",
+                      "instance": "postgres-exporter:9187", "exporter": "postgres", "checker": "payments"}
+            assert not _inhibited(am, source, exporter_down), f"{rule['alert']} inhibits ExporterDown of postgres"
     # A database outage never hides a money violation, nor any invariant's own alert.
     assert not _inhibited(am, db_down, {"alertname": "BalanceInvariantViolation", "checker": "payments"})
     for inv in golden_model().invariants:
@@ -192,25 +201,57 @@ def test_real_alertmanager_inhibits_what_database_down_causes(rendered: Path, tm
                 pass
             assert time.monotonic() < deadline, "alertmanager did not start"
             time.sleep(0.1)
-        alerts = [
-            {"alertname": "DatabaseDown", "severity": "critical", "job": "postgres", "instance": "pg:9187"},
+
+        def post(alerts: list[dict[str, str]], ends_at: str | None = None) -> None:
+            body = [{"labels": a, "annotations": {}, **({"endsAt": ends_at} if ends_at else {})} for a in alerts]
+            r = requests.post(f"{base}/api/v2/alerts", json=body, timeout=5)
+            assert r.ok, r.text
+
+        def inhibited_when(expect: dict[tuple[str, str], bool | None]) -> dict[tuple[str, str], bool]:
+            """The active alerts and whether each is inhibited, once they are as expected (None: either)."""
+            deadline = time.monotonic() + 15
+            while True:
+                active = requests.get(f"{base}/api/v2/alerts", timeout=5).json()
+                got = {(a["labels"]["alertname"], a["labels"].get("exporter") or a["labels"].get("job", "")):
+                       bool(a["status"]["inhibitedBy"]) for a in active}
+                if all(got.get(k) == v for k, v in expect.items() if v is not None) and set(got) == set(expect) \
+                        or time.monotonic() > deadline:
+                    return got
+                time.sleep(0.1)
+
+        # postgres-exporter down, the database up: ExporterDown is the true alert and nothing hides it, whatever
+        # else fires (every other alert that inhibits anything, with the labels of postgres-exporter).
+        am = yaml.safe_load((rendered / "alertmanager/alertmanager.yml").read_text())
+        others = sorted({re.fullmatch(r'alertname="(\w+)"', m).group(1) for r in am["inhibit_rules"]
+                         for m in r["source_matchers"] if m.startswith("alertname=")} - {"DatabaseDown"})
+        assert others
+        sources = [{"alertname": name, "severity": "critical", "job": "postgres", "instance": "postgres-exporter:9187",
+                    "checker": "payments"} for name in others]
+        exporter_down = {"alertname": "ExporterDown", "severity": "warning", "job": "postgres",
+                         "instance": "postgres-exporter:9187"}
+        post([exporter_down, *sources])
+        # (Those others may inhibit each other: only ExporterDown matters here.)
+        expect = {("ExporterDown", "postgres"): False, **{(name, "postgres"): None for name in others}}
+        got = inhibited_when(expect)
+        assert set(got) == set(expect) and got[("ExporterDown", "postgres")] is False, got
+        post(sources, ends_at="2000-01-01T00:00:00Z")  # resolved: they take no part in what follows
+        expect = {("ExporterDown", "postgres"): False}
+        assert inhibited_when(expect) == expect
+        # A real database outage (the labels DatabaseDown really has: none but its own): it silences what it
+        # causes, the postgres exporter's noise included, never a money violation nor another exporter.
+        post([
+            {"alertname": "DatabaseDown", "severity": "critical"},
             {"alertname": "InvariantCheckFailing", "severity": "warning", "checker": "payments"},
-            {"alertname": "ExporterDown", "severity": "warning", "job": "postgres", "instance": "pg:9187"},
+            exporter_down,
+            {"alertname": "ZsmonExporterFailing", "severity": "warning", "exporter": "postgres",
+             "job": "zsmon", "instance": "zsmon:9090"},
             {"alertname": "ExporterDown", "severity": "warning", "job": "redis", "instance": "redis:9121"},
             {"alertname": "BalanceInvariantViolation", "severity": "critical", "checker": "payments"},
-        ]
-        r = requests.post(f"{base}/api/v2/alerts", json=[{"labels": a, "annotations": {}} for a in alerts], timeout=5)
-        assert r.ok, r.text
+        ])
         expect = {("InvariantCheckFailing", ""): True, ("ExporterDown", "postgres"): True,
-                  ("ExporterDown", "redis"): False, ("BalanceInvariantViolation", ""): False,
-                  ("DatabaseDown", "postgres"): False}
-        while True:
-            got = {(a["labels"]["alertname"], a["labels"].get("job", "")): bool(a["status"]["inhibitedBy"])
-                   for a in requests.get(f"{base}/api/v2/alerts", timeout=5).json()}
-            if got == expect or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert got == expect
+                  ("ZsmonExporterFailing", "postgres"): True, ("ExporterDown", "redis"): False,
+                  ("BalanceInvariantViolation", ""): False, ("DatabaseDown", ""): False}
+        assert inhibited_when(expect) == expect
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -23,6 +23,9 @@ _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
 class Fire:
     labels: dict[str, str]  # the alert's labels from its expression (static labels are added from the rule)
     value: str  # the value as the description's humanize function prints it
+    # When several rules share the alert name and static labels (ApiDown's two branches): a piece of the
+    # expression of the rule that fires.
+    rule: str | None = None
 
 
 @dataclass
@@ -78,7 +81,8 @@ def _rules_by_alert(rule_files: dict[str, Any]) -> dict[str, list[dict[str, Any]
 
 def _expected(rules: list[dict[str, Any]], fire: Fire) -> dict[str, Any]:
     # Several rules may share an alert name (one per checker): the one whose static labels match.
-    matching = [r for r in rules if all(fire.labels.get(k, v) == v for k, v in r.get("labels", {}).items())]
+    matching = [r for r in rules if all(fire.labels.get(k, v) == v for k, v in r.get("labels", {}).items())
+                and (fire.rule is None or fire.rule in r["expr"])]
     if len(matching) != 1:
         raise ValueError(f"{len(matching)} rules of alert {rules[0]['alert']} match labels {fire.labels}")
     rule = matching[0]
@@ -249,21 +253,45 @@ def platform_cases(model: Model) -> list[Case]:
              [(ok, f"0+{100 - fail_lo}x{n15}"), (bad, f"0+{fail_lo}x{n15}")], 660),
         Case("HighErrorRate stays quiet without traffic", "HighErrorRate", [(ok, f"0x{n15}"), (bad, f"0x{n15}")], 660),
         Case("ApiDown fires when the API cannot be scraped", "ApiDown", [(f"up{{{api}}}", f"0x{n10}")], 180,
-             [Fire({"job": API_JOB, "instance": "api:9090"}, "0")]),
+             [Fire({"job": API_JOB, "instance": "api:9090"}, "0", rule="up{")]),
         Case("ApiDown fires when zsmon's probe fails", "ApiDown",
              [(f"up{{{api}}}", f"1x{n10}"),
               (f'zerostate_api_up{{{ZSMON}, target="http://api:8080/health"}}', f"0x{n10}")], 180,
-             [Fire({"job": ZSMON_JOB, "instance": "zsmon:9090", "target": "http://api:8080/health"}, "0")]),
+             [Fire({"job": ZSMON_JOB, "instance": "zsmon:9090", "target": "http://api:8080/health"}, "0",
+                   rule="zerostate_api_up")]),
+        Case("ApiDown fires once per branch when the scrape and the probe both fail", "ApiDown",
+             [(f"up{{{api}}}", f"0x{n10}"),
+              (f'zerostate_api_up{{{ZSMON}, target="http://api:8080/health"}}', f"0x{n10}")], 180,
+             [Fire({"job": API_JOB, "instance": "api:9090"}, "0", rule="up{"),
+              Fire({"job": ZSMON_JOB, "instance": "zsmon:9090", "target": "http://api:8080/health"}, "0",
+                   rule="zerostate_api_up")]),
         Case("ApiDown stays quiet while the API answers", "ApiDown",
              [(f"up{{{api}}}", f"1x{n10}"), (f'zerostate_api_up{{{ZSMON}, target="http://api:8080/health"}}',
                                               f"1x{n10}")], 180),
-        Case("DatabaseDown fires when postgres-exporter reports it down", "DatabaseDown", [(f"up{{{pg}}}", f"0x{n10}")],
-             120, [Fire({"job": POSTGRES_JOB, "instance": "postgres-exporter:9187"}, "0")]),
-        Case("DatabaseDown fires when zsmon cannot reach it", "DatabaseDown",
-             [(f"up{{{pg}}}", f"1x{n10}"), (f"zsmon_database_up{{{ZSMON}}}", f"0x{n10}")], 120,
-             [Fire({"job": ZSMON_JOB, "instance": "zsmon:9090"}, "0")]),
+        # postgres-exporter answers but PostgreSQL does not: pg_up 0 (its scrape, up, is fine).
+        Case("DatabaseDown fires when postgres-exporter sees the database down", "DatabaseDown",
+             [(f"up{{{pg}}}", f"1x{n10}"), (f"pg_up{{{pg}}}", f"0x{n10}"), (f"zsmon_database_up{{{ZSMON}}}",
+                                                                             f"1x{n10}")],
+             120, [Fire({}, "0")]),
+        Case("DatabaseDown fires when only zsmon cannot reach it", "DatabaseDown",
+             [(f"up{{{pg}}}", f"1x{n10}"), (f"pg_up{{{pg}}}", f"1x{n10}"), (f"zsmon_database_up{{{ZSMON}}}",
+                                                                             f"0x{n10}")],
+             120, [Fire({}, "0")]),
+        Case("DatabaseDown fires once, however many zsmon replicas and exporters see it", "DatabaseDown",
+             [(f"up{{{pg}}}", f"1x{n10}"), (f"pg_up{{{pg}}}", f"0x{n10}"),
+              (f'zsmon_database_up{{job="{ZSMON_JOB}", instance="10.0.0.1:9090", pod="zsmon-0"}}', f"0x{n10}"),
+              (f'zsmon_database_up{{job="{ZSMON_JOB}", instance="10.0.0.2:9090", pod="zsmon-1"}}', f"0x{n10}")],
+             120, [Fire({}, "0")]),
+        # postgres-exporter cannot be scraped (so no pg_up at all) while PostgreSQL answers zsmon: the exporter
+        # is down, not the database.
+        Case("DatabaseDown stays quiet when only postgres-exporter is down", "DatabaseDown",
+             [(f"up{{{pg}}}", f"0x{n10}"), (f"zsmon_database_up{{{ZSMON}}}", f"1x{n10}")], 360),
+        Case("ExporterDown fires when postgres-exporter cannot be scraped while the database is up", "ExporterDown",
+             [(f"up{{{pg}}}", f"0x{n10}"), (f"zsmon_database_up{{{ZSMON}}}", f"1x{n10}")], 360,
+             [Fire({"job": POSTGRES_JOB, "instance": "postgres-exporter:9187"}, "0")]),
         Case("DatabaseDown stays quiet on a short blip", "DatabaseDown",
-             [(f"up{{{pg}}}", f"1 0 0 1x{n10}"), (f"zsmon_database_up{{{ZSMON}}}", f"1x{n10}")], 120),
+             [(f"up{{{pg}}}", f"1x{n10}"), (f"pg_up{{{pg}}}", f"1 0 0 1x{n10}"),
+              (f"zsmon_database_up{{{ZSMON}}}", f"1 1 0 0 1x{n10}")], 120),
         Case("PostgresConnectionsNearLimit fires above 80%", "PostgresConnectionsNearLimit",
              [(f'zerostate_postgres_connections{{{ZSMON}, state="active"}}', f"90x{n15}"),
               (f'zerostate_postgres_connections{{{ZSMON}, state="idle"}}', f"5x{n15}"),

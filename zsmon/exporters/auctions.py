@@ -4,14 +4,21 @@
   present; any status the platform invents is counted under ``other``);
 * ``zerostate_auction_bids_total`` — bid rows observed (bids are append-only, so
   the row count is a counter; a truncate shows as a counter reset);
-* ``zerostate_auction_bids_per_auction`` — histogram of bids per auction over the
-  auctions that ended in the window;
-* ``zerostate_auction_time_to_award_seconds`` — histogram of ``updated_at −
+* ``zerostate_auction_bids_per_auction`` — *gauge histogram* of bids per auction
+  over the auctions that ended in the window;
+* ``zerostate_auction_time_to_award_seconds`` — *gauge histogram* of ``updated_at −
   created_at`` over the auctions awarded in the window;
 * ``zerostate_auction_allocation_success_ratio`` — the awarded share of the
   auctions that ended in the window, exactly as the ``auctions`` checker judges it
   (same window, grace period and definition of "ended", read from
   ``checkers.auctions.settings``); absent while no auction ended in the window.
+
+Both histograms are snapshots of the last window, not streams of observations: their buckets fall
+when auctions leave the window, so they are OpenMetrics gauge histograms (as
+``zerostate_reputation_score``), read as they are — ``histogram_quantile(0.5, sum by (le)
+(zerostate_auction_bids_per_auction_bucket))`` — never through ``rate()``, which would take every fall
+for a counter reset. Both exposition formats serve the same series: ``_bucket{le}`` for the buckets,
+``_gcount`` (auctions in the window) and ``_gsum`` as gauges; there is no ``_count``/``_sum``.
 
 Labels are bounded: ``status`` only.
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from zsmon.checkers.auctions import AUCTION_STATUSES, AuctionsSettings, ended_predicate
@@ -42,9 +49,10 @@ def _bucket_columns(expr: str, bounds: Iterable[float]) -> str:
 
 
 def _histogram(name: str, doc: str, row: dict[str, Any], bounds: tuple, total: int, sum_value: float) -> Metric:
+    """A gauge histogram of the window now (its buckets may fall), not a counter histogram."""
     buckets = [(floatToGoString(b), float(row[f"le_{i}"])) for i, b in enumerate(bounds)]
     buckets.append(("+Inf", float(total)))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=sum_value)
+    return GaugeHistogramMetricFamily(name, doc, buckets=buckets, gsum_value=sum_value)
 
 
 class AuctionsExporter(Exporter):
