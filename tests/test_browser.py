@@ -32,6 +32,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (.ci/run installs it)")
+pytestmark = [pytestmark, pytest.mark.slow]  # pytest -m 'not slow' leaves it out (README)
 
 
 def plant_payment_fault(writer) -> str:

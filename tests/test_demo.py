@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 import requests
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -19,6 +20,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from zsmon.demo import schema_sql
 from zsmon.demo.run import process_gone
 from zsmon.testing import ADMIN_DSN
+
+pytestmark = pytest.mark.slow  # pytest -m 'not slow' leaves it out (README)
 
 ZSMON = str(Path(sys.executable).with_name("zsmon"))
 PID = re.compile(r"\(pid (\d+)")

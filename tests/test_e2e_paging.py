@@ -38,6 +38,7 @@ from zsmon.testing_stack import (ALERTMANAGER, PROMETHEUS, FakePlatform, Prometh
 
 pytestmark = pytest.mark.skipif(not (os.path.exists(PROMETHEUS) and os.path.exists(ALERTMANAGER)),
                                 reason="prometheus / prometheus-alertmanager not installed (.ci/run installs them)")
+pytestmark = [pytestmark, pytest.mark.slow]  # pytest -m 'not slow' leaves it out (README)
 
 EXEMPT = {
     # Only a replica reports it; tests/test_exporters.py covers it with a streaming replica.

@@ -22,6 +22,8 @@ from zsmon.testing import bind_checker, free_port, wait_for
 
 from test_failures import SlowChecker, metric
 
+pytestmark = pytest.mark.slow  # pytest -m 'not slow' leaves it out (README)
+
 TOKEN = "ha-token-77aa"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

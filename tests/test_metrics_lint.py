@@ -97,6 +97,28 @@ def test_promtool_check_metrics_is_clean(make_config, writer, health_url):
     for prefix in ("zerostate_postgres_up", "zerostate_redis_up", "zerostate_api_up", "zsmon_up",
                    "zsmon_build_info"):
         assert prefix in text
+    assert "_created" not in text, [line for line in text.splitlines() if "_created" in line][:5]
     proc = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     findings = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 0 and findings == "", f"promtool check metrics:\n{findings}"
+
+
+def test_no_created_series_in_either_exposition_format():
+    """prometheus_client adds ``<name>_created`` to every counter and histogram; zsmon serves none."""
+    from zsmon.core.metrics import Metrics
+    from zsmon.core.results import CheckResult
+    from zsmon.core.store import ResultStore
+
+    store = ResultStore()
+    metrics = Metrics(store, checker_names=["payments"], job_names=["check:payments"], exporter_names=["postgres"],
+                      invariants=[("payments", "escrow_state")])
+    result = CheckResult("payments", "fail", violation_counts={"escrow_state": 2}, new_counts={"escrow_state": 2})
+    store.put(result)
+    metrics.observe_result(result)
+    metrics.job_runs.labels("check:payments").inc()
+    for accept in ("text/plain", "application/openmetrics-text; version=1.0.0"):
+        body, _ = metrics.exposition(accept)
+        text = body.decode()
+        assert "zerostate_invariant_check_runs_total" in text and "zerostate_invariant_check_duration_seconds_count" \
+            in text, text
+        assert "_created" not in text, [line for line in text.splitlines() if "_created" in line][:5]

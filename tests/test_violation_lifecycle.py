@@ -13,12 +13,15 @@ import time
 from decimal import Decimal
 
 import psycopg
+import pytest
 import requests
 
 from zsmon.demo.simulator.auctions import AuctionSimulator
 from zsmon.demo.simulator.payments import FAULTS, PaymentSimulator, inject_fault
 from zsmon.demo.simulator.reputation import ReputationSimulator
 from zsmon.testing import LOCAL_HTTP, running_service, wait_for
+
+pytestmark = pytest.mark.slow  # pytest -m 'not slow' leaves it out (README)
 
 WATCH_SECONDS = 45          # 22 watermark margins, ~45 incremental payments runs
 PAYMENT_FAULTS = ("money_from_nowhere", "overdrawn_escrow", "negative_withdrawal", "one_unit_leak",

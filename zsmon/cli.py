@@ -57,9 +57,22 @@ def _registry(ctx: click.Context) -> Registry:
         _fail(str(exc))
 
 
+_CONFIG_HELP = "YAML config file (default: $ZSMON_CONFIG; env vars such as DB_HOST override it)."
+
+
+def _config_after_command(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:  # given after the subcommand: it overrides one given before it (or $ZSMON_CONFIG)
+        ctx.ensure_object(dict)["config_path"] = value
+
+
+def config_option(f: Any) -> Any:
+    """``--config`` accepted after the subcommand too: ``zsmon check --once --config f.yml``."""
+    return click.option("--config", "config_path", type=click.Path(), expose_value=False,
+                        callback=_config_after_command, help=_CONFIG_HELP)(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(), envvar="ZSMON_CONFIG",
-              help="YAML config file (default: $ZSMON_CONFIG; env vars such as DB_HOST override it).")
+@click.option("--config", "config_path", type=click.Path(), envvar="ZSMON_CONFIG", help=_CONFIG_HELP)
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """zsmon: invariant monitoring and metrics for the ZeroState platform."""
@@ -68,6 +81,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 
 @cli.command()
+@config_option
 @click.pass_context
 def run(ctx: click.Context) -> None:
     """Run the sidecar: scheduled checks and collections, /metrics and the API."""
@@ -78,7 +92,7 @@ def run(ctx: click.Context) -> None:
         _fail(str(exc))
 
 
-def _text(result: dict[str, Any]) -> str:
+def _text(result: dict[str, Any], sample: int | None = None) -> str:
     head = f"{result['checker']:<12} {result['status'].upper():<5} {result['mode']:<11} {result['duration_seconds']:.3f}s"
     lines = [head]
     if result["error"]:
@@ -88,12 +102,35 @@ def _text(result: dict[str, Any]) -> str:
             lines.append(f"  {inv}: {count} violation{'s' if count != 1 else ''}")
             if inv in result.get("summaries", {}):
                 lines.append(f"    {result['summaries'][inv]}")
-            for v in (v for v in result["violations"] if v["invariant"] == inv):
+            rows = [v for v in result["violations"] if v["invariant"] == inv]
+            for v in rows[:sample]:
                 lines.append(f"    {v['entity_type']} {v['entity_id']}: expected {v['expected']}, actual "
                              f"{v['actual']}, difference {v['difference']} - {v['detail']}")
+            shown = len(rows[:sample])
+            if count > shown:
+                why = "raise --sample to see more" if shown < len(rows) else "checks.sample_limit caps the sample"
+                lines.append(f"    ... and {count - shown} more not shown ({why})")
     for inv, reason in result["skipped"].items():
         lines.append(f"  skipped {inv}: {reason}")
     return "\n".join(lines)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _totals(results: list[dict[str, Any]]) -> str:
+    """The last line of the text output: what the run found, all checkers together."""
+    failing = sum(r["status"] == "fail" for r in results)
+    errors = sum(r["status"] == "error" for r in results)
+    found = sum(sum(r["violation_counts"].values()) for r in results)
+    unacked = sum(sum(r.get("unacknowledged_counts", r["violation_counts"]).values()) for r in results)
+    skipped = sum(len(r["skipped"]) for r in results)
+    line = (f"total: {_plural(len(results), 'checker')}, {failing} failing, {_plural(errors, 'error')}; "
+            f"{_plural(found, 'violation')} ({unacked} unacknowledged)")
+    if skipped:
+        line += f", {_plural(skipped, 'invariant')} skipped (not judged: see the 'skipped' lines above)"
+    return line
 
 
 def exit_code(results: list[dict[str, Any]]) -> int:
@@ -111,8 +148,12 @@ def exit_code(results: list[dict[str, Any]]) -> int:
 @click.option("--mode", type=click.Choice(["auto", "full", "incremental"]), default="auto", show_default=True,
               help="Force a full sweep or an incremental run where the checker supports it.")
 @click.option("--interval", type=float, default=60.0, show_default=True, help="Seconds between repeats without --once.")
+@click.option("--sample", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Text output: show at most N violation rows per invariant (default: every sampled row).")
+@config_option
 @click.pass_context
-def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode: str, interval: float) -> None:
+def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode: str, interval: float,
+          sample: int | None) -> None:
     """Run checkers now and print their results (exit 1: violations, 2: could not check, 0: clean)."""
     registry = _registry(ctx)
     try:
@@ -123,11 +164,12 @@ def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode:
         _fail("no checker is enabled (see checkers.<name>.enabled in the config)")
     try:
         while True:
-            results = [runner.run_check(n, mode=None if mode == "auto" else mode).to_dict() for n in runner.checkers]
+            # The database is asked once up front: unreachable, every checker is an error at once.
+            results = [r.to_dict() for r in runner.run_checks(mode=None if mode == "auto" else mode)]
             if fmt == "json":
                 click.echo(json.dumps({"checks": results}, indent=2))
             else:
-                click.echo("\n".join(_text(r) for r in results))
+                click.echo("\n".join([*(_text(r, sample) for r in results), _totals(results)]))
             if once:
                 sys.exit(exit_code(results))
             time.sleep(interval)
@@ -142,6 +184,7 @@ def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode:
 @click.option("--format", "fmt", type=click.Choice(["files", "kubernetes"]), default="files", show_default=True,
               help="files: Prometheus, Alertmanager and Grafana config files; kubernetes: a Deployment, Service, "
                    "ServiceMonitor, PrometheusRules and dashboard ConfigMaps (kubectl apply -k DIR).")
+@config_option
 @click.pass_context
 def render(ctx: click.Context, out: str, fmt: str) -> None:
     """Render Prometheus rules and config, Alertmanager config and Grafana dashboards (or Kubernetes manifests)."""
@@ -217,6 +260,7 @@ def _jsonable(value: Any) -> Any:
 
 @checkers.command("list")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@config_option
 @click.pass_context
 def checkers_list(ctx: click.Context, fmt: str) -> None:
     """Every checker: name, source (builtin, plugin, yaml), interval, invariants."""
@@ -236,6 +280,7 @@ def checkers_list(ctx: click.Context, fmt: str) -> None:
 @checkers.command("explain")
 @click.argument("name")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@config_option
 @click.pass_context
 def checkers_explain(ctx: click.Context, name: str, fmt: str) -> None:
     """One checker in full: invariants, settings with their values, the SQL of a YAML checker."""
@@ -273,6 +318,7 @@ def checkers_explain(ctx: click.Context, name: str, fmt: str) -> None:
 @checkers.command("reset-memory")
 @click.argument("name")
 @click.argument("keys", nargs=-1)
+@config_option
 @click.pass_context
 def checkers_reset_memory(ctx: click.Context, name: str, keys: tuple[str, ...]) -> None:
     """Forget what a checker remembers in Redis (all of it, or only KEYS), for this deployment only.
@@ -357,6 +403,7 @@ def ack() -> None:
 @click.option("--reason", required=True, help="Why it is known (a ticket, a plan); shown beside the violation.")
 @click.option("--expires", metavar="DURATION", help="e.g. 12h, 3d, 1w (default: until revoked).")
 @click.option("--author", default=None, help="Who acknowledges (default: your login name).")
+@config_option
 @click.pass_context
 def ack_create(ctx: click.Context, checker: str, invariant: str, entities: tuple[str, ...], all_current: bool,
                reason: str, expires: str | None, author: str | None) -> None:
@@ -380,6 +427,7 @@ def ack_create(ctx: click.Context, checker: str, invariant: str, entities: tuple
 
 @ack.command("list")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@config_option
 @click.pass_context
 def ack_list(ctx: click.Context, fmt: str) -> None:
     """Every acknowledgement in force."""
@@ -399,6 +447,7 @@ def ack_list(ctx: click.Context, fmt: str) -> None:
 @ack.command("revoke")
 @click.argument("ack_id", metavar="ID")
 @click.option("--author", default=None, help="Who revokes (default: your login name).")
+@config_option
 @click.pass_context
 def ack_revoke(ctx: click.Context, ack_id: str, author: str | None) -> None:
     """Revoke an acknowledgement: its violations page again."""
@@ -415,6 +464,7 @@ def config_group() -> None:
 
 
 @config_group.command("check")
+@config_option
 @click.pass_context
 def config_check(ctx: click.Context) -> None:
     """Validate the config file and environment; print nothing but errors (exit 2) or 'ok'."""

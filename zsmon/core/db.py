@@ -17,6 +17,7 @@ opens a fresh connection once the server answers again).
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager, suppress
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from zsmon.core.config import ConfigError, DatabaseConfig
+from zsmon.core.logging import REDACTED, redactor
 
 
 class DatabaseUnavailable(Exception):
@@ -126,8 +128,12 @@ class Database:
     def __init__(self, cfg: DatabaseConfig) -> None:
         self.cfg = cfg
         self.where = describe(cfg)
+        self._conninfo = conninfo(cfg)
+        # The pool retries in the background and, on a timeout, says only that no connection came; the
+        # real reason (PostgreSQL's or the network's) is what its last connection attempt raised.
+        self.last_connect_error: str | None = None
         self.pool = ConnectionPool(
-            conninfo(cfg),
+            self._conninfo,
             min_size=1,
             max_size=cfg.max_connections,
             open=False,
@@ -139,7 +145,7 @@ class Database:
             reconnect_timeout=0,
             configure=self._configure,
             check=self._check,
-            connection_class=BoundedConnection,
+            connection_class=_recording(self),
             max_idle=300,
         )
 
@@ -172,8 +178,7 @@ class Database:
                         conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{_ms(timeout)}ms",))
                         yield conn
         except PoolTimeout:
-            raise DatabaseUnavailable(f"database {self.where} unavailable: no connection within "
-                                      f"{self.cfg.connect_timeout_seconds:g}s") from None
+            raise DatabaseUnavailable(self._timed_out(self.cfg.connect_timeout_seconds)) from None
 
     def identity(self, timeout: float = 5.0) -> tuple[str, str]:
         """(system identifier, database name): who this database is, whatever address reaches it."""
@@ -182,19 +187,131 @@ class Database:
                 row = conn.execute("SELECT system_identifier::text, current_database() FROM pg_control_system()"
                                    ).fetchone()
         except PoolTimeout:
-            raise DatabaseUnavailable(f"database {self.where} unavailable: no connection within {timeout:g}s") from None
+            raise DatabaseUnavailable(self._timed_out(timeout)) from None
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"database {self.where} unavailable: {explain(exc)}") from None
         return str(row[0]), str(row[1])
+
+    def _timed_out(self, timeout: float) -> str:
+        """Why the pool gave no connection in time: the last attempt's own error, when there was one."""
+        if self.last_connect_error is not None:
+            return f"database {self.where} unavailable: {self.last_connect_error}"
+        return (f"database {self.where} unavailable: no connection within {timeout:g}s "
+                f"(all {self.cfg.max_connections} pooled connections busy, or the server is slow to answer)")
+
+    def _record(self, exc: BaseException | None) -> None:
+        self.last_connect_error = None if exc is None else self.connect_reason(exc)
+
+    def connect_reason(self, exc: BaseException) -> str:
+        """A failed connection attempt as one line: PostgreSQL's (or the network's) reason and what to check."""
+        return self._scrub(connect_reason(exc, self.cfg))
+
+    def _scrub(self, text: str) -> str:
+        secrets = [self.cfg.password.get_secret_value()]
+        if self.cfg.url is not None:
+            with suppress(psycopg.ProgrammingError):
+                secrets.append(str(conninfo_to_dict(self.cfg.url.get_secret_value()).get("password") or ""))
+        for secret in filter(None, secrets):
+            text = text.replace(secret, REDACTED)
+        return str(redactor.scrub(text))
+
+    def unreachable(self, timeout: float | None = None) -> str | None:
+        """One direct connection attempt, outside the pool, bounded by ``connect_timeout``: None when the
+        database answers, else the one-line reason (``database X unavailable: <cause> (<what to check>)``).
+
+        Used up front by one-shot commands, so N checkers do not each wait out the pool's timeout in turn."""
+        seconds = timeout if timeout is not None else self.cfg.connect_timeout_seconds
+        try:
+            psycopg.connect(self._conninfo, connect_timeout=max(1, round(seconds))).close()
+        except psycopg.Error as exc:
+            self._record(exc)
+            return f"database {self.where} unavailable: {self.last_connect_error}"
+        return None
 
     def ping(self, timeout: float = 2.0) -> None:
         try:
             with self.pool.connection(timeout=timeout) as conn, _bounded(conn, timeout):
                 conn.execute("SELECT 1")
         except PoolTimeout:
-            raise DatabaseUnavailable(f"database {self.where} unavailable: no connection within {timeout:g}s") from None
+            raise DatabaseUnavailable(self._timed_out(timeout)) from None
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"database {self.where} unavailable: {explain(exc)}") from None
+
+
+def _recording(db: Database) -> type[BoundedConnection]:
+    """A connection class that tells ``db`` how each of the pool's connection attempts ended."""
+
+    class RecordingConnection(BoundedConnection):
+        @classmethod
+        def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[override]
+            try:
+                conn = super().connect(conninfo, **kwargs)
+            except psycopg.Error as exc:
+                db._record(exc)
+                raise
+            db._record(None)
+            return conn
+
+    return RecordingConnection
+
+
+_PREFIXES = (
+    re.compile(r"^connection failed:\s*"),
+    re.compile(r'^connection to server at "[^"]*"(?: \([^)]*\))?, port \d+ failed:\s*'),
+    re.compile(r'^connection to server on socket "[^"]*" failed:\s*'),
+    re.compile(r"^(?:FATAL|ERROR):\s*"),
+)
+
+
+def _setting(cfg: DatabaseConfig, env: str, part: str) -> str:
+    """Where the user sets ``part`` of the connection: the DSN when database.url is used, else the env var."""
+    return f"the {part} in ZSMON_DATABASE_URL" if cfg.url is not None else env
+
+
+def connect_reason(exc: BaseException, cfg: DatabaseConfig) -> str:
+    """PostgreSQL's (or the network's) own reason a connection failed, on one line, and what to check."""
+    raw = str(exc).strip()
+    # libpq: 'connection failed: connection to server at "h", port p failed: FATAL:  <reason>\n\t<its hint>'
+    lines = [line.strip() for line in raw.splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.lower().startswith("multiple connection attempts failed") and len(lines) > 1:
+        text = lines[-1].lstrip("- ")  # the last address tried; the others failed the same way or worse
+        text = re.sub(r"^host: [^,]*, port: [^,]*(?:, hostaddr: [^:]*)?:\s*", "", text)
+    for prefix in _PREFIXES:
+        text = prefix.sub("", text)
+    text = " ".join(text.split()) or type(exc).__name__
+    low = text.lower()
+    host = _setting(cfg, "DB_HOST", "host")
+    address = "host and port in ZSMON_DATABASE_URL" if cfg.url is not None else "DB_HOST and DB_PORT"
+    if "does not exist" in low and low.startswith("database"):
+        hint = f"check {_setting(cfg, 'DB_NAME', 'database name')}"
+    elif "does not exist" in low and low.startswith("role"):
+        hint = f"check {_setting(cfg, 'DB_USER', 'user')}, or create the role (docs/deployment.md)"
+    elif "password authentication failed" in low or "authentication failed" in low:
+        hint = f"check {_setting(cfg, 'DB_PASSWORD', 'password')} and {_setting(cfg, 'DB_USER', 'user')}"
+    elif "no password supplied" in low or "password is required" in low:
+        hint = f"the server asks for a password: set {_setting(cfg, 'DB_PASSWORD', 'password')}"
+    elif "no pg_hba.conf entry" in low:
+        hint = "the server's pg_hba.conf does not admit this user, database and address (or SSL mode)"
+    elif "ssl" in low and ("not support" in low or "required" in low or "negotiation" in low):
+        hint = (f"the server does not offer SSL: enable ssl on it, or set {_setting(cfg, 'DB_SSLMODE', 'sslmode')} "
+                "to prefer or disable")
+    elif "ssl" in low or "certificate" in low:
+        hint = f"check the server's certificate and {_setting(cfg, 'DB_SSLMODE', 'sslmode')}"
+    elif "connection refused" in low:
+        hint = f"is PostgreSQL running and listening on that address? check {address}"
+    elif "resolve host" in low or "translate host name" in low or "name or service not known" in low:
+        hint = f"the host name does not resolve: check {host}"
+    elif "timeout" in low or "timed out" in low:
+        hint = (f"no answer within {cfg.connect_timeout_seconds:g}s: check {address} and firewalls, or raise "
+                "database.connect_timeout_seconds")
+    elif "too many" in low and "connections" in low:
+        hint = "the server is out of connection slots: lower database.max_connections or raise max_connections"
+    elif "starting up" in low or "shutting down" in low or "recovery mode" in low:
+        hint = "the server is restarting: zsmon retries at the next run"
+    else:
+        return text
+    return f"{text} ({hint})"
 
 
 def explain(exc: BaseException) -> str:

@@ -10,12 +10,17 @@ import platform
 import threading
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 import zsmon
 from zsmon.core.store import ResultStore
+
+# No ``<counter>_created`` / ``<histogram>_created`` series: Prometheus does not use them (without
+# created-timestamp ingestion) and they double the series of every counter and histogram. The switch is
+# prometheus_client's own, process-wide; zsmon's registry is the only one a zsmon process serves.
+disable_created_metrics()
 
 CHECK_STATUSES = ("pass", "fail", "error")
 # Accept headers of the two formats Prometheus negotiates: classic text and OpenMetrics.

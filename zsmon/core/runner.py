@@ -105,6 +105,29 @@ class Runner:
                 return self._publish(bound.checker, result, ctx, token)
             return result
 
+    def run_checks(self, names: list[str] | None = None, mode: str | None = None) -> list[CheckResult]:
+        """Run these checkers (all by default) one after another, as the command line does.
+
+        The database is asked once up front, with one direct connection attempt: when it cannot be
+        reached, every checker's run is an error with that one reason at once, instead of each checker
+        waiting out the connect timeout in turn."""
+        names = list(self.checkers) if names is None else names
+        reason = self.db.unreachable()
+        if reason is None:
+            return [r for r in (self.run_check(n, mode) for n in names) if r is not None]
+        log.warning("check_error", checkers=len(names), error=reason)
+        results = []
+        for name in names:
+            bound = self.checkers[name]
+            token = self.coordinator.acquire(f"check:{name}")
+            if not token:
+                continue
+            self.database_errors[name] = reason
+            result = CheckResult(name, "error", mode or self.choose_mode(name), 0.0, error=reason,
+                                 started_at=time.time(), producer=self.coordinator.identity)
+            results.append(self._publish(bound.checker, result, None, token))
+        return results
+
     def _execute(self, bound: BoundChecker, mode: str) -> tuple[CheckResult, CheckContext | None]:
         checker = bound.checker
         started = time.time()
