@@ -19,7 +19,7 @@ import promql_parser
 import pytest
 import yaml
 
-from zsmon.alerts.model import build_model, seconds_of
+from zsmon.alerts.model import build_model, invariant_alert, seconds_of
 from zsmon.alerts.render import render_all, render_model
 from zsmon.alerts.rule_tests import covered_alerts, expand, humanize_duration, rule_test_files
 from zsmon.app import build_registry
@@ -396,3 +396,17 @@ def test_rule_test_files_name_their_rule_files(model, files):
     for name, doc in rule_test_files(model, rules).items():
         for rf in doc["rule_files"]:
             assert f"prometheus/rules/{rf.split('/')[-1]}" in files, f"{name} loads missing {rf}"
+
+
+def test_alert_names_never_repeat_the_checker_name(tmp_path):
+    """A YAML checker without `invariant:` names its invariant after itself: the alert says it once."""
+    (tmp_path / "c.yml").write_text(
+        "name: completed_without_time\ndescription: Completed tasks have a completion time.\nseverity: warning\n"
+        "entity_type: task\nrunbook_url: https://runbooks.example/completed\n"
+        "query: SELECT task_id AS entity_id FROM tasks WHERE status = 'completed' AND completed_at IS NULL\n")
+    config = Config.model_validate({"checks": {"paths": [str(tmp_path)]}})
+    alerts = {i.alert for c in build_model(build_registry(config)).checkers for i in c.invariants
+              if c.name == "completed_without_time"}
+    assert alerts == {"CompletedWithoutTimeViolation"}
+    assert invariant_alert("reputation", "reputation_score_floor") == "ReputationScoreFloorViolation"
+    assert invariant_alert("payments", "channel_conservation") == "PaymentsChannelConservationViolation"

@@ -1,6 +1,6 @@
 """The ``zsmon`` command.
 
-Exit codes (shared/domain.md): ``check --once`` exits 1 when any violation was
+Exit codes (docs/invariants.md): ``check --once`` exits 1 when any violation was
 found, otherwise 2 when a check could not run (or the input was bad), else 0.
 A user mistake prints one line on stderr, never a traceback.
 """

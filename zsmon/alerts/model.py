@@ -229,7 +229,11 @@ def runbook_url(config: Config, alert: str) -> str:
 
 
 def invariant_alert(checker: str, invariant: str) -> str:
-    return f"{camel(checker)}{camel(invariant)}Violation"
+    """``PaymentsChannelConservationViolation``; a name never repeats: an invariant named like its checker
+    (a YAML checker without ``invariant:``) or starting with it gives ``StuckTasksViolation``."""
+    if invariant == checker:
+        return f"{camel(checker)}Violation"
+    return f"{camel(checker)}{camel(invariant.removeprefix(checker + '_'))}Violation"
 
 
 def build_model(registry: Registry, *, builtin_only: bool = False) -> Model:

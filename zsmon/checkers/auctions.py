@@ -1,6 +1,6 @@
 """Checker ``auctions``: every auction was allocated by the platform's rules, and most auctions get allocated.
 
-Reverse auctions (shared/domain.md): a user posts a task with a budget, agents bid
+Reverse auctions (docs/invariants.md): a user posts a task with a budget, agents bid
 the price they want, the bid with the best ``composite_score`` wins and the price
 paid follows the auction type. This checker proves, in one read-only snapshot:
 
@@ -31,20 +31,20 @@ platform transactions that committed after the snapshot with an older
 ``updated_at`` are still seen. (An index on ``bids (created_at)`` would make the
 bid part of the incremental scope an index scan; zsmon never runs DDL.)
 
-Readings of domain.md made here
+Readings of the domain (docs/invariants.md) made here
 -------------------------------
 * ``max_price`` is "set" when it is > 0: NULL and 0 both mean no budget (a budget of
   0 would refuse every bid, so a 0 can only be a Go zero value for "none").
 * "Ended in the window" is ``expires_at`` in the window and status not
   ``open``/``canceled`` — plus, by default (``stale_open_counts_as_ended``), auctions
   still ``open`` more than the grace period after expiry: they failed to allocate,
-  and domain.md states the deployed platform's ratio is 0 although it never closes
+  and docs/invariants.md states the deployed platform's ratio is 0 although it never closes
   an auction. Open auctions within the grace period are not counted yet.
 * Ties: the winner may tie the best score; a second-price auction may pay any of
   the prices tied at the second rank (the best score among the other bids).
 * The award time is ``updated_at`` of the awarded auction (there is no awarded_at).
 
-What the deployed platform writes (domain.md) — auctions that are never closed,
+What the deployed platform writes (docs/invariants.md) — auctions that are never closed,
 no ``max_price``, bids accepted below the reserve — yields full counts, a capped
 sample and one summary line per invariant, never a flood.
 """

@@ -1,6 +1,6 @@
 """Checker ``payments``: money is conserved per channel, per account and globally.
 
-The ten invariants of ``shared/domain.md`` ("Payment invariants"), judged in
+The ten invariants of ``docs/invariants.md`` ("Payments"), judged in
 PostgreSQL with set-based SQL inside the runner's one ``REPEATABLE READ READ
 ONLY`` snapshot, so correct concurrent traffic never shows up as a violation:
 

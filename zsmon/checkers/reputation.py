@@ -159,7 +159,7 @@ class ReputationSettings(CheckerSettings):
         "distribution_drift: when set (e.g. 0.01), the limit is raised to the two-sample KS critical value "
         "at this significance for the two population sizes, c(a)*sqrt((n+m)/(n*m)) with "
         "c(a) = sqrt(-ln(a/2)/2), whenever that exceeds drift_threshold: a few dozen agents then do not "
-        "alert on sampling noise. Unset: drift_threshold alone, as domain.md specifies."))
+        "alert on sampling noise. Unset: drift_threshold alone (docs/invariants.md)."))
     drift_min_sample: int = Field(30, ge=2, description=(
         "distribution_drift: fewest agents (in the baseline and now) for the KS statistic to be judged; "
         "below it the invariant is skipped."))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from zsmon.core.checker import Checker, CheckContext, Invariant
 
-# The columns zsmon's checkers and exporters read (shared/domain.md).
+# The columns zsmon's checkers and exporters read (docs/invariants.md).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "accounts": ("id", "did", "balance", "total_deposited", "total_withdrawn", "created_at", "updated_at"),
     "payment_channels": ("id", "payer_did", "payee_did", "auction_id", "total_deposit", "current_balance",

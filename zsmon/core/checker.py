@@ -32,7 +32,7 @@ _cursor_ids = itertools.count()  # names of server-side cursors, unique per proc
 
 @dataclass(frozen=True)
 class Invariant:
-    """One property a checker proves. ``id`` is canonical (see domain.md)."""
+    """One property a checker proves. ``id`` is canonical (docs/invariants.md lists them)."""
 
     id: str
     description: str

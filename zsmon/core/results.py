@@ -1,6 +1,6 @@
 """The values a checker run produces: violations and one result per run.
 
-These objects are the output contract of ``shared/domain.md``: the CLI's JSON,
+These objects are the output contract of ``docs/invariants.md``: the CLI's JSON,
 the HTTP API and the status page all serialise them with ``to_dict``.
 Money stays ``Decimal`` until it is written out as a decimal string.
 """

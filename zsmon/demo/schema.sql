@@ -1,4 +1,4 @@
--- The ZeroState platform's tables as zsmon reads them (see shared/domain.md).
+-- The ZeroState platform's tables as zsmon reads them (see docs/invariants.md).
 -- Used by the tests and the demo; zsmon itself never runs DDL against a monitored database.
 -- gen_random_uuid() is built into PostgreSQL 13+: no pgcrypto needed (the embedded demo server ships no contrib).
 

@@ -2,7 +2,7 @@
 
 ``AuctionSimulator(conn, seed=1, ranking="highest_composite")`` writes through a
 read-write connection (autocommit) exactly what the platform's correct code paths
-write (shared/domain.md):
+write (docs/invariants.md):
 
 * ``create_auction`` — an open auction with a budget (``max_price``), maybe a
   reserve and a minimum reputation;

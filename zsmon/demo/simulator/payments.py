@@ -1,7 +1,7 @@
 """Payment traffic as the platform should make it, and the faults it must never make.
 
 ``PaymentSimulator(conn, seed)`` drives the state transitions of
-``shared/domain.md`` ("What the platform does to the payment tables"), each one
+``docs/invariants.md`` ("Payment transitions"), each one
 a transaction of its own that locks what it reads with ``SELECT ... FOR UPDATE``
 (always the channel before an account, one account at a time, so concurrent
 simulators neither deadlock nor lose updates). Given the same seed and a database

@@ -1,6 +1,6 @@
 """Reputation traffic the platform's way, and faults that break each reputation invariant.
 
-What the platform does on a task outcome (shared/domain.md): one ``UPDATE`` of
+What the platform does on a task outcome (docs/invariants.md): one ``UPDATE`` of
 ``reputation_scores`` (``overall_score = clamp(overall_score + delta, 0, 100)``,
 ``total_tasks += 1``, ``successful_tasks`` or ``failed_tasks += 1``), then, as a
 separate statement, one ``reputation_events`` row carrying the *unclamped*
