@@ -21,8 +21,8 @@ from zsmon.alerts.render import render_all
 from zsmon.app import build_registry, build_service
 from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.core.config_docs import reference
-from zsmon.core.db import Database
-from zsmon.core.deployment import Deployment
+from zsmon.core.db import describe
+from zsmon.core.deployment import prefix_of
 from zsmon.core.lifecycle import Lifecycle, LifecycleError, parse_duration, validate_target
 from zsmon.core.logging import configure_logging
 from zsmon.core.redis import make_redis, ping
@@ -354,15 +354,10 @@ class _AckGroup(click.Group):
 
 def _deployment_prefix(config: Config) -> str:
     """The Redis prefix of the monitored database's memory (zsmon.core.deployment)."""
-    db = Database(config.database)
-    db.open()
-    try:
-        prefix = Deployment(config, db).resolve()
-    finally:
-        db.close()
+    prefix = prefix_of(config)
     if prefix is None:
-        _fail(f"cannot tell whose memory to use: database {db.where} does not answer (or set `deployment`, "
-              "ZSMON_DEPLOYMENT, to the deployment's name)")
+        _fail(f"cannot tell whose memory to use: database {describe(config.database)} does not answer (or set "
+              "`deployment`, ZSMON_DEPLOYMENT, to the deployment's name)")
     return prefix
 
 

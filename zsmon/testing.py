@@ -21,8 +21,7 @@ import yaml
 
 from zsmon.app import build_registry, build_service
 from zsmon.core.config import load_config
-from zsmon.core.db import Database
-from zsmon.core.deployment import Deployment
+from zsmon.core.deployment import prefix_of
 from zsmon.core.registry import BoundChecker
 from zsmon.core.service import build_runner
 from zsmon.demo import schema_sql
@@ -141,13 +140,8 @@ def run_check(make_config) -> Iterator[Callable[..., Any]]:
 
 def deployment_prefix(config: Any) -> str:
     """The Redis prefix of ``config``'s deployment (``redis.key_prefix`` + the database's identity + ``:``)."""
-    db = Database(config.database)
-    db.open()
-    try:
-        prefix = Deployment(config, db).resolve()
-    finally:
-        db.close()
-    assert prefix is not None, f"database {db.where} does not answer"
+    prefix = prefix_of(config)
+    assert prefix is not None, "the test database does not answer"
     return prefix
 
 

@@ -74,3 +74,15 @@ class Deployment:
         # Debug here: the command line asks often; the service says it once at info when it learns it.
         log.debug("deployment_identity", deployment=self.name, key_prefix=self.prefix, source=self.source,
                  detail="memory, acknowledgements and HA leases in Redis belong to this deployment only")
+
+
+def prefix_of(config: Config) -> str | None:
+    """The deployment's prefix for a one-off command (zsmon ack, reset-memory): one short-lived pool."""
+    if config.deployment:
+        return f"{config.redis.key_prefix}{config.deployment}:"
+    db = Database(config.database)
+    db.open()
+    try:
+        return Deployment(config, db).resolve()
+    finally:
+        db.close()
