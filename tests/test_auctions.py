@@ -144,7 +144,8 @@ def test_incremental_sees_new_faults_and_keeps_old_ones(writer, run_check, make_
     assert {v.entity_id for v in third.violations} == {old, bid, wrong}
 
     # The missing channel appears: the tracked auction is re-judged and clears.
-    writer.execute("INSERT INTO payment_channels (payer_did, payee_did, auction_id) VALUES ('p', 'q', %s)", (old,))
+    writer.execute("INSERT INTO payment_channels (payer_did, payee_did, auction_id, total_deposit, current_balance, "
+                   "state) VALUES ('p', 'q', %s, 10, 10, 'open')", (old,))
     fourth = run_check("auctions", mode="incremental", config=config)
     assert fourth.violation_counts["awarded_without_channel"] == 0
 

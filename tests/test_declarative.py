@@ -67,7 +67,7 @@ def test_examples_load_as_checkers():
     found = declarative.load([EXAMPLES])
     assert set(found) == {"stuck_tasks", "agent_capacity", "payment_audit_trail"}
     stuck = found["stuck_tasks"]
-    assert stuck.source == "yaml" and stuck.invariants[0].id == "stuck_executing_task"
+    assert stuck.source == "yaml" and stuck.invariants[0].id == "stuck_task"
     assert stuck.invariants[0].entity_type == "task" and stuck.invariants[0].severity == "warning"
     assert stuck.default_interval_seconds == 60 and stuck.runbook_url.endswith("stuck_tasks.md")
     assert stuck.Settings().grace_seconds == 60
@@ -81,17 +81,21 @@ def _clean_world(w):
     """Agents, tasks and a ledger with its audit trail, all as the platform leaves them."""
     w.execute("""
         INSERT INTO agents (did, name, status, max_capacity, current_load) VALUES
-          ('did:agent:a', 'alpha', 'active', 10, 3),
-          ('did:agent:b', 'beta',  'active', 4, 4),      -- exactly at capacity is fine
+          ('did:agent:a', 'alpha', 'online', 10, 3),
+          ('did:agent:b', 'beta',  'busy', 4, 4),        -- exactly at capacity is fine
           ('did:agent:c', 'gamma', 'offline', 5, 0);
-        INSERT INTO tasks (task_id, user_did, agent_did, status, timeout_at, created_at, completed_at) VALUES
-          ('t-running',  'did:user:1', 'did:agent:a', 'executing', now() + interval '10 minutes', now(), NULL),
-          ('t-in-grace', 'did:user:1', 'did:agent:a', 'executing', now() - interval '20 seconds', now(), NULL),
-          ('t-no-limit', 'did:user:2', 'did:agent:b', 'executing', NULL, now(), NULL),
-          ('t-done',     'did:user:2', 'did:agent:b', 'completed', now() - interval '1 hour',
+        INSERT INTO tasks (task_id, user_did, agent_did, task_type, input, status, timeout_at, created_at,
+                           completed_at) VALUES
+          ('t-running',  'did:user:1', 'did:agent:a', 'chat', '{}', 'executing', now() + interval '10 minutes',
+                         now(), NULL),
+          ('t-in-grace', 'did:user:1', 'did:agent:a', 'chat', '{}', 'executing', now() - interval '20 seconds',
+                         now(), NULL),
+          ('t-no-limit', 'did:user:2', 'did:agent:b', 'chat', '{}', 'executing', NULL, now(), NULL),
+          ('t-queued',   'did:user:2', NULL, 'chat', '{}', 'queued', NULL, now() - interval '5 minutes', NULL),
+          ('t-done',     'did:user:2', 'did:agent:b', 'chat', '{}', 'completed', now() - interval '1 hour',
                          now() - interval '2 hours', now() - interval '90 minutes');
-        INSERT INTO payment_channels (id, payer_did, payee_did, total_deposit, current_balance)
-        VALUES ('11111111-1111-1111-1111-111111111111', 'did:user:1', 'did:agent:a', 100, 100);
+        INSERT INTO payment_channels (id, payer_did, payee_did, total_deposit, current_balance, state)
+        VALUES ('11111111-1111-1111-1111-111111111111', 'did:user:1', 'did:agent:a', 100, 100, 'open');
         -- A deposit ten minutes ago, audited two seconds later.
         INSERT INTO channel_transactions (channel_id, transaction_type, amount, created_at)
         VALUES ('11111111-1111-1111-1111-111111111111', 'deposit', 100, now() - interval '10 minutes');
@@ -106,9 +110,10 @@ def _clean_world(w):
 
 
 FAULTS = {
-    "stuck_tasks": ("""INSERT INTO tasks (task_id, user_did, agent_did, status, timeout_at)
-                       VALUES ('t-stuck', 'did:user:3', 'did:agent:a', 'executing', now() - interval '5 minutes')""",
-                    "stuck_executing_task", "t-stuck"),
+    "stuck_tasks": ("""INSERT INTO tasks (task_id, user_did, agent_did, task_type, input, status, timeout_at)
+                       VALUES ('t-stuck', 'did:user:3', 'did:agent:a', 'chat', '{}', 'executing',
+                               now() - interval '5 minutes')""",
+                    "stuck_task", "t-stuck"),
     "agent_capacity": ("UPDATE agents SET current_load = 12 WHERE did = 'did:agent:a'",
                        "agent_over_capacity", "did:agent:a"),
     "payment_audit_trail": ("""INSERT INTO channel_transactions (id, channel_id, transaction_type, amount, created_at)
@@ -142,7 +147,7 @@ def test_example_values(writer, make_config, run_yaml):
     assert (over.expected, over.actual, str(over.difference)) == ("10", "12", "2")
     assert "alpha" in over.detail
     (stuck,) = run_yaml("stuck_tasks", config).violations
-    assert stuck.actual == "executing" and 299 < stuck.difference < 400
+    assert stuck.actual == "executing" and 239 < stuck.difference < 340  # past timeout + grace
     (gap,) = run_yaml("payment_audit_trail", config).violations
     assert gap.actual == "none" and gap.difference is None and "release of 42.5" in gap.detail
     # An audit row more than the tolerance away does not cover the ledger row ...
@@ -358,7 +363,7 @@ def test_a_yaml_checker_reaches_metrics_api_and_status_page(writer, make_config)
         checkers = requests.get(svc.url("api", "/api/v1/checkers"), headers=auth, timeout=5).json()["checkers"]
         described = {c["name"]: c for c in checkers}
         assert described["agent_capacity"]["source"] == "yaml"
-        assert described["stuck_tasks"]["invariants"][0]["id"] == "stuck_executing_task"
+        assert described["stuck_tasks"]["invariants"][0]["id"] == "stuck_task"
         page = requests.get(svc.url("api", "/"), timeout=5).text
         assert "agent_capacity" in page and "payment_audit_trail" in page
 

@@ -165,7 +165,7 @@ def test_prometheus_rules_are_the_rendered_rule_files(rendered):
     assert got == expected
     alerts = {r["alert"] for g in got.values() for r in g["rules"] if "alert" in r}
     # A YAML checker's alert, with its own runbook link.
-    assert "StuckTasksStuckExecutingTaskViolation" in alerts and "AgentCapacityAgentOverCapacityViolation" in alerts
+    assert "StuckTasksStuckTaskViolation" in alerts and "AgentCapacityAgentOverCapacityViolation" in alerts
     (stuck,) = [r for r in got["zsmon-checker-stuck_tasks"]["rules"] if r.get("alert", "").startswith("StuckTasks")]
     assert stuck["labels"]["severity"] == "warning"
     if "agent_liveness" in {g.removeprefix("zsmon-checker-") for g in got}:

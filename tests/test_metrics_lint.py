@@ -52,12 +52,13 @@ def _closed_port() -> int:
 def _seed(writer) -> None:
     """A few platform rows, so families that describe data have samples to lint."""
     writer.execute("""
-        INSERT INTO agents (did, name, status) SELECT 'did:lint:' || i, 'a' || i, 'active' FROM generate_series(1, 5) i;
+        INSERT INTO agents (did, name, status) SELECT 'did:lint:' || i, 'a' || i, 'online' FROM generate_series(1, 5) i;
         INSERT INTO reputation_scores (agent_did, overall_score)
             SELECT 'did:lint:' || i, 40 + i * 5 FROM generate_series(1, 5) i;
-        INSERT INTO payment_channels (payer_did, payee_did, total_deposit, current_balance)
-            VALUES ('did:lint:payer', 'did:lint:1', 10, 10);
-        INSERT INTO auctions (task_id, status, expires_at) VALUES ('t-lint', 'open', now() + interval '1 hour');
+        INSERT INTO payment_channels (payer_did, payee_did, total_deposit, current_balance, state)
+            VALUES ('did:lint:payer', 'did:lint:1', 10, 10, 'open');
+        INSERT INTO auctions (task_id, user_id, auction_type, status, duration_seconds, expires_at)
+            VALUES ('t-lint', 'user_id', 'first_price', 'open', 3600, now() + interval '1 hour');
     """)
 
 

@@ -227,35 +227,6 @@ def test_live_traffic_never_shows_a_violation(writer, db_url, make_config, run_c
     assert final.status == "pass" and not final.skipped
 
 
-# ---- what the deployed platform really writes ------------------------------------------------------------
-
-def test_deployed_platform_patterns_summarised_not_flooded(writer, make_config, run_check):
-    """Channels opened with no deposit row and no account, then settled by the settle endpoint (twice for one)."""
-    n = 30
-    writer.execute("""
-        INSERT INTO payment_channels (payer_did, payee_did, total_deposit, current_balance)
-        SELECT 'did:placeholder:payer', 'did:agent:' || (i %% 4), 10, 10 FROM generate_series(1, %s) i""", (n,))
-    writer.execute("""
-        WITH s AS (UPDATE payment_channels SET total_settled = 4, current_balance = total_deposit - 4,
-                   state = 'closed', updated_at = now() RETURNING id)
-        INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id)
-        SELECT id, 'settlement', 4, 'task-' || id FROM s""")
-    writer.execute("""
-        INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id)
-        SELECT channel_id, 'settlement', amount, task_id FROM channel_transactions ORDER BY channel_id LIMIT 1""")
-    cfg = make_config(checks={"sample_limit": 5})
-    result = run_check("payments", mode="full", config=cfg)
-    counts = failing(result)
-    assert counts["ledger_reconciliation"] == n and counts["closed_channel_drained"] == n
-    assert counts["double_release"] == 1 and "channel_conservation" not in counts
-    assert counts["account_reconciliation"] == 5 and counts["global_conservation"] == 1
-    assert len(entities(result, "ledger_reconciliation")) == 5  # capped sample, full count beside it
-    assert result.summaries["ledger_reconciliation"].startswith(f"{n} of {n} channels have no deposit in the ledger")
-    assert result.summaries["closed_channel_drained"].startswith(f"{n} of {n} closed channels still hold")
-    assert "settlement row" in result.summaries["double_release"]
-    assert "did:placeholder:payer" in result.summaries["account_reconciliation"]
-
-
 # ---- metrics and exporter ----------------------------------------------------------------------------------
 
 def test_failure_counter_counts_runs_with_violations():

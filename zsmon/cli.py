@@ -26,6 +26,7 @@ from zsmon.core.deployment import prefix_of
 from zsmon.core.lifecycle import Lifecycle, LifecycleError, parse_duration, validate_target
 from zsmon.core.logging import configure_logging
 from zsmon.core.redis import make_redis, ping
+from zsmon.core.results import describe_violation
 from zsmon.core.registry import Registry
 from zsmon.core.service import build_runner
 from zsmon.demo.run import Options, main as demo_main
@@ -104,8 +105,7 @@ def _text(result: dict[str, Any], sample: int | None = None) -> str:
                 lines.append(f"    {result['summaries'][inv]}")
             rows = [v for v in result["violations"] if v["invariant"] == inv]
             for v in rows[:sample]:
-                lines.append(f"    {v['entity_type']} {v['entity_id']}: expected {v['expected']}, actual "
-                             f"{v['actual']}, difference {v['difference']} - {v['detail']}")
+                lines.append(f"    {v['entity_type']} {v['entity_id']}: {describe_violation(v)}")
             shown = len(rows[:sample])
             if count > shown:
                 why = "raise --sample to see more" if shown < len(rows) else "checks.sample_limit caps the sample"

@@ -177,19 +177,20 @@ CROSS JOIN LATERAL (VALUES
           WHEN au.w_id IS NULL THEN 'awarded auctions whose winning_bid_id is not one of their bids'
           ELSE 'awarded auctions with no final_price' END,
      'a winning bid of this auction and a final_price',
-     'winning_bid_id=' || coalesce(au.winning_bid_id::text, 'null') || ', final_price='
-         || coalesce(au.final_price::text, 'null'),
+     'winning_bid_id ' || coalesce(au.winning_bid_id::text, 'not set') || ', final_price '
+         || coalesce(au.final_price::text, 'not set'),
      NULL::numeric,
      CASE WHEN au.winning_bid_id IS NULL THEN 'auction is awarded but names no winning bid'
           WHEN au.w_id IS NULL THEN 'auction is awarded to bid ' || au.winning_bid_id
                || ', which is not a bid of this auction'
           ELSE 'auction is awarded to bid ' || au.winning_bid_id || ' but has no final_price' END
-         || ': the award was written incompletely; nothing defines what the payment channel should hold'),
+         || ': the award was written incompletely; nothing defines what the payment channel should hold '
+         || '(no numeric difference: a value is missing, not off)'),
     ('unawarded_has_no_winner', au.f_stray_winner,
      'unawarded auctions carrying a winner or final price',
-     'winning_bid_id=null, final_price=null',
-     'winning_bid_id=' || coalesce(au.winning_bid_id::text, 'null') || ', final_price='
-         || coalesce(au.final_price::text, 'null'),
+     'winning_bid_id and final_price not set',
+     'winning_bid_id ' || coalesce(au.winning_bid_id::text, 'not set') || ', final_price '
+         || coalesce(au.final_price::text, 'not set'),
      au.final_price,
      'auction is ' || au.status || ' yet carries a winner or final price: either its status or its award '
          || 'is wrong (a payment may follow an auction that was never awarded)'),
@@ -200,15 +201,15 @@ CROSS JOIN LATERAL (VALUES
          || au.best_score || ' ({RANKING}): the award went to the wrong agent (or the ranking setting '
          || 'does not match the deployed platform)'),
     ('final_price_rule', au.f_price_rule,
-     coalesce(au.auction_type, 'null') || ' auctions paying the wrong final_price',
+     coalesce(au.auction_type, 'untyped') || ' auctions paying the wrong final_price',
      au.rule_price::text, au.final_price::text, au.final_price - au.rule_price,
      CASE au.auction_type
          WHEN 'second_price' THEN 'second_price auction must pay the second-ranked bid''s price '
               || coalesce(array_to_string(au.second_prices, ' or '), au.w_price::text || ' (the only bid)')
          WHEN 'reserve' THEN 'reserve auction must pay the winner''s price ' || au.w_price
-              || ' raised to reserve_price ' || au.reserve_price
+              || ' raised to reserve_price ' || coalesce(au.reserve_price::text, 'not set')
          WHEN 'first_price' THEN 'first_price auction must pay the winner''s price ' || au.w_price
-         ELSE 'auction of unknown type ' || coalesce(au.auction_type, 'null')
+         ELSE 'auction of unknown type ' || coalesce(au.auction_type, 'not set')
               || ' pays like first_price: the winner''s price ' || au.w_price
      END || ', but final_price is ' || au.final_price || ': the user is charged the wrong amount'),
     ('price_within_bounds', au.f_over_budget,

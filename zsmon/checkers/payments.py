@@ -7,8 +7,10 @@ ONLY`` snapshot, so correct concurrent traffic never shows up as a violation:
 - one pass over the ledger, aggregated per channel and joined to the channels,
   judges ``channel_conservation``, ``channel_non_negative``,
   ``ledger_reconciliation``, ``closed_channel_drained`` and ``escrow_state``;
-- one pass over the ledger's release/refund rows judges ``double_release``
-  (``settlement`` and ``settle`` rows count as ``release``);
+- one pass over the ledger's release/refund/settlement rows judges
+  ``double_release``: one release or refund per (channel, task) escrow, one
+  settlement (``settlement`` or ``settle`` row) per channel, since a settle
+  pays the payee out of the spendable balance and closes the channel;
 - one pass over the channels grouped by DID, joined to the accounts, judges
   ``account_non_negative`` and ``account_reconciliation`` (a DID that channels
   pay or are paid by but that has no account row is judged as an empty account);
@@ -51,10 +53,14 @@ from pydantic import Field
 from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Invariant
 from zsmon.core.results import Violation
 
-RELEASE_TYPES = ("release", "settlement", "settle")  # the platform's settle endpoint writes 'settlement'
-RELEASE_OR_REFUND = RELEASE_TYPES + ("refund",)
+SETTLE_TYPES = ("settlement", "settle")  # the settle endpoint writes 'settlement', older rows 'settle'
 
 SEQUENCE_KEY = "sequence"      # hash: channel id -> highest sequence_number observed
+
+# ledger_reconciliation's kinds (the ``tag`` of its rows): only the deposit row is missing (the deployed
+# platform opens channels without one: systemic), the deposit row is missing and the ledger disagrees
+# otherwise too, or the ledger disagrees although the deposit row is there.
+NO_DEPOSIT, NO_DEPOSIT_AND_MORE, MISMATCH = "no_deposit", "no_deposit_and_more", "mismatch"
 
 # ---- SQL -----------------------------------------------------------------------------------------
 # {ledger_from} / {channels_from} / {scope}: the whole tables (full sweep), or only the touched channels
@@ -64,52 +70,70 @@ _TOUCHED_LEDGER = "unnest(%(ids)s::uuid[]) AS k(id) JOIN channel_transactions t 
 _ALL_CHANNELS = "payment_channels c"
 _TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN payment_channels c ON c.id = k.id"
 
+# The ledger rebuilds a channel (docs/invariants.md): total_deposit = deposits; escrowed_amount = escrows -
+# releases - refunds; total_settled = releases + settlements; pending_refund = closes; current_balance =
+# deposits - escrows + refunds - closes - settlements. A settlement pays the payee out of the spendable
+# balance, never through escrow. When the channel has no deposit row, the comparison is also made as if
+# total_deposit had been deposited (``v_*``): what still disagrees then is a genuine mismatch.
 _CHANNELS_SQL = """
 WITH l AS (
     SELECT t.channel_id,
            coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'deposit'), 0) AS dep,
            count(*) FILTER (WHERE t.transaction_type = 'deposit') AS n_dep,
            coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'escrow'), 0) AS esc,
-           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type IN ('release', 'settlement', 'settle')), 0) AS rel,
+           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'release'), 0) AS rel,
+           coalesce(sum(t.amount) FILTER (WHERE t.transaction_type IN ('settlement', 'settle')), 0) AS stl,
+           count(*) FILTER (WHERE t.transaction_type IN ('settlement', 'settle')) AS n_stl,
            coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'refund'), 0) AS ref,
            coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'close'), 0) AS cls
     FROM {ledger_from}
     GROUP BY t.channel_id
 ), x AS (
-    SELECT c.id, c.payer_did, c.state, c.task_id, c.escrow_released, c.closed_at, c.updated_at,
+    SELECT c.id, c.payer_did, c.state, c.task_id, coalesce(c.escrow_released, false) AS escrow_released,
+           c.closed_at, c.updated_at,
            c.total_deposit AS td, c.current_balance AS cb, c.escrowed_amount AS e,
            c.total_settled AS s, c.pending_refund AS pr,
-           coalesce(l.n_dep, 0) AS n_dep,
+           coalesce(l.n_dep, 0) AS n_dep, coalesce(l.n_stl, 0) AS n_stl, coalesce(l.stl, 0) AS l_stl,
            coalesce(l.dep, 0) AS l_td,
-           coalesce(l.dep, 0) - coalesce(l.esc, 0) + coalesce(l.ref, 0) - coalesce(l.cls, 0) AS l_cb,
+           coalesce(l.dep, 0) - coalesce(l.esc, 0) + coalesce(l.ref, 0) - coalesce(l.cls, 0)
+             - coalesce(l.stl, 0) AS l_cb,
            coalesce(l.esc, 0) - coalesce(l.rel, 0) - coalesce(l.ref, 0) AS l_e,
-           coalesce(l.rel, 0) AS l_s,
+           coalesce(l.rel, 0) + coalesce(l.stl, 0) AS l_s,
            coalesce(l.cls, 0) AS l_pr
     FROM {channels_from}
     LEFT JOIN l ON l.channel_id = c.id
-), f AS (
+), y AS (
     SELECT x.*,
-           x.cb + x.e + x.s + x.pr AS held,
-           least(x.td, x.cb, x.e, x.s, x.pr) AS lowest,
-           x.td <> x.cb + x.e + x.s + x.pr AS f_cons,
-           least(x.td, x.cb, x.e, x.s, x.pr) < 0 AS f_neg,
-           (x.l_td <> x.td OR x.l_cb <> x.cb OR x.l_e <> x.e OR x.l_s <> x.s OR x.l_pr <> x.pr) AS f_ledger,
-           (x.state = 'closed' AND (x.cb <> 0 OR x.e <> 0 OR x.closed_at IS NULL)) AS f_closed,
-           ((x.state = 'escrowed') <> (x.e > 0)
-            OR (x.e > 0 AND (x.task_id IS NULL OR x.escrow_released))) AS f_escrow
+           x.n_dep = 0 AND x.td <> 0 AS no_dep,
+           -- As if the missing deposit row had been written.
+           CASE WHEN x.n_dep = 0 THEN x.td ELSE x.l_td END AS v_td,
+           CASE WHEN x.n_dep = 0 THEN x.l_cb + x.td ELSE x.l_cb END AS v_cb
     FROM x
+), f AS (
+    SELECT y.*,
+           y.cb + y.e + y.s + y.pr AS held,
+           least(y.td, y.cb, y.e, y.s, y.pr) AS lowest,
+           y.td <> y.cb + y.e + y.s + y.pr AS f_cons,
+           least(y.td, y.cb, y.e, y.s, y.pr) < 0 AS f_neg,
+           (y.l_td <> y.td OR y.l_cb <> y.cb OR y.l_e <> y.e OR y.l_s <> y.s OR y.l_pr <> y.pr) AS f_ledger,
+           (y.v_td <> y.td OR y.v_cb <> y.cb OR y.l_e <> y.e OR y.l_s <> y.s OR y.l_pr <> y.pr) AS genuine,
+           (y.state = 'closed' AND (y.cb <> 0 OR y.e <> 0 OR y.closed_at IS NULL)) AS f_closed,
+           ((y.state = 'escrowed') <> (y.e > 0)
+            OR (y.e > 0 AND (y.task_id IS NULL OR y.escrow_released))) AS f_escrow
+    FROM y
 )
 SELECT v.invariant, NULL AS entity_type, f.id AS entity_id, v.expected, v.actual, v.difference,
-       v.detail, v.tag
+       v.detail, v.tag, CASE WHEN v.tag = 'no_deposit' THEN 1 ELSE 0 END AS priority
 FROM f
 CROSS JOIN LATERAL (VALUES
     ('channel_conservation', f.f_cons, f.td::text, f.held::text, f.held - f.td,
      format('total_deposit %%s but current %%s + escrowed %%s + settled %%s + refund %%s = %%s: %%s %%s %%s; '
-            'audit the channel''s last write (updated_at %%s)',
+            'audit the channel''s last write%%s',
             f.td, f.cb, f.e, f.s, f.pr, f.held, abs(f.held - f.td),
             CASE WHEN f.held > f.td THEN 'appeared' ELSE 'vanished' END,
-            CASE WHEN f.held > f.td THEN 'from nowhere' ELSE 'without a ledger row' END, f.updated_at),
-     false),
+            CASE WHEN f.held > f.td THEN 'from nowhere' ELSE 'without a ledger row' END,
+            coalesce(' (updated_at ' || f.updated_at || ')', '')),
+     NULL),
     ('channel_non_negative', f.f_neg, '0', f.lowest::text, f.lowest,
      concat_ws(', ',
                CASE WHEN f.td < 0 THEN 'total_deposit ' || f.td END,
@@ -117,52 +141,75 @@ CROSS JOIN LATERAL (VALUES
                CASE WHEN f.e < 0 THEN 'escrowed_amount ' || f.e END,
                CASE WHEN f.s < 0 THEN 'total_settled ' || f.s END,
                CASE WHEN f.pr < 0 THEN 'pending_refund ' || f.pr END)
-       || ' below zero: a debit skipped its balance check (overdrawn escrow or settle beyond the deposit); '
-       || 'freeze the channel and trace its last escrow/settle',
-     false),
+       || ' below zero: '
+       || CASE WHEN f.cb < 0 AND f.n_stl > 0
+               THEN format('settled %%s out of a deposit of %%s (the settle endpoint does not check the amount '
+                           'against the deposit); recover the excess from the payee', f.s, f.td)
+               ELSE 'a debit skipped its balance check (overdrawn escrow or settle beyond the deposit); '
+                    || 'freeze the channel and trace its last escrow/settle' END,
+     NULL),
     ('ledger_reconciliation', f.f_ledger,
-     (CASE WHEN f.l_td <> f.td THEN f.l_td WHEN f.l_cb <> f.cb THEN f.l_cb WHEN f.l_e <> f.e THEN f.l_e
+     -- The first column that disagrees (genuinely, when the deposit row is only missing).
+     (CASE WHEN NOT f.genuine THEN f.l_td
+           WHEN f.v_td <> f.td THEN f.v_td WHEN f.v_cb <> f.cb THEN f.v_cb WHEN f.l_e <> f.e THEN f.l_e
            WHEN f.l_s <> f.s THEN f.l_s ELSE f.l_pr END)::text,
-     (CASE WHEN f.l_td <> f.td THEN f.td WHEN f.l_cb <> f.cb THEN f.cb WHEN f.l_e <> f.e THEN f.e
+     (CASE WHEN NOT f.genuine THEN f.td
+           WHEN f.v_td <> f.td THEN f.td WHEN f.v_cb <> f.cb THEN f.cb WHEN f.l_e <> f.e THEN f.e
            WHEN f.l_s <> f.s THEN f.s ELSE f.pr END)::text,
-     CASE WHEN f.l_td <> f.td THEN f.td - f.l_td WHEN f.l_cb <> f.cb THEN f.cb - f.l_cb
+     CASE WHEN NOT f.genuine THEN f.td - f.l_td
+          WHEN f.v_td <> f.td THEN f.td - f.v_td WHEN f.v_cb <> f.cb THEN f.cb - f.v_cb
           WHEN f.l_e <> f.e THEN f.e - f.l_e WHEN f.l_s <> f.s THEN f.s - f.l_s ELSE f.pr - f.l_pr END,
-     'table vs ledger: '
-       || concat_ws('; ',
-               CASE WHEN f.l_td <> f.td THEN format('total_deposit %%s vs %%s', f.td, f.l_td) END,
-               CASE WHEN f.l_cb <> f.cb THEN format('current_balance %%s vs %%s', f.cb, f.l_cb) END,
-               CASE WHEN f.l_e <> f.e THEN format('escrowed_amount %%s vs %%s', f.e, f.l_e) END,
-               CASE WHEN f.l_s <> f.s THEN format('total_settled %%s vs %%s', f.s, f.l_s) END,
-               CASE WHEN f.l_pr <> f.pr THEN format('pending_refund %%s vs %%s', f.pr, f.l_pr) END)
-       || CASE WHEN f.n_dep = 0 THEN ' (no deposit row in the ledger)' ELSE '' END
-       || ': a movement was written to one side only; replay channel_transactions for this channel',
-     f.n_dep = 0 AND f.td <> 0),
+     CASE WHEN NOT f.genuine
+          THEN format('no deposit row in the ledger: total_deposit %%s was never written as a deposit (the '
+                      'deployed platform opens channels without one); the rest of the ledger agrees', f.td)
+          ELSE CASE WHEN f.no_dep THEN 'no deposit row in the ledger, and beyond it: ' ELSE '' END
+               || 'table vs ledger: '
+               || concat_ws('; ',
+                   CASE WHEN f.v_td <> f.td THEN format('total_deposit %%s vs %%s', f.td, f.v_td) END,
+                   CASE WHEN f.v_cb <> f.cb THEN format('current_balance %%s vs %%s', f.cb, f.v_cb) END,
+                   CASE WHEN f.l_e <> f.e THEN format('escrowed_amount %%s vs %%s', f.e, f.l_e) END,
+                   CASE WHEN f.l_s <> f.s THEN format('total_settled %%s vs %%s', f.s, f.l_s) END,
+                   CASE WHEN f.l_pr <> f.pr THEN format('pending_refund %%s vs %%s', f.pr, f.l_pr) END)
+               || CASE WHEN f.n_stl > 1 AND f.l_s <> f.s
+                       THEN format(': %%s settlement rows move %%s but total_settled holds %%s (a racing double '
+                                   'settle overwrote the first); recover the excess paid to the payee',
+                                   f.n_stl, f.l_stl, f.s)
+                       ELSE ': a movement was written to one side only; replay channel_transactions for this '
+                            || 'channel' END
+     END,
+     CASE WHEN NOT f.genuine THEN 'no_deposit' WHEN f.no_dep THEN 'no_deposit_and_more' ELSE 'mismatch' END),
     ('closed_channel_drained', f.f_closed,
      CASE WHEN f.cb <> 0 OR f.e <> 0 THEN '0' ELSE 'closed_at set' END,
-     CASE WHEN f.cb <> 0 OR f.e <> 0 THEN (f.cb + f.e)::text ELSE 'closed_at null' END,
-     f.cb + f.e,
-     format('closed channel still holds current_balance %%s and escrowed %%s%%s: return it to payer %%s '
-            '(close moves current_balance to pending_refund)', f.cb, f.e,
-            CASE WHEN f.closed_at IS NULL THEN ', closed_at is not set' ELSE '' END,
-            f.payer_did),
-     f.cb <> 0 AND f.e = 0),
+     CASE WHEN f.cb <> 0 OR f.e <> 0 THEN (f.cb + f.e)::text ELSE 'closed_at not set' END,
+     CASE WHEN f.cb <> 0 OR f.e <> 0 THEN f.cb + f.e END,
+     CASE WHEN f.cb <> 0 OR f.e <> 0
+          THEN format('closed channel still holds current_balance %%s and escrowed %%s%%s: %%s', f.cb, f.e,
+                      CASE WHEN f.closed_at IS NULL THEN ', and closed_at is not set' ELSE '' END,
+                      CASE WHEN f.n_stl > 0 AND f.e = 0
+                           THEN 'the settle endpoint closed it without returning the rest to payer '
+                                || f.payer_did
+                           ELSE 'return it to payer ' || f.payer_did
+                                || ' (close moves current_balance to pending_refund)' END)
+          ELSE 'closed channel has no closed_at: the close path did not stamp it' END,
+     CASE WHEN f.cb <> 0 AND f.e = 0 THEN 'true' ELSE 'false' END),
     ('escrow_state', f.f_escrow,
      CASE WHEN f.state = 'escrowed' AND f.e <= 0 THEN 'escrowed_amount > 0'
-          WHEN f.e > 0 AND f.state <> 'escrowed' THEN 'state escrowed'
+          WHEN f.e > 0 AND f.state IS DISTINCT FROM 'escrowed' THEN 'state escrowed'
           WHEN f.e > 0 AND f.task_id IS NULL THEN 'task_id set'
           ELSE 'escrow_released false' END,
      CASE WHEN f.state = 'escrowed' AND f.e <= 0 THEN f.e::text
-          WHEN f.e > 0 AND f.state <> 'escrowed' THEN 'state ' || f.state
-          WHEN f.e > 0 AND f.task_id IS NULL THEN 'task_id null'
+          WHEN f.e > 0 AND f.state IS DISTINCT FROM 'escrowed' THEN 'state ' || f.state
+          WHEN f.e > 0 AND f.task_id IS NULL THEN 'task_id not set'
           ELSE 'escrow_released true' END,
      f.e,
      concat_ws('; ',
                CASE WHEN f.state = 'escrowed' AND f.e <= 0 THEN 'state escrowed with nothing locked' END,
-               CASE WHEN f.e > 0 AND f.state <> 'escrowed' THEN format('%%s locked but state %%s', f.e, f.state) END,
+               CASE WHEN f.e > 0 AND f.state IS DISTINCT FROM 'escrowed'
+                    THEN format('%%s locked but state %%s', f.e, f.state) END,
                CASE WHEN f.e > 0 AND f.task_id IS NULL THEN format('%%s locked for no task', f.e) END,
                CASE WHEN f.e > 0 AND f.escrow_released THEN format('%%s locked but escrow_released is true', f.e) END)
        || ': the escrow and the channel state disagree; resolve the task''s escrow before new ones',
-     false)
+     NULL)
 ) AS v(invariant, bad, expected, actual, difference, detail, tag)
 WHERE (f.f_cons OR f.f_neg OR f.f_ledger OR f.f_closed OR f.f_escrow) AND v.bad
 """
@@ -170,32 +217,47 @@ WHERE (f.f_cons OR f.f_neg OR f.f_ledger OR f.f_closed OR f.f_escrow) AND v.bad
 _CHANNEL_INVARIANTS = ("channel_conservation", "channel_non_negative", "ledger_reconciliation",
                        "closed_channel_drained", "escrow_state")
 
-# (channel, task) pairs with more than one release/refund row; counts only (cheap over the whole ledger).
+# More than one release/refund row for one (channel, task_id) escrow, or more than one settlement/settle row
+# on one channel (a settle closes the channel); counts only (cheap over the whole ledger). The tag marks
+# the channels settled more than once.
 _DOUBLE_RELEASE_SQL = """
 SELECT 'double_release' AS invariant, NULL AS entity_type, d.channel_id AS entity_id, '1' AS expected,
        max(d.n)::text AS actual, (max(d.n) - 1)::numeric AS difference,
-       '' AS detail, bool_or(d.settlements > 1) AS tag
+       '' AS detail, bool_or(d.settle)::text AS tag
 FROM (
-    SELECT t.channel_id, t.task_id, count(*) AS n,
-           count(*) FILTER (WHERE t.transaction_type IN ('settlement', 'settle')) AS settlements
+    SELECT t.channel_id, false AS settle, count(*) AS n
     FROM {ledger_from}
-    WHERE t.transaction_type IN ('release', 'settlement', 'settle', 'refund')
+    WHERE t.transaction_type IN ('release', 'refund')
     GROUP BY t.channel_id, t.task_id
+    HAVING count(*) > 1
+    UNION ALL
+    SELECT t.channel_id, true, count(*)
+    FROM {ledger_from}
+    WHERE t.transaction_type IN ('settlement', 'settle')
+    GROUP BY t.channel_id
     HAVING count(*) > 1
 ) AS d
 GROUP BY d.channel_id
 """
 
-# The money behind each sampled double release (index lookups on a handful of channels).
+# The money behind each sampled double release or settle (index lookups on a handful of channels).
 _DOUBLE_RELEASE_DETAIL_SQL = """
-SELECT t.channel_id::text AS channel_id, t.task_id, count(*) AS n, sum(t.amount) AS paid, max(t.amount) AS once,
-       string_agg(t.transaction_type, ', ' ORDER BY t.created_at) AS types
-FROM unnest(%(ids)s::uuid[]) AS k(id)
-JOIN channel_transactions t ON t.channel_id = k.id
-WHERE t.transaction_type IN ('release', 'settlement', 'settle', 'refund')
-GROUP BY t.channel_id, t.task_id
-HAVING count(*) > 1
-ORDER BY t.channel_id, count(*) DESC, t.task_id
+SELECT g.channel_id::text AS channel_id, g.settle, g.task_id, g.n, g.paid, g.once, g.amounts, g.types,
+       c.total_settled
+FROM (
+    SELECT t.channel_id, t.transaction_type IN ('settlement', 'settle') AS settle,
+           CASE WHEN t.transaction_type IN ('settlement', 'settle') THEN NULL ELSE t.task_id END AS task_id,
+           count(*) AS n, sum(t.amount) AS paid, max(t.amount) AS once,
+           string_agg(t.amount::text, ' + ' ORDER BY t.created_at, t.id) AS amounts,
+           string_agg(t.transaction_type, ', ' ORDER BY t.created_at, t.id) AS types
+    FROM unnest(%(ids)s::uuid[]) AS k(id)
+    JOIN channel_transactions t ON t.channel_id = k.id
+    WHERE t.transaction_type IN ('release', 'refund', 'settlement', 'settle')
+    GROUP BY 1, 2, 3
+    HAVING count(*) > 1
+) AS g
+JOIN payment_channels c ON c.id = g.channel_id
+ORDER BY g.channel_id, g.n DESC, g.settle DESC, g.task_id NULLS FIRST
 """
 
 _ACCOUNTS_SQL = """
@@ -322,9 +384,10 @@ class PaymentsChecker(Checker):
         Invariant("account_non_negative", "balance, total_deposited and total_withdrawn are >= 0.",
                   entity_type="account", severity="critical"),
         Invariant("ledger_reconciliation",
-                  "The ledger rebuilds the channel: deposits, escrows, releases (incl. settlement/settle), "
-                  "refunds and closes give total_deposit, escrowed_amount, total_settled, pending_refund and "
-                  "current_balance.",
+                  "The ledger rebuilds the channel: deposits give total_deposit; escrows - releases - refunds "
+                  "give escrowed_amount; releases + settlements give total_settled; closes give pending_refund; "
+                  "deposits - escrows + refunds - closes - settlements give current_balance (a settlement pays "
+                  "the payee out of the spendable balance, never through escrow).",
                   entity_type="channel", severity="critical"),
         Invariant("closed_channel_drained",
                   "A closed channel holds nothing (current_balance = escrowed_amount = 0) and has closed_at.",
@@ -334,7 +397,8 @@ class PaymentsChecker(Checker):
                   "marked released.",
                   entity_type="channel", severity="critical"),
         Invariant("double_release",
-                  "At most one release/refund ledger row per (channel, task_id) escrow.",
+                  "At most one release/refund ledger row per (channel, task_id) escrow, and at most one "
+                  "settlement/settle row per channel (a settle closes the channel).",
                   entity_type="channel", severity="critical"),
         Invariant("sequence_regression",
                   "A channel's sequence_number never goes below the highest value seen before.",
@@ -450,17 +514,26 @@ class PaymentsChecker(Checker):
         else:
             inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
         with self._sweep_plan(ctx, ids is None, sort=True):
-            found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True)
+            found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True, priority=True)
         scope = "channels" if ids is None else "channels touched since the watermark"
 
         ledger = found["ledger_reconciliation"]
-        if ledger.tagged:
+        no_dep, more = ledger.tags.get(NO_DEPOSIT, 0), ledger.tags.get(NO_DEPOSIT_AND_MORE, 0)
+        mismatch = ledger.tags.get(MISMATCH, 0)
+        if ledger.count:
             checked = ctx.scalar("SELECT count(*) FROM payment_channels") if ids is None else len(ids)
-            tagged_ids = [v.entity_id for v in ledger.sample if "no deposit row" in v.detail]
-            ctx.summarize("ledger_reconciliation",
-                          f"{ledger.tagged} of {checked} {scope} have no deposit in the ledger (opened without a "
-                          f"deposit row, as the deployed platform's open path does)"
-                          f"{self._examples(ledger.sample, tagged_ids)}")
+            genuine = [v.entity_id for v in ledger.sample if not v.detail.startswith("no deposit row in the ledger:")]
+            parts = []
+            if no_dep + more:
+                parts.append(f"{no_dep + more} of {checked} {scope} have no deposit row in the ledger (opened "
+                             f"without one, as the deployed platform's open path does); {more} of them also "
+                             f"disagree otherwise")
+            if mismatch:
+                parts.append(f"{mismatch} of {checked} {scope} have their deposit row and still disagree with "
+                             f"the ledger")
+            if more + mismatch:
+                parts[-1] += f": genuine mismatches{self._examples(ledger.sample, genuine)}"
+            ctx.summarize("ledger_reconciliation", "; ".join(parts))
         drained = found["closed_channel_drained"]
         if drained.tagged:
             closed = ctx.scalar(f"SELECT count(*) FROM {_ALL_CHANNELS if ids is None else _TOUCHED_CHANNELS} "
@@ -478,18 +551,30 @@ class PaymentsChecker(Checker):
         details: dict[str, str] = {}
         for d in ctx.query(_DOUBLE_RELEASE_DETAIL_SQL, {"ids": [v.entity_id for v in found.sample]}):
             if d["channel_id"] in details:
-                continue  # the worst task of the channel is enough for the line
-            details[d["channel_id"]] = (
-                f"task {d['task_id']!s} has {d['n']} release/refund rows ({d['types']}) moving {d['paid']} "
-                f"where one escrow pays {d['once']} once: recover {d['paid'] - d['once']} and make "
-                f"settle/release idempotent")
-        sample = [replace(v, detail=details.get(v.entity_id, "more than one release/refund row per task"))
+                continue  # the worst group of the channel is enough for the line
+            excess = d["paid"] - d["once"]
+            if d["settle"]:
+                details[d["channel_id"]] = (
+                    f"settled {d['n']} times (settlement rows {d['amounts']} = {d['paid']}) but a settle pays "
+                    f"once and closes the channel; total_settled holds {d['total_settled']}: a racing double "
+                    f"settle (the settle endpoint has no guard); recover up to {excess} from the payee and make "
+                    f"settle idempotent")
+            else:
+                task = f"task {d['task_id']}" if d["task_id"] is not None else "an escrow with no task_id"
+                details[d["channel_id"]] = (
+                    f"{task} has {d['n']} release/refund rows ({d['types']}) moving {d['paid']} where one "
+                    f"escrow pays {d['once']} once: recover {excess} and make release idempotent")
+        sample = [replace(v, detail=details.get(v.entity_id, "more than one release/refund row for one escrow"))
                   for v in found.sample]
         ctx.report("double_release", sample, count=found.count)
-        if found.tagged:
-            ctx.summarize("double_release",
-                          f"{found.tagged} channels have more than one settlement row for one task (concurrent "
-                          f"calls of the settle endpoint, which has no guard){self._examples(sample)}")
+        settled_twice = found.tagged
+        parts = []
+        if settled_twice:
+            parts.append(f"{settled_twice} channels were settled more than once (concurrent calls of the settle "
+                         f"endpoint, which has no guard)")
+        if found.count - settled_twice:
+            parts.append(f"{found.count - settled_twice} channels released or refunded one escrow more than once")
+        ctx.summarize("double_release", "; ".join(parts) + self._examples(sample))
 
     def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None) -> None:
         if dids is None:

@@ -91,7 +91,8 @@ class Checker:
 # transfer. Rows are ranked within each (invariant, tag) group first: the full count per tag and the top
 # {track} of each come out of that one sort; the top {track} of the invariant are among them. The top
 # {limit} come whole (the sample); the rest up to {track} only as entity id and difference (the violators
-# the lifecycle tracks). Side rows (invariant "_...") get a group each, so they all pass. Ties: entity id
+# the lifecycle tracks). With a ``priority`` column, lower priorities rank first (a rare, genuine kind
+# before a systemic one, so the sample shows it). Side rows (invariant "_...") get a group each, so they all pass. Ties: entity id
 # in byte order, as in ``report``.
 _RANK = """
 SELECT invariant, entity_type, entity_id, difference, tag, tag_total, total, rn,
@@ -101,11 +102,11 @@ SELECT invariant, entity_type, entity_id, difference, tag, tag_total, total, rn,
 FROM (
     SELECT t.*, sum(t.tag_total) FILTER (WHERE t.tag_rn = 1) OVER (PARTITION BY t.invariant) AS total,
            row_number() OVER (PARTITION BY t.invariant
-                              ORDER BY abs(t.difference) DESC NULLS LAST, t.entity_id COLLATE "C") AS rn
+                              ORDER BY t.priority, abs(t.difference) DESC NULLS LAST, t.entity_id COLLATE "C") AS rn
     FROM (
         SELECT v.invariant::text AS invariant, v.entity_type::text AS entity_type,
                v.entity_id::text AS entity_id, v.expected, v.actual, v.difference, v.detail,
-               {tag}::text AS tag, count(*) OVER w AS tag_total,
+               {tag}::text AS tag, {priority}::int AS priority, count(*) OVER w AS tag_total,
                row_number() OVER (w ORDER BY abs(v.difference) DESC NULLS LAST,
                                   v.entity_id::text COLLATE "C") AS tag_rn
         FROM ({inner}) AS v
@@ -244,13 +245,14 @@ class CheckContext:
         return self.find_many(inner, [inv.id], params)[inv.id].count
 
     def find_many(self, sql: str | pgsql.Composable, invariants: Iterable[str], params: Any = None, *,
-                  tags: bool = False) -> dict[str, Found]:
+                  tags: bool = False, priority: bool = False) -> dict[str, Found]:
         """Judge several invariants in one pass over the data; returns what was found per invariant.
 
         ``sql`` returns ``invariant, entity_type, entity_id, expected, actual,
         difference, detail`` (``entity_type`` may be NULL: the invariant's own is
         used), and with ``tags`` a ``tag`` column too, counted per value (``Found.tags``):
-        how many violations share a pattern worth a summary line. Every id in
+        how many violations share a pattern worth a summary line. With ``priority`` an integer
+        ``priority`` column ranks rows before ``|difference|`` does (lower first). Every id in
         ``invariants`` counts as judged, with 0 when no row names it.
 
         Rows whose ``invariant`` starts with ``_`` are not violations but a side set the
@@ -261,7 +263,8 @@ class CheckContext:
         inner = pgsql.SQL(sql) if isinstance(sql, str) else sql
         ranked = pgsql.SQL(_RANK).format(inner=inner, limit=pgsql.Literal(self.sample_limit),
                                          track=pgsql.Literal(self.track_limit),
-                                         tag=pgsql.SQL("v.tag" if tags else "NULL"))
+                                         tag=pgsql.SQL("v.tag" if tags else "NULL"),
+                                         priority=pgsql.SQL("v.priority" if priority else "0"))
         totals: dict[str, int] = {i: 0 for i in ids}
         samples: dict[str, list[Violation]] = {i: [] for i in ids}
         tracked: dict[str, dict[str, Any]] = {i: {} for i in ids}

@@ -3,7 +3,7 @@
 A file such as ``examples/checkers/stuck_tasks.yml``::
 
     name: stuck_tasks                  # the checker's name (metrics label, API, config key)
-    invariant: stuck_executing_task    # optional; default: the name
+    invariant: stuck_task    # optional; default: the name
     description: No task stays in executing past its timeout_at.
     severity: warning                  # critical | warning | info
     entity_type: task
@@ -15,6 +15,8 @@ A file such as ``examples/checkers/stuck_tasks.yml``::
       entity_id: entity_id
     query: |
       SELECT task_id AS entity_id, ... FROM tasks WHERE ... > %(grace_seconds)s
+    skip_when: |                       # optional: a row here means "cannot be judged", its first column says why
+      SELECT 'no task has a timeout_at' WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE timeout_at IS NOT NULL)
 
 becomes, at load, a ``Checker`` subclass (``source = "yaml"``) whose ``run`` hands
 the query to ``ctx.find``: it runs in the same ``REPEATABLE READ READ ONLY``
@@ -111,6 +113,10 @@ class CheckerSpec(Strict):
     params: dict[str, ParamSpec] = Field(default_factory=dict, description="Thresholds used by the query.")
     columns: ColumnsSpec = Field(default_factory=ColumnsSpec, description="Column renames.")
     query: str = Field(min_length=1, description="One read-only SELECT; each row is a violation.")
+    skip_when: str | None = Field(None, min_length=1, description=(
+        "Optional read-only SELECT run first: when it returns a row, the invariant is not judged in this run "
+        "and is listed as skipped with the row's first column as the reason (e.g. the table it audits is empty "
+        "on this platform, so every row would be a violation)."))
 
     @field_validator("params")
     @classmethod
@@ -168,36 +174,36 @@ def _statements(sql: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
-def _check_query(spec: CheckerSpec) -> tuple[str, int | None] | None:
+def _check_query(spec: CheckerSpec, query: str) -> tuple[str, int | None] | None:
     """Why a query is refused before it ever runs, with the offset in the query to point at (None: fine)."""
-    statements = _statements(spec.query)
+    statements = _statements(query)
     if len(statements) != 1:
         return f"expected exactly one SQL statement, found {len(statements)}", None
     if not _QUERY_START.match(statements[0]):
         return "expected a query (SELECT, WITH, VALUES or TABLE): declarative checkers only read", None
     used: dict[str, int] = {}
-    i = spec.query.find("%")
+    i = query.find("%")
     while i >= 0:
-        token = _PLACEHOLDER.match(spec.query, i)
+        token = _PLACEHOLDER.match(query, i)
         if token is None:
             return ("a lone % in the query: write %% for a literal percent sign, "
                     "%(param)s for a threshold declared under params"), i
         if token.group("name"):
             used.setdefault(token.group("name"), i)
-        i = spec.query.find("%", token.end())
+        i = query.find("%", token.end())
     for name, at in used.items():
         if name not in spec.params:
             return f"the query uses %({name})s but params declares no {name!r}", at
     return None
 
 
-def _query_line(doc: YamlDoc, offset: int | None) -> int | None:
+def _query_line(doc: YamlDoc, offset: int | None, key_name: str = "query") -> int | None:
     """The file line of ``offset`` in the query's text: exact for block scalars (``|``, ``>``), else the key's line."""
-    key_line = doc.line_of(("query",))
+    key_line = doc.line_of((key_name,))
     if offset is None or not isinstance(doc.node, yaml.MappingNode):
         return key_line
     for key, value in doc.node.value:
-        if key.value == "query" and isinstance(value, yaml.ScalarNode) and value.style == "|":
+        if key.value == key_name and isinstance(value, yaml.ScalarNode) and value.style == "|":
             return value.start_mark.line + 2 + value.value.count("\n", 0, offset)
     return key_line
 
@@ -233,6 +239,11 @@ class DeclarativeChecker(Checker):
     def _run(self, ctx: CheckContext) -> None:
         inv = self.invariants[0]
         params = self.params()
+        if self.spec.skip_when is not None:
+            row = ctx.conn.execute(_statements(self.spec.skip_when)[0], params).fetchone()
+            if row is not None:
+                ctx.skip(inv.id, str(row[0]) if row and row[0] is not None else "skip_when returned a row")
+                return
         # Learn the query's columns without running it (LIMIT 0 plans and stops).
         with ctx.conn.cursor() as cur:
             cur.execute(f"SELECT * FROM ({self.query}) AS q LIMIT 0", params)
@@ -304,9 +315,11 @@ def load_file(path: Path) -> type[DeclarativeChecker]:
         spec = CheckerSpec.model_validate(doc.data)
     except ValidationError as exc:
         raise DeclarativeError(explain(exc, doc)) from None
-    problem = _check_query(spec)
-    if problem:
-        raise DeclarativeError(doc.error(("query",), problem[0], line=_query_line(doc, problem[1])))
+    for key in ("query", "skip_when"):
+        text = getattr(spec, key)
+        problem = _check_query(spec, text) if text is not None else None
+        if problem:
+            raise DeclarativeError(doc.error((key,), problem[0], line=_query_line(doc, problem[1], key)))
     return build_class(spec, path)
 
 

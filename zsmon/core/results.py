@@ -24,6 +24,21 @@ def _out(value: Any) -> Any:
     return str(value)
 
 
+MISSING = "—"  # how a value that is not there reads in human text (never "None")
+
+
+def describe_violation(v: dict[str, Any]) -> str:
+    """One violation (``Violation.to_dict()``) as people read it: "expected X, actual Y, difference Z - detail".
+
+    A value that is not there is written as "—"; a violation without a numeric difference says so."""
+    def shown(value: Any) -> str:
+        return MISSING if value is None or value == "" else str(value)
+
+    difference = "no numeric difference" if v.get("difference") is None else f"difference {v['difference']}"
+    line = f"expected {shown(v.get('expected'))}, actual {shown(v.get('actual'))}, {difference}"
+    return f"{line} - {v['detail']}" if v.get("detail") else line
+
+
 _LIFECYCLE_KEYS = ("first_seen", "last_seen", "runs_seen", "first_difference", "acknowledgement")
 
 

@@ -36,6 +36,7 @@ from zsmon.app import build_registry, build_service
 from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.core.lifecycle import LifecycleError
 from zsmon.core.logging import configure_logging
+from zsmon.core.results import describe_violation
 from zsmon.demo import schema_sql
 
 SIMULATORS = ("payments", "auctions", "reputation")
@@ -252,7 +253,7 @@ class Heartbeats:
     def beat(self, force: bool = False) -> None:
         if not self.dids or (not force and time.monotonic() - self.last < self.every):
             return
-        self.conn.execute("UPDATE agents SET last_seen_at = now() WHERE did = ANY(%s) AND status = 'active'",
+        self.conn.execute("UPDATE agents SET last_seen_at = now() WHERE did = ANY(%s) AND status = 'online'",
                           (self.dids,))
         self.last = time.monotonic()
 
@@ -406,9 +407,8 @@ class ViolationPrinter:
                 self.found += 1
                 n = shown[v.invariant] = shown.get(v.invariant, 0) + 1
                 if n <= self.PER_INVARIANT:
-                    d = v.to_dict()
-                    self.say(f"VIOLATION {r.checker}/{v.invariant} {v.entity_type} {v.entity_id}: expected "
-                             f"{d['expected']}, actual {d['actual']}, difference {d['difference']} - {v.detail}")
+                    self.say(f"VIOLATION {r.checker}/{v.invariant} {v.entity_type} {v.entity_id}: "
+                             f"{describe_violation(v.to_dict())}")
             for inv, n in shown.items():
                 if n > self.PER_INVARIANT:
                     self.say(f"  ... and {n - self.PER_INVARIANT} more new {r.checker}/{inv} "

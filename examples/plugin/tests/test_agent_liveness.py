@@ -21,8 +21,8 @@ from zsmon_example_plugin.checker import AgentLivenessSettings
 def _world(writer):
     writer.execute("""
         INSERT INTO agents (did, name, status, last_seen_at) VALUES
-          ('did:agent:fresh',   'fresh',   'active',  now() - interval '10 seconds'),
-          ('did:agent:quiet',   'quiet',   'active',  now() - interval '4 minutes'),
+          ('did:agent:fresh',   'fresh',   'online',  now() - interval '10 seconds'),
+          ('did:agent:quiet',   'quiet',   'busy',    now() - interval '4 minutes'),
           ('did:agent:retired', 'retired', 'offline', now() - interval '30 days'),
           ('did:agent:new',     'new',     'offline', NULL)
     """)
@@ -38,14 +38,14 @@ def test_clean_world_then_a_silent_agent(writer, run_check):
     clean = run_check("agent_liveness", redis=False)
     assert clean.status == "pass" and clean.violation_counts == {"silent_active_agent": 0}
     writer.execute("UPDATE agents SET last_seen_at = now() - interval '1 hour' WHERE did = 'did:agent:quiet'")
-    writer.execute("INSERT INTO agents (did, status) VALUES ('did:agent:ghost', 'active')")
+    writer.execute("INSERT INTO agents (did, name, status) VALUES ('did:agent:ghost', 'ghost', 'online')")
     found = run_check("agent_liveness", redis=False)
     assert found.status == "fail" and found.violation_counts == {"silent_active_agent": 2}
     by_id = {v.entity_id: v for v in found.violations}
     assert by_id["did:agent:ghost"].actual == "never" and "never sent a heartbeat" in by_id["did:agent:ghost"].detail
     quiet = by_id["did:agent:quiet"]
     assert quiet.expected == "a heartbeat within 300 s" and quiet.actual.endswith("Z")
-    assert re.search(r"is active but sent no heartbeat for 36\d\d s$", quiet.detail), quiet.detail
+    assert re.search(r"is busy but sent no heartbeat for 36\d\d s$", quiet.detail), quiet.detail
 
 
 def test_threshold_is_a_setting(writer, run_check):
@@ -72,7 +72,7 @@ def test_an_instance_with_its_own_settings_runs_against_the_database(writer, mak
     config = make_config(redis=False)
     runner = build_runner(build_registry(config), only=["schema"])
     try:
-        checker = AgentLivenessChecker(AgentLivenessSettings(max_silence_seconds=60, statuses=["active", "offline"]))
+        checker = AgentLivenessChecker(AgentLivenessSettings(max_silence_seconds=60, statuses=["busy", "offline"]))
         runner.checkers[checker.name] = bind_checker(checker, config)
         result = runner.run_check(checker.name)
         assert result.violation_counts == {"silent_active_agent": 3}

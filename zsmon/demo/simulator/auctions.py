@@ -85,7 +85,7 @@ class AuctionSimulator:
         self.last_refusal: str | None = None
         self._seq = 0
         with conn.cursor() as cur:
-            cur.executemany("INSERT INTO agents (did, name, status) VALUES (%s, %s, 'active') "
+            cur.executemany("INSERT INTO agents (did, name, status) VALUES (%s, %s, 'online') "
                             "ON CONFLICT (did) DO NOTHING", [(a.did, a.did.rsplit(':', 1)[-1]) for a in self.agents])
 
     # ---- clock -------------------------------------------------------------------

@@ -34,7 +34,7 @@ from psycopg.rows import dict_row
 
 UNIT = Decimal("0.00000001")
 
-__all__ = ["PaymentSimulator", "FAULTS", "Fault", "inject_fault", "UNIT"]
+__all__ = ["PaymentSimulator", "DeployedPayments", "FAULTS", "Fault", "inject_fault", "UNIT"]
 
 
 def _money(value: Decimal | int | str) -> Decimal:
@@ -258,6 +258,57 @@ class PaymentSimulator:
 # ---- fault injection ----------------------------------------------------------------
 # Each plants one invariant's violation, in one transaction, and returns the entity it broke.
 
+class DeployedPayments:
+    """The payment writes of the deployed platform, as its source does them (docs/invariants.md, "What the
+    deployed platform really writes"), for the tests' real-platform scenarios:
+
+    - ``open_channel``: a channel with total_deposit = current_balance = the amount, state ``open``, a
+      literal placeholder ``payer_did``, no account debited and no ``deposit`` ledger row;
+    - ``settle``: refused when the channel it reads is closed; else ``total_settled = amount`` (overwritten),
+      ``current_balance = total_deposit - amount`` (negative above the deposit), ``state = closed``,
+      ``closed_at = now()``, then one ``settlement`` row with no task_id; nothing credits the payee, and the
+      two writes share no transaction;
+    - ``racing_settles``: two settle calls that both read the channel open before either wrote: both writes
+      land, the second overwrites ``total_settled``, two ``settlement`` rows stay.
+    """
+
+    PAYER = "payer_did"  # what the settle handler passes as the payer
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    def open_channel(self, payee: str, amount: Decimal | int | str, auction_id: str | None = None) -> str:
+        row = self.conn.execute(
+            "INSERT INTO payment_channels (payer_did, payee_did, auction_id, total_deposit, current_balance, "
+            "escrowed_amount, total_settled, pending_refund, state, sequence_number, escrow_released) "
+            "VALUES (%s, %s, %s, %s, %s, 0, 0, 0, 'open', 0, false) RETURNING id",
+            (self.PAYER, payee, auction_id, _money(amount), _money(amount))).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def _write_settle(self, channel_id: str, amount: Decimal) -> None:
+        self.conn.execute("UPDATE payment_channels SET total_settled = %s, current_balance = total_deposit - %s, "
+                          "state = 'closed', closed_at = now(), updated_at = now() WHERE id = %s",
+                          (amount, amount, channel_id))
+        self.conn.execute("INSERT INTO channel_transactions (channel_id, transaction_type, amount, reason, metadata) "
+                          "VALUES (%s, 'settlement', %s, 'channel settled', '{}')", (channel_id, amount))
+
+    def settle(self, channel_id: str, amount: Decimal | int | str) -> bool:
+        """One settle call; False when the platform refuses it (the channel it reads is already closed)."""
+        state = self.conn.execute("SELECT state FROM payment_channels WHERE id = %s", (channel_id,)).fetchone()
+        if state is None or state[0] == "closed":
+            return False
+        self._write_settle(channel_id, _money(amount))
+        return True
+
+    def racing_settles(self, channel_id: str, first: Decimal | int | str, second: Decimal | int | str) -> None:
+        """Two concurrent settle calls: both passed the closed check before either wrote."""
+        state = self.conn.execute("SELECT state FROM payment_channels WHERE id = %s", (channel_id,)).fetchone()
+        assert state is not None and state[0] != "closed"
+        self._write_settle(channel_id, _money(first))
+        self._write_settle(channel_id, _money(second))
+
+
 def _one(conn: psycopg.Connection, sql: str, what: str) -> dict[str, Any]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(sql)
@@ -328,14 +379,14 @@ def one_unit_leak(conn: psycopg.Connection) -> str:
 
 
 def double_release(conn: psycopg.Connection) -> str:
-    """A second ``settlement`` row for an escrow already released (two concurrent settle calls: ``double_release``)."""
+    """A second ``release`` row for an escrow already released (two concurrent release calls: ``double_release``)."""
     _ensure(conn, 'released')
     with conn.transaction():
         row = _one(conn, "SELECT channel_id, amount, task_id FROM channel_transactions WHERE transaction_type = "
                          "'release' AND task_id IS NOT NULL ORDER BY created_at DESC, id LIMIT 1", "released escrow")
         conn.execute("SELECT 1 FROM payment_channels WHERE id = %s FOR UPDATE", (row["channel_id"],))
         conn.execute("INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id) "
-                     "VALUES (%s, 'settlement', %s, %s)", (row["channel_id"], row["amount"], row["task_id"]))
+                     "VALUES (%s, 'release', %s, %s)", (row["channel_id"], row["amount"], row["task_id"]))
         conn.execute("UPDATE payment_channels SET updated_at = now() WHERE id = %s", (row["channel_id"],))
     return str(row["channel_id"])
 

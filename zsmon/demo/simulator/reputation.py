@@ -58,7 +58,7 @@ class ReputationSimulator:
         self._made += 1
         did = f"did:zerostate:agent:{self.seed}-{self._made:05d}-{self.rng.getrandbits(32):08x}"
         self.conn.execute(
-            "INSERT INTO agents (did, name, status, region, last_seen_at) VALUES (%s, %s, 'active', %s, %s)",
+            "INSERT INTO agents (did, name, status, region, last_seen_at) VALUES (%s, %s, 'online', %s, %s)",
             (did, f"agent-{self._made}", self.rng.choice(["eu-west", "us-east", "ap-south"]), self._now()))
         return did
 

@@ -1,7 +1,7 @@
 """Checker ``agent_liveness``: an agent that says it is active keeps sending heartbeats.
 
-The platform sets ``agents.last_seen_at`` on every heartbeat. An ``active``
-agent that has not been seen for longer than ``max_silence_seconds`` still
+The platform sets ``agents.last_seen_at`` on every heartbeat. An ``online``
+or ``busy`` agent that has not been seen for longer than ``max_silence_seconds`` still
 receives auctions and tasks it will never run: the scheduler should have
 marked it offline. One set-based query, judged in zsmon's read-only snapshot.
 
@@ -21,7 +21,7 @@ class AgentLivenessSettings(CheckerSettings):
     # Every field: Field(default, description=...); `zsmon checkers explain` shows them.
     max_silence_seconds: float = Field(300.0, gt=0, description="An active agent silent for longer than this "
                                        "(or never seen) is a violation.")
-    statuses: list[str] = Field(["active"], min_length=1, description="Agent statuses that promise heartbeats.")
+    statuses: list[str] = Field(["online", "busy"], min_length=1, description="Agent statuses that promise heartbeats.")
 
 
 class AgentLivenessChecker(Checker):
