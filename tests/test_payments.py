@@ -263,7 +263,7 @@ def test_exporter_families(writer, db_url, make_config):
     expect = dict(writer.execute("SELECT state, count(*) FROM payment_channels GROUP BY state").fetchall())
     assert all(states[(("state", s),)] == expect.get(s, 0) for s in ("open", "escrowed", "settling", "closed"))
     money = {dict(k)["bucket"]: v for k, v in samples("zerostate_payment_money").items()}
-    assert set(money) == {"current", "escrowed", "settled", "refunded", "available"}
+    assert set(money) == {"current", "escrowed", "stranded", "overdrawn", "settled", "refunded", "available"}
     bal = writer.execute("SELECT sum(balance) FROM accounts").fetchone()[0]
     assert money["available"] == pytest.approx(float(bal))
     assert samples("zerostate_payment_escrows_active")[()] == writer.execute(
@@ -271,7 +271,7 @@ def test_exporter_families(writer, db_url, make_config):
     wd = writer.execute("SELECT sum(total_withdrawn) FROM accounts").fetchone()[0]
     assert families["zerostate_payment_withdrawn"].samples[0].value == pytest.approx(float(wd))
     types = {dict(k)["type"]: v for k, v in samples("zerostate_payment_channel_transactions").items()}
-    assert set(types) == {"deposit", "escrow", "release", "refund", "close", "other"}
+    assert set(types) == {"deposit", "escrow", "release", "settlement", "refund", "close", "other"}
     assert sum(types.values()) == writer.execute("SELECT count(*) FROM channel_transactions").fetchone()[0]
     registry = CollectorRegistry()
 

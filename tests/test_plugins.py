@@ -42,8 +42,8 @@ def _zsmon(*args, env=None, config=None):
 
 def _plant_silent_agent(writer):
     writer.execute("""INSERT INTO agents (did, name, status, last_seen_at) VALUES
-                        ('did:agent:ok', 'ok', 'active', now()),
-                        ('did:agent:gone', 'gone', 'active', now() - interval '2 hours')""")
+                        ('did:agent:ok', 'ok', 'online', now()),
+                        ('did:agent:gone', 'gone', 'busy', now() - interval '2 hours')""")
 
 
 def test_entry_point_registers_the_checker_as_a_plugin():

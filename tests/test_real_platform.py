@@ -138,6 +138,37 @@ def test_the_command_line_on_the_deployed_platform(writer, db_url, redis_prefix,
     assert not _NOT_FOR_PEOPLE.search(text.stdout), text.stdout
 
 
+def test_money_buckets_tell_the_truth_on_the_deployed_platform(writer, make_config):
+    """Spendable money excludes closed channels; what closed channels still hold is "stranded"; a settle
+    above the deposit shows as "overdrawn", never netted into another bucket."""
+    from zsmon.core.db import Database
+    from zsmon.core.exporter import CollectContext
+    from zsmon.exporters.payments import PaymentsExporter
+
+    platform = DeployedPayments(writer)
+    open_ids = [platform.open_channel("did:agent:1", 10) for _ in range(3)]          # 30 spendable
+    settled = [platform.open_channel("did:agent:2", 10) for _ in range(2)]
+    for cid in settled:
+        platform.settle(cid, 4)                                                       # 2 x 6 stranded
+    above = platform.open_channel("did:agent:3", 10)
+    platform.settle(above, 15)                                                        # -5 overdrawn
+    assert len(open_ids) == 3
+    cfg = make_config(redis=False)
+    db = Database(cfg.database)
+    db.open()
+    exporter = PaymentsExporter()
+    try:
+        with db.snapshot() as conn:
+            families = {f.name: f for f in exporter.collect(CollectContext(exporter, conn, None, cfg, None))}
+    finally:
+        db.close()
+    money = {s.labels["bucket"]: s.value for s in families["zerostate_payment_money"].samples}
+    assert money == {"current": 30.0, "escrowed": 0.0, "stranded": 12.0, "overdrawn": 5.0, "settled": 23.0,
+                     "refunded": 0.0, "available": 0.0}
+    types = {s.labels["type"]: s.value for s in families["zerostate_payment_channel_transactions"].samples}
+    assert types["settlement"] == 3 and types["release"] == 0 and types["deposit"] == 0
+
+
 # ---- reputation -----------------------------------------------------------------------------------
 
 def test_reputation_first_observation_and_crash_gaps(writer, make_config, run_check):

@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from zsmon.checkers.platform import COLUMNS, reads
 from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Found, Invariant
 from zsmon.core.results import Violation
 
@@ -124,7 +125,7 @@ _ENTITY_SQL = """
 {SCOPE}
 bid_stats AS (
     SELECT b.auction_id, {BEST}(b.composite_score) AS best_score
-    FROM bids b JOIN {A} a ON a.id = b.auction_id AND a.status = 'awarded'
+    FROM {bids} b JOIN {A} a ON a.id = b.auction_id AND a.status = 'awarded'
     GROUP BY b.auction_id
 ),
 second_ranked AS (
@@ -132,7 +133,7 @@ second_ranked AS (
     FROM (
         SELECT b.auction_id, b.price,
                rank() OVER (PARTITION BY b.auction_id ORDER BY b.composite_score {DIR}) AS r
-        FROM bids b
+        FROM {bids} b
         JOIN {A} a ON a.id = b.auction_id AND a.status = 'awarded' AND a.auction_type = 'second_price'
         WHERE b.id IS DISTINCT FROM a.winning_bid_id
     ) o
@@ -148,7 +149,7 @@ au AS (
                ELSE w.price
            END AS rule_price
     FROM {A} a
-    LEFT JOIN bids w ON w.id = a.winning_bid_id AND w.auction_id = a.id
+    LEFT JOIN {bids} w ON w.id = a.winning_bid_id AND w.auction_id = a.id
     LEFT JOIN bid_stats s ON s.auction_id = a.id
     LEFT JOIN second_ranked sr ON sr.auction_id = a.id
 ),
@@ -230,7 +231,7 @@ FROM (
            a.reserve_price > 0 AND b.price < a.reserve_price AS f_below,
            a.min_reputation > 0 AND b.reputation_score < a.min_reputation AS f_low_rep,
            b.created_at > a.expires_at AS f_late
-    FROM bids b
+    FROM {bids} b
     JOIN {A} a ON a.id = b.auction_id
     WHERE (a.max_price > 0 AND b.price > a.max_price) OR (a.reserve_price > 0 AND b.price < a.reserve_price)
        OR (a.min_reputation > 0 AND b.reputation_score < a.min_reputation) OR b.created_at > a.expires_at
@@ -272,7 +273,7 @@ SELECT 'awarded_without_channel', 'auction', a.id::text, a.id,
            || coalesce(a.winning_bid_id::text, '(none)') || ' cannot be paid'
 FROM {A} a
 WHERE a.status = 'awarded' AND a.updated_at < now() - make_interval(secs => %(grace)s)
-  AND NOT EXISTS (SELECT 1 FROM payment_channels pc WHERE pc.auction_id = a.id::text)
+  AND NOT EXISTS (SELECT 1 FROM {payment_channels} pc WHERE pc.auction_id = a.id::text)
 )
 SELECT invariant, entity_type, entity_id, expected, actual, difference, detail, tag FROM found
 UNION ALL
@@ -282,9 +283,9 @@ FROM (SELECT DISTINCT auction_id FROM found LIMIT %(cap)s) AS t
 
 _SCOPE_SQL = """
 WITH scope AS MATERIALIZED (
-    SELECT id FROM auctions WHERE updated_at > %(since)s
-    UNION SELECT auction_id FROM bids WHERE created_at > %(since)s
-    UNION SELECT id FROM auctions
+    SELECT id FROM {auctions} WHERE updated_at > %(since)s
+    UNION SELECT auction_id FROM {bids} WHERE created_at > %(since)s
+    UNION SELECT id FROM {auctions}
           WHERE status = 'awarded' AND updated_at > %(since)s - make_interval(secs => %(grace)s)
     UNION SELECT unnest(%(tracked)s::uuid[])
 ),
@@ -297,40 +298,58 @@ class AuctionsChecker(Checker):
     invariants = (
         Invariant("awarded_has_winner",
                   "status = awarded ⇒ winning_bid_id names a bid of this auction and final_price is set.",
-                  entity_type="auction", severity="warning"),
+                  entity_type="auction", severity="warning",
+                  reads=reads("auctions", "id", "status", "winning_bid_id", "final_price")
+                  + reads("bids", "id", "auction_id")),
         Invariant("unawarded_has_no_winner",
                   "status ≠ awarded ⇒ winning_bid_id and final_price are null.",
-                  entity_type="auction", severity="warning"),
+                  entity_type="auction", severity="warning",
+                  reads=reads("auctions", "id", "status", "winning_bid_id", "final_price")),
         Invariant("winner_is_top_ranked",
                   "The winning bid has the best composite_score of the auction's bids (ties allowed).",
-                  entity_type="auction", severity="warning"),
+                  entity_type="auction", severity="warning",
+                  reads=reads("auctions", "id", "status", "winning_bid_id")
+                  + reads("bids", "id", "auction_id", "composite_score")),
         # Critical: a wrong final price is a wrong amount of money charged to the user and paid to the agent.
         Invariant("final_price_rule",
                   "final_price follows the auction type's rule (first_price: winner's price; second_price: "
                   "second-ranked bid's price; reserve: winner's price raised to reserve_price; unknown types "
                   "pay like first_price).",
-                  entity_type="auction", severity="critical"),
+                  entity_type="auction", severity="critical",
+                  reads=reads("auctions", "id", "status", "auction_type", "winning_bid_id", "final_price",
+                              "reserve_price")
+                  + reads("bids", "id", "auction_id", "price", "composite_score")),
         Invariant("price_within_bounds",
                   "Bid price ≤ max_price when set and ≥ reserve_price when > 0 (entity: the bid); "
                   "final_price ≤ max_price (entity: the auction).",
-                  entity_type="bid", severity="warning"),
+                  entity_type="bid", severity="warning",
+                  reads=reads("auctions", "id", "max_price", "reserve_price", "final_price")
+                  + reads("bids", "id", "auction_id", "price")),
         Invariant("bid_meets_min_reputation",
                   "A bid's reputation_score ≥ its auction's min_reputation when that is > 0.",
-                  entity_type="bid", severity="warning"),
+                  entity_type="bid", severity="warning",
+                  reads=reads("auctions", "id", "min_reputation")
+                  + reads("bids", "id", "auction_id", "reputation_score")),
         Invariant("bid_after_expiry",
                   "A bid's created_at ≤ its auction's expires_at.",
-                  entity_type="bid", severity="warning"),
+                  entity_type="bid", severity="warning",
+                  reads=reads("auctions", "id", "expires_at") + reads("bids", "id", "auction_id", "created_at")),
         Invariant("stale_open_auction",
                   "No auction stays open longer than the grace period past expires_at (the closer job is stuck).",
-                  entity_type="auction", severity="warning", difference_is_age=True),
+                  entity_type="auction", severity="warning", difference_is_age=True,
+                  reads=reads("auctions", "id", "status", "expires_at")),
         Invariant("awarded_without_channel",
                   "An auction awarded longer ago than the grace period has a payment channel with its id.",
-                  entity_type="auction", severity="warning"),
+                  entity_type="auction", severity="warning",
+                  reads=reads("auctions", "id", "status", "updated_at", "winning_bid_id")
+                  + reads("payment_channels", "auction_id")),
         Invariant("allocation_success_rate",
                   "Of the auctions that ended in the window, the awarded share is ≥ the threshold "
                   "(judged only with at least min_sample auctions).",
-                  entity_type="global", severity="warning"),
+                  entity_type="global", severity="warning",
+                  reads=reads("auctions", "status", "expires_at")),
     )
+    columns = {t: COLUMNS[t] for t in ("auctions", "bids", "payment_channels")}
     Settings = AuctionsSettings
     default_interval_seconds = 30.0
     supports_incremental = True
@@ -363,10 +382,10 @@ class AuctionsChecker(Checker):
         subs = dict(self._direction(), ISO=_ISO)
         if incremental:
             subs["SCOPE"] = _SCOPE_SQL.strip()
-            subs["A"] = "(SELECT a0.* FROM auctions a0 WHERE a0.id IN (SELECT id FROM scope))"
+            subs["A"] = "(SELECT a0.* FROM {auctions} a0 WHERE a0.id IN (SELECT id FROM scope))"
         else:
             subs["SCOPE"] = "WITH"
-            subs["A"] = "auctions"
+            subs["A"] = "{auctions}"
         for k, v in subs.items():
             text = text.replace("{" + k + "}", v)
         return text
@@ -404,13 +423,13 @@ class AuctionsChecker(Checker):
                    'auction is still open ' || round(extract(epoch FROM now() - a.expires_at)::numeric)
                        || ' s after it expired (grace ' || %(grace)s || ' s): the platform''s auction closer '
                        || 'is not running or skips it' AS detail
-            FROM auctions a
+            FROM {{auctions}} a
             WHERE a.status = 'open' AND a.expires_at < now() - make_interval(secs => %(grace)s)
             """,
             {"grace": grace},
         )
         if n:
-            open_total = ctx.scalar("SELECT count(*) FROM auctions WHERE status = 'open'")
+            open_total = ctx.scalar("SELECT count(*) FROM {auctions} WHERE status = 'open'")
             oldest = ctx.samples["stale_open_auction"][0].difference
             ctx.summarize("stale_open_auction",
                           f"{n} of {open_total} open auctions are more than {grace:g} s past expires_at "
@@ -427,7 +446,7 @@ class AuctionsChecker(Checker):
                    count(*) FILTER (WHERE a.status = 'expired') AS expired,
                    count(*) FILTER (WHERE a.status = 'open') AS stuck_open,
                    count(*) FILTER (WHERE a.status NOT IN ('open', 'closed', 'awarded', 'expired')) AS other
-            FROM auctions a WHERE {where}
+            FROM {{auctions}} a WHERE {where}
             """,
             params,
         )[0]

@@ -50,6 +50,7 @@ from typing import Any, Iterator
 from prometheus_client import Counter
 from pydantic import Field
 
+from zsmon.checkers.platform import COLUMNS, reads
 from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Invariant
 from zsmon.core.results import Violation
 
@@ -65,10 +66,10 @@ NO_DEPOSIT, NO_DEPOSIT_AND_MORE, MISMATCH = "no_deposit", "no_deposit_and_more",
 # ---- SQL -----------------------------------------------------------------------------------------
 # {ledger_from} / {channels_from} / {scope}: the whole tables (full sweep), or only the touched channels
 # (incremental), joined as a relation (unnest) so that the planner sizes them and probes the indexes.
-_ALL_LEDGER = "channel_transactions t"
-_TOUCHED_LEDGER = "unnest(%(ids)s::uuid[]) AS k(id) JOIN channel_transactions t ON t.channel_id = k.id"
-_ALL_CHANNELS = "payment_channels c"
-_TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN payment_channels c ON c.id = k.id"
+_ALL_LEDGER = "{channel_transactions} t"
+_TOUCHED_LEDGER = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {channel_transactions} t ON t.channel_id = k.id"
+_ALL_CHANNELS = "{payment_channels} c"
+_TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id"
 
 # The ledger rebuilds a channel (docs/invariants.md): total_deposit = deposits; escrowed_amount = escrows -
 # releases - refunds; total_settled = releases + settlements; pending_refund = closes; current_balance =
@@ -214,6 +215,8 @@ CROSS JOIN LATERAL (VALUES
 WHERE (f.f_cons OR f.f_neg OR f.f_ledger OR f.f_closed OR f.f_escrow) AND v.bad
 """
 
+_MONEY = ("total_deposit", "current_balance", "escrowed_amount", "total_settled", "pending_refund")
+
 _CHANNEL_INVARIANTS = ("channel_conservation", "channel_non_negative", "ledger_reconciliation",
                        "closed_channel_drained", "escrow_state")
 
@@ -251,12 +254,12 @@ FROM (
            string_agg(t.amount::text, ' + ' ORDER BY t.created_at, t.id) AS amounts,
            string_agg(t.transaction_type, ', ' ORDER BY t.created_at, t.id) AS types
     FROM unnest(%(ids)s::uuid[]) AS k(id)
-    JOIN channel_transactions t ON t.channel_id = k.id
+    JOIN {channel_transactions} t ON t.channel_id = k.id
     WHERE t.transaction_type IN ('release', 'refund', 'settlement', 'settle')
     GROUP BY 1, 2, 3
     HAVING count(*) > 1
 ) AS g
-JOIN payment_channels c ON c.id = g.channel_id
+JOIN {payment_channels} c ON c.id = g.channel_id
 ORDER BY g.channel_id, g.n DESC, g.settle DESC, g.task_id NULLS FIRST
 """
 
@@ -307,7 +310,7 @@ _ACCOUNT_INVARIANTS = ("account_non_negative", "account_reconciliation")
 
 _ALL_CHANNEL_ROWS = """
     SELECT r.did, r.paid, r.refunded, r.earned
-    FROM payment_channels c
+    FROM {payment_channels} c
     CROSS JOIN LATERAL (VALUES (c.payer_did, c.total_deposit, c.pending_refund, NULL::numeric),
                                (c.payee_did, NULL::numeric, NULL::numeric, c.total_settled)) AS r(did, paid, refunded, earned)
 """
@@ -316,36 +319,39 @@ _ALL_CHANNEL_ROWS = """
 # relation (unnest) rather than compared with = ANY: the planner then sizes them and probes the indexes.
 _DID_CHANNEL_ROWS = """
     SELECT c.payer_did, c.total_deposit, c.pending_refund, NULL::numeric
-    FROM unnest(%(dids)s::text[]) AS k(did) JOIN payment_channels c ON c.payer_did = k.did
+    FROM unnest(%(dids)s::text[]) AS k(did) JOIN {payment_channels} c ON c.payer_did = k.did
     UNION ALL
     SELECT c.payee_did, NULL::numeric, NULL::numeric, c.total_settled
-    FROM unnest(%(dids)s::text[]) AS k(did) JOIN payment_channels c ON c.payee_did = k.did
+    FROM unnest(%(dids)s::text[]) AS k(did) JOIN {payment_channels} c ON c.payee_did = k.did
 """
 
 _GLOBAL_SQL = """
 SELECT a.deposited - a.withdrawn AS expected, a.balance + c.held AS actual,
        a.deposited, a.withdrawn, a.balance, c.held, c.settled
 FROM (SELECT coalesce(sum(total_deposited), 0) AS deposited, coalesce(sum(total_withdrawn), 0) AS withdrawn,
-             coalesce(sum(balance), 0) AS balance FROM accounts) AS a,
+             coalesce(sum(balance), 0) AS balance FROM {accounts}) AS a,
      (SELECT coalesce(sum(current_balance + escrowed_amount), 0) AS held,
-             coalesce(sum(total_settled), 0) AS settled FROM payment_channels) AS c
+             coalesce(sum(total_settled), 0) AS settled FROM {payment_channels}) AS c
 """
+
+# The columns that tell an incremental run what changed.
+_WATERMARK_COLUMNS = ("channel_transactions.created_at", "payment_channels.updated_at", "accounts.updated_at")
 
 _TOUCHED_CHANNELS_SQL = """
 SELECT id::text FROM (
-    SELECT channel_id AS id FROM channel_transactions WHERE created_at >= to_timestamp(%(since)s)
+    SELECT channel_id AS id FROM {channel_transactions} WHERE created_at >= to_timestamp(%(since)s)
     UNION
-    SELECT id FROM payment_channels WHERE updated_at >= to_timestamp(%(since)s)
+    SELECT id FROM {payment_channels} WHERE updated_at >= to_timestamp(%(since)s)
 ) AS t
 LIMIT %(cap)s
 """
 
 _TOUCHED_DIDS_SQL = """
-SELECT did FROM accounts WHERE updated_at >= to_timestamp(%(since)s)
+SELECT did FROM {accounts} WHERE updated_at >= to_timestamp(%(since)s)
 UNION
 SELECT d.did
 FROM unnest(%(ids)s::uuid[]) AS k(id)
-JOIN payment_channels c ON c.id = k.id
+JOIN {payment_channels} c ON c.id = k.id
 CROSS JOIN LATERAL (VALUES (c.payer_did), (c.payee_did)) AS d(did)
 """
 
@@ -378,40 +384,56 @@ class PaymentsChecker(Checker):
     invariants = (
         Invariant("channel_conservation",
                   "total_deposit = current_balance + escrowed_amount + total_settled + pending_refund.",
-                  entity_type="channel", severity="critical"),
+                  entity_type="channel", severity="critical",
+                  reads=reads("payment_channels", "id", *_MONEY)),
         Invariant("channel_non_negative", "Every money column of the channel is >= 0.",
-                  entity_type="channel", severity="critical"),
+                  entity_type="channel", severity="critical",
+                  reads=reads("payment_channels", "id", *_MONEY)),
         Invariant("account_non_negative", "balance, total_deposited and total_withdrawn are >= 0.",
-                  entity_type="account", severity="critical"),
+                  entity_type="account", severity="critical",
+                  reads=reads("accounts", "did", "balance", "total_deposited", "total_withdrawn")),
         Invariant("ledger_reconciliation",
                   "The ledger rebuilds the channel: deposits give total_deposit; escrows - releases - refunds "
                   "give escrowed_amount; releases + settlements give total_settled; closes give pending_refund; "
                   "deposits - escrows + refunds - closes - settlements give current_balance (a settlement pays "
                   "the payee out of the spendable balance, never through escrow).",
-                  entity_type="channel", severity="critical"),
+                  entity_type="channel", severity="critical",
+                  reads=reads("payment_channels", "id", *_MONEY)
+                  + reads("channel_transactions", "channel_id", "transaction_type", "amount")),
         Invariant("closed_channel_drained",
                   "A closed channel holds nothing (current_balance = escrowed_amount = 0) and has closed_at.",
-                  entity_type="channel", severity="critical"),
+                  entity_type="channel", severity="critical",
+                  reads=reads("payment_channels", "id", "payer_did", "state", "current_balance", "escrowed_amount",
+                              "closed_at")),
         Invariant("escrow_state",
                   "state = escrowed exactly when escrowed_amount > 0; a locked escrow names its task and is not "
                   "marked released.",
-                  entity_type="channel", severity="critical"),
+                  entity_type="channel", severity="critical",
+                  reads=reads("payment_channels", "id", "state", "escrowed_amount", "task_id", "escrow_released")),
         Invariant("double_release",
                   "At most one release/refund ledger row per (channel, task_id) escrow, and at most one "
                   "settlement/settle row per channel (a settle closes the channel).",
-                  entity_type="channel", severity="critical"),
+                  entity_type="channel", severity="critical",
+                  reads=reads("channel_transactions", "channel_id", "transaction_type", "amount", "task_id")),
         Invariant("sequence_regression",
                   "A channel's sequence_number never goes below the highest value seen before.",
-                  entity_type="channel", severity="critical", needs_memory=True),
+                  entity_type="channel", severity="critical", needs_memory=True,
+                  reads=reads("payment_channels", "id", "sequence_number")),
         Invariant("account_reconciliation",
                   "balance = total_deposited - total_withdrawn - deposits into channels it pays + their refunds "
                   "+ settlements of channels it is paid by.",
-                  entity_type="account", severity="critical"),
+                  entity_type="account", severity="critical",
+                  reads=reads("accounts", "did", "balance", "total_deposited", "total_withdrawn")
+                  + reads("payment_channels", "payer_did", "payee_did", "total_deposit", "pending_refund",
+                          "total_settled")),
         Invariant("global_conservation",
                   "Money in = money out + money held: sum(total_deposited) - sum(total_withdrawn) = "
                   "sum(balance) + sum(current_balance + escrowed_amount).",
-                  entity_type="system", severity="critical"),
+                  entity_type="system", severity="critical",
+                  reads=reads("accounts", "balance", "total_deposited", "total_withdrawn")
+                  + reads("payment_channels", "current_balance", "escrowed_amount")),
     )
+    columns = {t: COLUMNS[t] for t in ("accounts", "payment_channels", "channel_transactions")}
     Settings = PaymentsSettings
     # 15 s bounds commit-to-page by ~43 s with the shipped scrape/evaluation intervals;
     # an incremental run costs ~1 s even on 1M channels (docs/performance.md).
@@ -458,6 +480,10 @@ class PaymentsChecker(Checker):
         sweep."""
         if previous is None:
             return None, None
+        stamps = sorted(ctx.missing & set(_WATERMARK_COLUMNS))
+        if stamps:
+            ctx.fall_back_to_full(f"{', '.join(stamps)} missing: what changed cannot be told apart")
+            return None, None
         known_channels = ctx.violators(*_CHANNEL_INVARIANTS, "double_release", "sequence_regression")
         known_dids = ctx.violators(*_ACCOUNT_INVARIANTS)
         if known_channels is None or known_dids is None:
@@ -465,12 +491,12 @@ class PaymentsChecker(Checker):
             return None, None
         since = previous["watermark"] - self.settings.watermark_safety_seconds
         cap = self.settings.incremental_max_channels
-        ids = [r[0] for r in ctx.conn.execute(_TOUCHED_CHANNELS_SQL, {"since": since, "cap": cap + 1}).fetchall()]
+        ids = [r["id"] for r in ctx.query(_TOUCHED_CHANNELS_SQL, {"since": since, "cap": cap + 1})]
         ids = sorted(set(ids) | known_channels)
         if len(ids) > cap:
             ctx.fall_back_to_full(f"more than {cap} channels touched or violating (incremental_max_channels)")
             return None, None
-        dids = [r[0] for r in ctx.conn.execute(_TOUCHED_DIDS_SQL, {"since": since, "ids": ids}).fetchall()]
+        dids = [r["did"] for r in ctx.query(_TOUCHED_DIDS_SQL, {"since": since, "ids": ids})]
         dids = sorted(set(dids) | known_dids)
         if ctx.log is not None:
             ctx.log.debug("payments_incremental_scope", since=since, channels=len(ids), dids=len(dids),
@@ -521,7 +547,7 @@ class PaymentsChecker(Checker):
         no_dep, more = ledger.tags.get(NO_DEPOSIT, 0), ledger.tags.get(NO_DEPOSIT_AND_MORE, 0)
         mismatch = ledger.tags.get(MISMATCH, 0)
         if ledger.count:
-            checked = ctx.scalar("SELECT count(*) FROM payment_channels") if ids is None else len(ids)
+            checked = ctx.scalar("SELECT count(*) FROM {payment_channels}") if ids is None else len(ids)
             genuine = [v.entity_id for v in ledger.sample if not v.detail.startswith("no deposit row in the ledger:")]
             parts = []
             if no_dep + more:
@@ -578,11 +604,11 @@ class PaymentsChecker(Checker):
 
     def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None) -> None:
         if dids is None:
-            inner = _ACCOUNTS_SQL.format(channel_rows=_ALL_CHANNEL_ROWS, accounts_from="accounts acc0")
+            inner = _ACCOUNTS_SQL.format(channel_rows=_ALL_CHANNEL_ROWS, accounts_from="{accounts} acc0")
         else:
             inner = _ACCOUNTS_SQL.format(
                 channel_rows=_DID_CHANNEL_ROWS,
-                accounts_from="unnest(%(dids)s::text[]) AS k(did) JOIN accounts acc0 ON acc0.did = k.did")
+                accounts_from="unnest(%(dids)s::text[]) AS k(did) JOIN {accounts} acc0 ON acc0.did = k.did")
         with self._sweep_plan(ctx, dids is None):
             found = ctx.find_many(inner, _ACCOUNT_INVARIANTS, {"dids": dids}, tags=True)["account_reconciliation"]
         if found.tagged:
@@ -608,7 +634,7 @@ class PaymentsChecker(Checker):
     # ---- sequence memory ----------------------------------------------------------------------------
     def _judge_sequences(self, ctx: CheckContext, ids: list[str] | None) -> None:
         if ids is None:
-            sql, params = "SELECT id::text, sequence_number FROM payment_channels", None
+            sql, params = "SELECT id::text, sequence_number FROM {payment_channels}", None
         else:
             sql, params = f"SELECT c.id::text, c.sequence_number FROM {_TOUCHED_CHANNELS}", {"ids": ids}
         memory = ctx.memory(SEQUENCE_KEY, parse=int, keep="highest", batch=self.settings.sequence_batch)

@@ -65,6 +65,7 @@ from typing import Any, Iterable, Sequence
 import redis
 from pydantic import Field
 
+from zsmon.checkers.platform import COLUMNS, reads
 from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Invariant
 from zsmon.core.memory import StoredState
 from zsmon.core.redis import redis_error
@@ -187,7 +188,7 @@ WITH task_events AS (
     SELECT agent_did, event_type, score_delta, created_at, id,
            50 + sum(score_delta) OVER (PARTITION BY agent_did ORDER BY created_at, id
                                        ROWS UNBOUNDED PRECEDING) AS path
-    FROM reputation_events
+    FROM {reputation_events}
     WHERE event_type IN ('task_completed', 'task_failed')
 ), with_suffix AS (
     SELECT agent_did, event_type, score_delta, created_at, path,
@@ -225,7 +226,7 @@ WITH task_events AS (
             AND (s.updated_at >= transaction_timestamp() - make_interval(secs => %(settle)s)
                  OR r.last_event_at >= transaction_timestamp() - make_interval(secs => %(settle)s)))
              IS TRUE AS shape
-    FROM reputation_scores s
+    FROM {reputation_scores} s
     FULL OUTER JOIN replayed r ON r.agent_did = s.agent_did
 ), agents AS (
     SELECT a0.*, a0.shape AND a0.agent_did <> ALL(%(overdue)s::text[]) AS settling
@@ -327,7 +328,7 @@ SELECT e.id AS entity_id,
          || ' carries ' || e.score_delta || CASE WHEN e.event_type = 'task_failed'
               THEN ', not ' || %(failed)s::text
               ELSE ', outside [' || %(cmin)s::text || ', ' || %(cmax)s::text || ']' END AS detail
-FROM reputation_events e
+FROM {reputation_events} e
 WHERE (e.event_type = 'task_failed' AND e.score_delta <> %(failed)s)
    OR (e.event_type = 'task_completed' AND (e.score_delta < %(cmin)s OR e.score_delta > %(cmax)s))
 """
@@ -374,24 +375,36 @@ class ReputationChecker(Checker):
     name = "reputation"
     description = ("Agents' reputation scores stay in range, agree with their task counters and replay exactly "
                    "from their task events; scores do not jump and the population does not drift suddenly.")
+    _SCORES = ("agent_did", "overall_score")
+    _COUNTERS = ("agent_did", "successful_tasks", "failed_tasks", "updated_at")
+    _EVENTS = ("agent_did", "event_type", "created_at", "id")
     invariants = (
         Invariant("score_bounds", "All four scores of an agent (overall, reliability, quality, speed) are in "
-                  "[0, 100].", entity_type="agent", severity="warning"),
+                  "[0, 100].", entity_type="agent", severity="warning",
+                  reads=reads("reputation_scores", "agent_did", "overall_score", "reliability_score",
+                              "quality_score", "speed_score")),
         Invariant("task_counters", "Task counters are >= 0 and successful_tasks + failed_tasks = total_tasks.",
-                  entity_type="agent", severity="warning"),
+                  entity_type="agent", severity="warning",
+                  reads=reads("reputation_scores", "agent_did", "total_tasks", "successful_tasks", "failed_tasks")),
         Invariant("event_counter_reconciliation", "successful_tasks equals the agent's task_completed events "
-                  "and failed_tasks its task_failed events.", entity_type="agent", severity="warning"),
+                  "and failed_tasks its task_failed events.", entity_type="agent", severity="warning",
+                  reads=reads("reputation_scores", *_COUNTERS) + reads("reputation_events", *_EVENTS)),
         Invariant("score_replay", "Replaying the agent's task events in order from 50, clamping to [0, 100] "
-                  "after each, gives overall_score.", entity_type="agent", severity="warning"),
+                  "after each, gives overall_score.", entity_type="agent", severity="warning",
+                  reads=reads("reputation_scores", "overall_score", *_COUNTERS)
+                  + reads("reputation_events", "score_delta", *_EVENTS)),
         Invariant("score_delta_range", "A task_failed event carries -5; a task_completed event carries a delta "
-                  "in [0.5, 5].", entity_type="event", severity="warning"),
+                  "in [0.5, 5].", entity_type="event", severity="warning",
+                  reads=reads("reputation_events", "task_id", "score_delta", *_EVENTS)),
         Invariant("score_jump", "overall_score moves by no more than the limit (default 20 points) between two "
-                  "observations.", entity_type="agent", severity="warning", needs_memory=True),
+                  "observations.", entity_type="agent", severity="warning", needs_memory=True,
+                  reads=reads("reputation_scores", *_SCORES)),
         Invariant("distribution_drift", "The distribution of overall_score over agents has not drifted from the "
                   "stored baseline beyond the limit (two-sample Kolmogorov-Smirnov statistic, default 0.25, "
                   "judged with at least 30 agents).", entity_type="system", severity="warning",
-                  needs_memory=True),
+                  needs_memory=True, reads=reads("reputation_scores", "overall_score")),
     )
+    columns = {t: COLUMNS[t] for t in ("reputation_scores", "reputation_events")}
     Settings = ReputationSettings
     default_interval_seconds = 60.0
 
@@ -413,7 +426,7 @@ class ReputationChecker(Checker):
         if overdue and ctx.log is not None:
             ctx.log.info("reputation_settle_overdue", agents=len(overdue), example=overdue[0])
         if any(counts.values()) or deferred:
-            agents = ctx.scalar("SELECT count(*) FROM reputation_scores")
+            agents = ctx.scalar("SELECT count(*) FROM {reputation_scores}")
             for inv, n in counts.items():
                 text = [_SUMMARY[inv].format(n=n, agents=agents)] if n else []
                 if overdue and inv in _SETTLED_INVARIANTS:
@@ -480,7 +493,7 @@ class ReputationChecker(Checker):
     def _judge_jump(self, ctx: CheckContext, s: ReputationSettings) -> None:
         limit = s.jump_limit
         obs = ctx.memory(LAST_SCORES_KEY, parse=Decimal).observe(
-            "score_jump", "SELECT agent_did, overall_score FROM reputation_scores",
+            "score_jump", "SELECT agent_did, overall_score FROM {reputation_scores}",
             breaks=lambda prev, cur: abs(cur - prev) > limit, recorded="the scores of {n} agents")
         if obs is None or obs.first:  # a first observation is skipped (ColumnMemory says why), never a pass
             return
@@ -499,7 +512,7 @@ class ReputationChecker(Checker):
     def _judge_drift(self, ctx: CheckContext, s: ReputationSettings) -> None:
         stored = ctx.state(BASELINE_KEY)
         current = [(row["overall_score"], int(row["n"])) for row in ctx.query(
-            "SELECT overall_score, count(*) AS n FROM reputation_scores GROUP BY overall_score ORDER BY overall_score")]
+            "SELECT overall_score, count(*) AS n FROM {reputation_scores} GROUP BY overall_score ORDER BY overall_score")]
         n_now = sum(c for _, c in current)
         data = stored.load()
         baseline = None

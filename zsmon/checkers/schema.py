@@ -1,52 +1,67 @@
-"""Checker ``schema``: the tables and columns zsmon reads exist.
+"""Checker ``schema``: the tables and columns zsmon reads exist, with types of the right family.
 
 A platform migration that renames a column would otherwise surface as a
-checker error far from its cause; this names the missing column directly.
+checker error far from its cause; this names the missing column directly (the
+other checkers skip only the invariants that read it). A column of the wrong
+type — money stored as text, a timestamp as text — would make comparisons
+silently wrong ('9' > '10'), so it is named too.
 """
 from __future__ import annotations
 
+from zsmon.checkers.platform import COLUMNS
 from zsmon.core.checker import Checker, CheckContext, Invariant
+from zsmon.core.results import Violation
 
-# The columns zsmon's checkers and exporters read (docs/invariants.md).
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "accounts": ("id", "did", "balance", "total_deposited", "total_withdrawn", "created_at", "updated_at"),
-    "payment_channels": ("id", "payer_did", "payee_did", "auction_id", "total_deposit", "current_balance",
-                         "escrowed_amount", "total_settled", "pending_refund", "state", "task_id",
-                         "escrow_released", "sequence_number", "created_at", "updated_at", "closed_at"),
-    "channel_transactions": ("id", "channel_id", "transaction_type", "amount", "task_id", "created_at"),
-    "auctions": ("id", "task_id", "auction_type", "status", "expires_at", "reserve_price", "max_price",
-                 "min_reputation", "winning_bid_id", "final_price", "created_at", "updated_at"),
-    "bids": ("id", "auction_id", "agent_did", "price", "reputation_score", "composite_score", "created_at"),
-    "reputation_scores": ("agent_did", "overall_score", "reliability_score", "quality_score", "speed_score",
-                          "total_tasks", "successful_tasks", "failed_tasks", "updated_at"),
-    "reputation_events": ("id", "agent_did", "event_type", "task_id", "score_delta", "created_at"),
+# The family of each type name zsmon declares, and of what PostgreSQL reports (format_type without modifiers).
+FAMILIES = {
+    "numeric": "numeric", "text": "text", "character varying": "text", "character": "text", "uuid": "uuid",
+    "boolean": "boolean", "smallint": "integer", "integer": "integer", "bigint": "integer",
+    "timestamptz": "timestamp", "timestamp with time zone": "timestamp",
+    "timestamp without time zone": "timestamp", "json": "json", "jsonb": "json",
 }
 
 
 class SchemaChecker(Checker):
     name = "schema"
-    description = "The platform tables and columns zsmon reads are present in the monitored database."
+    description = ("The platform tables and columns zsmon reads are present in the monitored database, with "
+                   "types of the expected family.")
     invariants = (
         Invariant("required_columns_present",
                   "Every table and column zsmon reads exists (a migration renamed or dropped one otherwise).",
+                  entity_type="column", severity="warning"),
+        Invariant("column_types",
+                  "Every column zsmon reads has a type of the expected family (money numeric, times timestamps, "
+                  "ids uuid, counters integers): compared as text, '9' > '10'.",
                   entity_type="column", severity="warning"),
     )
     default_interval_seconds = 300.0
 
     def run(self, ctx: CheckContext) -> None:
-        tables = [t for t, cols in REQUIRED.items() for _ in cols]
-        columns = [c for cols in REQUIRED.values() for c in cols]
-        ctx.find(
-            "required_columns_present",
+        tables = [t for t, cols in COLUMNS.items() for _ in cols]
+        columns = [c for cols in COLUMNS.values() for c in cols]
+        expected = [FAMILIES[typ] for cols in COLUMNS.values() for typ in cols.values()]
+        rows = ctx.query(
             """
-            SELECT r.tbl || '.' || r.col AS entity_id, 'present' AS expected, 'missing' AS actual,
-                   NULL::numeric AS difference,
-                   'column ' || r.col || ' of table ' || r.tbl || ' is missing from schema '
-                       || current_schema() || ': checkers reading it will error' AS detail
-            FROM unnest(%s::text[], %s::text[]) AS r(tbl, col)
-            LEFT JOIN information_schema.columns c
-                   ON c.table_schema = current_schema() AND c.table_name = r.tbl AND c.column_name = r.col
-            WHERE c.column_name IS NULL
+            SELECT r.tbl, r.col, r.family, to_regclass(r.tbl) IS NOT NULL AS table_exists,
+                   regexp_replace(format_type(a.atttypid, NULL), '\\[\\]$', '') AS actual_type
+            FROM unnest(%s::text[], %s::text[], %s::text[]) AS r(tbl, col, family)
+            LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(r.tbl) AND a.attname = r.col
+                                     AND a.attnum > 0 AND NOT a.attisdropped
             """,
-            (tables, columns),
-        )
+            (tables, columns, expected))
+        missing, wrong = [], []
+        for r in rows:
+            entity = f"{r['tbl']}.{r['col']}"
+            if r["actual_type"] is None:
+                where = "" if r["table_exists"] else f" (table {r['tbl']} itself is missing)"
+                missing.append(Violation(
+                    "required_columns_present", "column", entity, "present", "missing", None,
+                    f"column {r['col']} of table {r['tbl']} is missing{where}: the invariants that read it are "
+                    f"skipped until it is back"))
+            elif FAMILIES.get(r["actual_type"], r["actual_type"]) != r["family"]:
+                wrong.append(Violation(
+                    "column_types", "column", entity, r["family"], r["actual_type"], None,
+                    f"{entity} is {r['actual_type']}, expected a {r['family']} type: zsmon's comparisons of it "
+                    f"would be wrong (text compares '9' > '10'); fix the column's type"))
+        ctx.report("required_columns_present", missing)
+        ctx.report("column_types", wrong)

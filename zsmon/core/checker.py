@@ -11,9 +11,10 @@ transaction opened by the runner: every query of a run sees the same snapshot.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping
 
 import psycopg
 import redis
@@ -28,6 +29,10 @@ from zsmon.core.yamlfile import Strict
 Severity = Literal["critical", "warning", "info"]
 
 _cursor_ids = itertools.count()  # names of server-side cursors, unique per process
+# ``{table}`` and the word after it (its alias, or the next keyword).
+_TABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}(?:\s+(?:AS\s+)?([A-Za-z_][A-Za-z0-9_]*))?")
+_KEYWORDS = {"WHERE", "GROUP", "ORDER", "JOIN", "LEFT", "RIGHT", "INNER", "FULL", "CROSS", "NATURAL", "ON",
+             "USING", "LIMIT", "OFFSET", "UNION", "INTERSECT", "EXCEPT", "WINDOW", "HAVING", "FOR", "TABLESAMPLE"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class Invariant:
     # True when the difference is a duration that grows while the violation stands (seconds past a
     # deadline): its growth alone does not undo an acknowledgement.
     difference_is_age: bool = False
+    # The platform columns judging it reads ("table.column"). When one is missing from the monitored
+    # database, this invariant alone is skipped with the reason; the rest of the checker still runs.
+    reads: tuple[str, ...] = ()
 
 
 class CheckerSettings(Strict):
@@ -65,6 +73,10 @@ class Checker:
     # A runbook of the checker's own (YAML checkers, plugins); None: the default page under
     # http.runbook_base_url. Alerts and the status page link to it.
     runbook_url: ClassVar[str | None] = None
+    # The SQL types of the platform tables' columns its queries read (table -> column -> type). A query
+    # names a table as ``{table}``: when the table lacks one of these columns (schema drift) the context
+    # stands a typed NULL in for it, so the invariants that do not read it are still judged.
+    columns: ClassVar[Mapping[str, Mapping[str, str]]] = {}
 
     def __init__(self, settings: CheckerSettings | None = None) -> None:
         self.settings = settings if settings is not None else self.Settings()
@@ -183,6 +195,11 @@ class CheckContext:
         self.fallback_reason: str | None = None
         self._snapshot_time: float | None = None
         self._after_success: list[Callable[[], None]] = []
+        # Schema drift (``inspect_schema``): invariants that cannot be judged here -> why; the
+        # "table.column"s missing; what ``{table}`` stands for in this checker's queries.
+        self.unavailable: dict[str, str] = {}
+        self.missing: set[str] = set()
+        self._relations: dict[str, str] = {t: t for t in checker.columns}
 
     # ---- mode ----------------------------------------------------------------
     @property
@@ -199,6 +216,68 @@ class CheckContext:
         if self.log is not None:
             self.log.debug("incremental_fell_back_to_full", reason=reason)
 
+    # ---- schema drift ----------------------------------------------------
+    def inspect_schema(self) -> None:
+        """Find the declared columns missing from the monitored database (one catalog query): skip the
+        invariants that read them, with the reason, and stand typed NULLs in for them in ``{table}``."""
+        wanted: dict[str, set[str]] = {t: set(cols) for t, cols in self.checker.columns.items()}
+        for inv in self.checker.invariants:
+            for ref in inv.reads:
+                table, _, column = ref.partition(".")
+                wanted.setdefault(table, set()).add(column)
+        if not wanted:
+            return
+        present: dict[str, set[str]] = {}
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT t.name, a.attname FROM unnest(%s::text[]) AS t(name) "
+                        "LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(t.name) AND a.attnum > 0 "
+                        "AND NOT a.attisdropped", (sorted(wanted),))
+            for table, column in cur.fetchall():
+                cols = present.setdefault(table, set())
+                if column is not None:
+                    cols.add(column)
+        missing_tables = {t for t, cols in present.items() if not cols}
+        self.missing = {f"{t}.{c}" for t, cols in wanted.items() for c in cols
+                        if t in missing_tables or c not in present.get(t, set())}
+        for inv in self.checker.invariants:
+            tables = sorted({r.partition(".")[0] for r in inv.reads} & missing_tables)
+            columns = sorted(r for r in inv.reads if r in self.missing and r.partition(".")[0] not in missing_tables)
+            reason = "; ".join(
+                ([f"table {', '.join(tables)} is missing"] if tables else [])
+                + ([f"column{'s' if len(columns) > 1 else ''} {', '.join(columns)} "
+                    f"{'are' if len(columns) > 1 else 'is'} missing"] if columns else []))
+            if reason:
+                self.skip(inv.id, f"{reason} in the monitored database (renamed or dropped by a migration?): "
+                                  "not judged; the schema checker names every drift")
+                self.unavailable[inv.id] = self.skipped[inv.id]
+        for table, types in self.checker.columns.items():
+            if table in missing_tables:
+                stand_in = ", ".join(f"NULL::{typ} AS {col}" for col, typ in types.items())
+                self._relations[table] = f"(SELECT {stand_in} WHERE false)"
+            else:
+                absent = [f"NULL::{typ} AS {col}" for col, typ in types.items() if f"{table}.{col}" in self.missing]
+                if absent:
+                    self._relations[table] = f"(SELECT *, {', '.join(absent)} FROM {table})"
+
+    def judged(self, *invariant_ids: str) -> bool:
+        """Whether any of these invariants can be judged on this database (their columns exist)."""
+        return any(i not in self.unavailable for i in invariant_ids)
+
+    def sql(self, text: str) -> str:
+        """``text`` with each ``{table}`` of the checker's declared tables replaced by what it stands for:
+        the table itself, or the table with typed NULLs for its missing columns. Other braces are left."""
+        def stand_in(m: re.Match[str]) -> str:
+            table, word = m.group(1), m.group(2)
+            rest = m.group(0)[len(table) + 2:]  # what followed the placeholder, kept as written
+            relation = self._relations.get(table)
+            if relation is None:
+                return m.group(0)  # not a table this checker declares: left alone
+            if relation == table or (word is not None and word.upper() not in _KEYWORDS):
+                return relation + rest  # the table itself, or a stand-in under the query's own alias
+            return f"{relation} AS {table}{rest}"  # a subquery needs an alias: the table's name
+
+        return _TABLE.sub(stand_in, text)
+
     # ---- reading -------------------------------------------------------
     @property
     def snapshot_time(self) -> float:
@@ -209,12 +288,12 @@ class CheckContext:
 
     def query(self, sql: str | pgsql.Composable, params: Any = None) -> list[dict[str, Any]]:
         with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(sql, params)
+            cur.execute(self.sql(sql) if isinstance(sql, str) else sql, params)
             return cur.fetchall() if cur.description else []
 
     def scalar(self, sql: str | pgsql.Composable, params: Any = None) -> Any:
         with self.conn.cursor() as cur:
-            cur.execute(sql, params)
+            cur.execute(self.sql(sql) if isinstance(sql, str) else sql, params)
             row = cur.fetchone()
             return row[0] if row else None
 
@@ -223,7 +302,7 @@ class CheckContext:
         """Rows in lists of ``size`` through a server-side cursor: memory stays flat however large the result."""
         with self.conn.cursor(name=f"zsmon_stream_{next(_cursor_ids)}", row_factory=row_factory) as cur:
             cur.itersize = size
-            cur.execute(sql, params)
+            cur.execute(self.sql(sql), params)
             while rows := cur.fetchmany(size):
                 yield rows
 
@@ -241,7 +320,9 @@ class CheckContext:
         count and the ``sample_limit`` largest ``|difference|`` rows. Returns the count.
         """
         inv = self.checker.invariant(invariant_id)
-        inner = pgsql.SQL(_ONE).format(invariant=pgsql.Literal(inv.id), inner=pgsql.SQL(sql))
+        if inv.id in self.unavailable:
+            return 0
+        inner = pgsql.SQL(_ONE).format(invariant=pgsql.Literal(inv.id), inner=pgsql.SQL(self.sql(sql)))
         return self.find_many(inner, [inv.id], params)[inv.id].count
 
     def find_many(self, sql: str | pgsql.Composable, invariants: Iterable[str], params: Any = None, *,
@@ -260,7 +341,7 @@ class CheckContext:
         all of them (keep such sets small), and are not recorded.
         """
         ids = [self.checker.invariant(i).id for i in invariants]
-        inner = pgsql.SQL(sql) if isinstance(sql, str) else sql
+        inner = pgsql.SQL(self.sql(sql)) if isinstance(sql, str) else sql
         ranked = pgsql.SQL(_RANK).format(inner=inner, limit=pgsql.Literal(self.sample_limit),
                                          track=pgsql.Literal(self.track_limit),
                                          tag=pgsql.SQL("v.tag" if tags else "NULL"),
@@ -299,6 +380,8 @@ class CheckContext:
     def skip(self, invariant_id: str, reason: str) -> None:
         """This run could not judge the invariant: it is listed as skipped, never as passed."""
         inv = self.checker.invariant(invariant_id)
+        if inv.id in self.unavailable:
+            return  # the missing column is the reason that stands
         self.counts.pop(inv.id, None)
         self.samples.pop(inv.id, None)
         self.tracked.pop(inv.id, None)
@@ -306,7 +389,8 @@ class CheckContext:
 
     def summarize(self, invariant_id: str, text: str) -> None:
         """One line that explains a systemic pattern (e.g. "N of N channels have no deposit")."""
-        self.summaries[self.checker.invariant(invariant_id).id] = text
+        if invariant_id not in self.unavailable:
+            self.summaries[self.checker.invariant(invariant_id).id] = text
 
     # ---- memory across runs ------------------------------------------------
     def after_success(self, fn: Callable[[], None]) -> None:
@@ -348,6 +432,8 @@ class CheckContext:
             return None
 
     def _record(self, invariant_id: str, total: int, sample: list[Violation], tracked: dict[str, Any]) -> None:
+        if invariant_id in self.unavailable:
+            return  # its columns are missing: what a query computed for it from stand-ins means nothing
         self.counts[invariant_id] = total
         self.samples[invariant_id] = sample
         self.tracked[invariant_id] = tracked

@@ -63,6 +63,8 @@ class ColumnMemory:
         with ``recorded`` (``{n}``: rows read) saying what was recorded; the values are kept all the same.
         """
         ctx = self.ctx
+        if invariant in ctx.unavailable:
+            return None  # its columns are missing (skipped with that reason)
         if ctx.redis is None:
             ctx.skip(invariant, f"needs memory across runs: {ctx.redis_reason or 'no Redis'}")
             return None

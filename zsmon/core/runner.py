@@ -147,6 +147,7 @@ class Runner:
                                    redis=redis, redis_reason=redis_reason, key_prefix=prefix or self.config.redis.key_prefix,
                                    log=log.bind(checker=checker.name), track_limit=self.config.checks.track_limit,
                                    lifecycle=self.lifecycle if redis is not None else None)
+                ctx.inspect_schema()
                 checker.run(ctx)
         except DatabaseUnavailable as exc:
             error = db_error = str(exc)
@@ -169,6 +170,8 @@ class Runner:
                                error=error or "checker did not run", started_at=started,
                                producer=self.coordinator.identity), None
         for inv in checker.invariants:
+            if inv.id in ctx.unavailable:
+                continue
             if inv.needs_memory and redis is None:
                 ctx.skip(inv.id, f"needs memory across runs: {redis_reason}")
             elif inv.id not in ctx.counts and inv.id not in ctx.skipped:

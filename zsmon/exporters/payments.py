@@ -1,14 +1,17 @@
 """Exporter ``payments``: where the platform's money is, for dashboards (cached, never at scrape time).
 
 - ``zerostate_payment_channels{state}``: channels by state (all four states, 0 when none);
-- ``zerostate_payment_money{bucket}``: money by bucket: ``current`` (spendable in channels), ``escrowed``
-  (locked for running tasks), ``settled`` (paid to payees), ``refunded`` (returned at close: pending_refund),
-  ``available`` (accounts' balances);
+- ``zerostate_payment_money{bucket}``: money by bucket: ``current`` (spendable in channels that are not
+  closed), ``escrowed`` (locked for running tasks in channels that are not closed), ``stranded`` (still held
+  by closed channels: exactly what ``closed_channel_drained`` reports), ``overdrawn`` (the sum of negative
+  channel balances, as a positive amount: what ``channel_non_negative`` reports; negative balances are kept
+  out of the other buckets rather than netted into them), ``settled`` (paid to payees), ``refunded``
+  (returned at close: pending_refund), ``available`` (accounts' balances);
 - ``zerostate_payment_escrows_active``: channels with money locked in escrow;
 - ``zerostate_payment_deposited_total`` / ``zerostate_payment_withdrawn_total``: money paid in from and out
   to the outside world (sums of the accounts' totals);
-- ``zerostate_payment_channel_transactions_total{type}``: ledger rows by type (``settlement`` and ``settle``
-  count as ``release``; unknown types as ``other``).
+- ``zerostate_payment_channel_transactions_total{type}``: ledger rows by type (``settle`` rows count as
+  ``settlement``: a direct settlement, not an escrow release; unknown types as ``other``).
 
 Money is exported as float samples (Prometheus samples are floats): fine for a gauge; exact
 comparisons are the ``payments`` checker's job, in ``numeric``.
@@ -30,12 +33,15 @@ from pydantic import Field
 from zsmon.core.exporter import CollectContext, Exporter, ExporterSettings
 
 CHANNEL_STATES = ("open", "escrowed", "settling", "closed")
-MONEY_BUCKETS = ("current", "escrowed", "settled", "refunded", "available")
-TRANSACTION_TYPES = ("deposit", "escrow", "release", "refund", "close", "other")
+MONEY_BUCKETS = ("current", "escrowed", "stranded", "overdrawn", "settled", "refunded", "available")
+TRANSACTION_TYPES = ("deposit", "escrow", "release", "settlement", "refund", "close", "other")
 
+# Per state; positive and negative amounts apart, so an overdrawn channel is never netted into a total.
 _CHANNELS_SQL = """
 SELECT state, count(*) AS n, count(*) FILTER (WHERE escrowed_amount > 0) AS escrows,
-       coalesce(sum(current_balance), 0) AS current, coalesce(sum(escrowed_amount), 0) AS escrowed,
+       coalesce(sum(greatest(current_balance, 0)), 0) AS current,
+       coalesce(sum(greatest(escrowed_amount, 0)), 0) AS escrowed,
+       coalesce(sum(least(current_balance, 0) + least(escrowed_amount, 0)), 0) AS negative,
        coalesce(sum(total_settled), 0) AS settled, coalesce(sum(pending_refund), 0) AS refunded
 FROM payment_channels GROUP BY state
 """
@@ -49,10 +55,11 @@ FROM accounts
 _LEDGER_SQL = """
 SELECT k, count(*) FILTER (WHERE created_at < %(new_mark)s) AS settled, count(*) AS total
 FROM (
-    SELECT CASE WHEN transaction_type IN ('release', 'settlement', 'settle') THEN 'release'
-                WHEN transaction_type IN ('deposit', 'escrow', 'refund', 'close') THEN transaction_type
+    SELECT CASE WHEN transaction_type IN ('settlement', 'settle') THEN 'settlement'
+                WHEN transaction_type IN ('deposit', 'escrow', 'release', 'refund', 'close') THEN transaction_type
                 ELSE 'other' END AS k,
-           created_at
+           -- created_at is nullable on the real schema: such a row counts as old (counted once, kept).
+           coalesce(created_at, '-infinity') AS created_at
     FROM channel_transactions
     {where}
 ) AS t
@@ -95,9 +102,16 @@ class PaymentsExporter(Exporter):
 
         money = GaugeMetricFamily(
             "zerostate_payment_money",
-            "Money by bucket: current (spendable in channels), escrowed (locked for tasks), settled (paid to "
-            "payees), refunded (returned at close), available (accounts' balances).", labels=["bucket"])
-        for bucket in ("current", "escrowed", "settled", "refunded"):
+            "Money by bucket: current (spendable in channels not closed), escrowed (locked for tasks), stranded "
+            "(still held by closed channels), overdrawn (negative channel balances, as a positive sum), settled "
+            "(paid to payees), refunded (returned at close), available (accounts' balances).", labels=["bucket"])
+        live = [r for r in channels if r["state"] != "closed"]
+        closed = [r for r in channels if r["state"] == "closed"]
+        money.add_metric(["current"], float(sum(r["current"] for r in live)))
+        money.add_metric(["escrowed"], float(sum(r["escrowed"] for r in live)))
+        money.add_metric(["stranded"], float(sum(r["current"] + r["escrowed"] for r in closed)))
+        money.add_metric(["overdrawn"], float(-sum(r["negative"] for r in channels)))
+        for bucket in ("settled", "refunded"):
             money.add_metric([bucket], float(sum(r[bucket] for r in channels)))
         money.add_metric(["available"], float(accounts["available"]))
 
@@ -108,7 +122,7 @@ class PaymentsExporter(Exporter):
         withdrawn = CounterMetricFamily("zerostate_payment_withdrawn", "Money paid out of accounts to outside.",
                                         value=float(accounts["withdrawn"]))
         rows = CounterMetricFamily("zerostate_payment_channel_transactions",
-                                   "Ledger rows by type (settlement/settle count as release).", labels=["type"])
+                                   "Ledger rows by type (settle rows count as settlement).", labels=["type"])
         for kind in TRANSACTION_TYPES:
             rows.add_metric([kind], float(ledger.get(kind, 0)))
         return [states, money, escrows, deposited, withdrawn, rows]
