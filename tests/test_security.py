@@ -8,21 +8,18 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 import requests
 import yaml
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from zsmon.app import build_registry
 from zsmon.core.checker import Checker, CheckContext, Invariant
 from zsmon.core.config import Config
 from zsmon.core.service import build_runner
-from zsmon.testing import LOCAL_HTTP, PLATFORM_TABLES, PrivateRedis, bind_checker, free_port, running_service, \
+from zsmon.testing import LOCAL_HTTP, PrivateRedis, bind_checker, free_port, running_service, \
     wait_for
 
 TOKEN = "sec-token-3b9f0c"
@@ -93,29 +90,6 @@ def test_declared_sql_cannot_write_either(make_config, writer):
     finally:
         runner.db.close()
     assert writer.execute("SELECT count(*) FROM agents").fetchone()[0] == 0
-
-
-@pytest.fixture
-def minimal_role(db_url):
-    """The role docs/deployment.md prescribes, created in the test database; dropped afterwards."""
-    role = f"zsmon_ro_{uuid.uuid4().hex[:8]}"
-    dbname = conninfo_to_dict(db_url)["dbname"]
-    with psycopg.connect(db_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'unused-with-trust'").format(sql.Identifier(role)))
-        admin.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(dbname), sql.Identifier(role)))
-        admin.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(role)))
-        admin.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
-            sql.SQL(", ").join(map(sql.Identifier, PLATFORM_TABLES)), sql.Identifier(role)))
-        admin.execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(role)))
-    params = conninfo_to_dict(db_url)
-    params["user"] = role
-    try:
-        yield make_conninfo(**params)
-    finally:
-        with psycopg.connect(db_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
-            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_zsmon_runs_every_checker_and_exporter_as_the_minimal_role(make_config, writer, minimal_role):

@@ -18,7 +18,9 @@ def build_registry(config: Config) -> Registry:
     return Registry(config, checker_packages=[zsmon.checkers], exporter_packages=[zsmon.exporters])
 
 
-def build_service(config: Config, registry: Registry | None = None) -> Service:
-    """The sidecar for ``config``; the status page links to the dashboards ``zsmon render`` provisions."""
+def build_service(config: Config, registry: Registry | None = None, *,
+                  privileged_role_expected: str | None = None) -> Service:
+    """The sidecar for ``config``; the status page links to the dashboards ``zsmon render`` provisions.
+    ``privileged_role_expected``: why a role that can do more than read is fine here (the demo)."""
     registry = registry or build_registry(config)
-    return Service(registry, dashboard_links=dashboard_links(registry))
+    return Service(registry, dashboard_links=dashboard_links(registry), privileged_role_expected=privileged_role_expected)

@@ -21,10 +21,11 @@ from zsmon.alerts.render import render_all
 from zsmon.app import build_registry, build_service
 from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.core.config_docs import reference
-from zsmon.core.db import describe
+from zsmon.core.db import DatabaseUnavailable, describe
 from zsmon.core.deployment import prefix_of
 from zsmon.core.lifecycle import Lifecycle, LifecycleError, parse_duration, validate_target
-from zsmon.core.logging import configure_logging
+from zsmon.core.logging import configure_logging, get_logger
+from zsmon.core.privileges import RoleGuard
 from zsmon.core.redis import make_redis, ping
 from zsmon.core.results import describe_violation
 from zsmon.core.registry import Registry
@@ -162,10 +163,23 @@ def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode:
         _fail(str(exc))
     if not runner.checkers:
         _fail("no checker is enabled (see checkers.<name>.enabled in the config)")
+    database = registry.config.database
+    guard = RoleGuard(runner.db, database.require_minimal_role)
+
+    def inspect_role() -> None:
+        """Once the database answers, before any checker runs: warn about (or refuse) a role that can do more
+        than read. A refusal is a ConfigError: one line, exit 2."""
+        if guard.report is None:
+            try:
+                guard.check(database.connect_timeout_seconds)
+            except DatabaseUnavailable as exc:  # the checkers' own results will say why
+                get_logger("zsmon.cli").warning("database_role_unknown", error=str(exc))
+
     try:
         while True:
             # The database is asked once up front: unreachable, every checker is an error at once.
-            results = [r.to_dict() for r in runner.run_checks(mode=None if mode == "auto" else mode)]
+            results = [r.to_dict() for r in runner.run_checks(mode=None if mode == "auto" else mode,
+                                                              on_reachable=inspect_role)]
             if fmt == "json":
                 click.echo(json.dumps({"checks": results}, indent=2))
             else:
@@ -173,6 +187,8 @@ def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode:
             if once:
                 sys.exit(exit_code(results))
             time.sleep(interval)
+    except ConfigError as exc:  # database.require_minimal_role refused the role
+        _fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
     finally:

@@ -228,6 +228,19 @@ def self_cases(model: Model) -> list[Case]:
         Case("ZsmonDown fires when zsmon is gone", "ZsmonDown", [(f'up{{job="{ZSMON_JOB}", instance="zsmon:9090"}}',
                                                                   f"0x{n}")], t, [Fire({"job": ZSMON_JOB}, "1")]),
         Case("ZsmonDown stays quiet while zsmon is scraped", "ZsmonDown", [(f"zsmon_up{{{ZSMON}}}", f"1x{n}")], t),
+        Case("ZsmonDatabaseRolePrivileged fires while zsmon's role can do more than read, once for all replicas",
+             "ZsmonDatabaseRolePrivileged",
+             [(f'zsmon_database_role_privileged{{job="{ZSMON_JOB}", instance="10.0.0.1:9090", pod="zsmon-0"}}',
+               f"1x{n}"),
+              (f'zsmon_database_role_privileged{{job="{ZSMON_JOB}", instance="10.0.0.2:9090", pod="zsmon-1"}}',
+               f"1x{n}")], 2 * step, [Fire({"job": ZSMON_JOB}, "1")]),
+        Case("ZsmonDatabaseRolePrivileged stays quiet as the minimal role, and before the role is known",
+             "ZsmonDatabaseRolePrivileged",
+             [(f"zsmon_database_role_privileged{{{ZSMON}}}", f"_x{n // 2} 0x{n}"), (f"zsmon_up{{{ZSMON}}}", f"1x{n}")],
+             2 * step, later=[(n * step, [])]),
+        Case("ZsmonDatabaseRolePrivileged resolves once zsmon connects as the minimal role",
+             "ZsmonDatabaseRolePrivileged", [(f"zsmon_database_role_privileged{{{ZSMON}}}", f"1x{n} 0x{n}")],
+             step, [Fire({"job": ZSMON_JOB}, "1")], later=[((n + 3) * step, [])]),
     ]
 
 

@@ -30,7 +30,8 @@ class DatabaseConfig(Strict):
     url: SecretStr | None = Field(None, description="A full libpq DSN; overrides host/port/user/password/name/sslmode.")
     host: str = Field("127.0.0.1", description="Database host.")
     port: int = Field(5432, ge=1, le=65535, description="Database port.")
-    user: str = Field("postgres", description="Role to connect as (needs SELECT and pg_monitor; see docs/deployment.md).")
+    user: str = Field("postgres", description="Role to connect as: a read-only role with SELECT and pg_monitor "
+                      "(docs/deployment.md), not the postgres default, which zsmon warns about.")
     password: SecretStr = Field(SecretStr(""), description="Password; never logged.")
     name: str = Field("zerostate", description="Database name.")
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
@@ -41,6 +42,13 @@ class DatabaseConfig(Strict):
     lock_timeout_seconds: float = Field(5.0, gt=0, description="lock_timeout of every session.")
     connect_timeout_seconds: float = Field(5.0, gt=0, description="How long to wait for a connection before the "
                                            "run is an error.")
+    require_minimal_role: bool = Field(False, description="Refuse to start (exit 2) when the role can do more than "
+                                       "read: superuser, CREATEROLE, pg_execute_server_program, "
+                                       "pg_write_server_files, pg_read_server_files, pg_signal_backend, "
+                                       "pg_write_all_data, or a write privilege on any table. Recommended for "
+                                       "production; without it zsmon starts and warns (log, "
+                                       "zsmon_database_role_privileged, ZsmonDatabaseRolePrivileged). The role: "
+                                       "docs/deployment.md.")
 
 
 class RedisConfig(Strict):
@@ -341,6 +349,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "ADMIN_TOKEN": ("http", "admin_token"),
     "TLS_CERT_FILE": ("http", "tls_cert_file"),
     "TLS_KEY_FILE": ("http", "tls_key_file"),
+    "ZSMON_DATABASE_REQUIRE_MINIMAL_ROLE": ("database", "require_minimal_role"),
     "ZSMON_HA_ENABLED": ("ha", "enabled"),
     "ZSMON_HA_IDENTITY": ("ha", "identity"),
     "ZSMON_CHECKERS_PATH": ("checks", "paths"),

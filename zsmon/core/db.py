@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from zsmon.core.config import ConfigError, DatabaseConfig
 from zsmon.core.logging import REDACTED, redactor
+from zsmon.core.privileges import RoleReport, read_role
 
 
 class DatabaseUnavailable(Exception):
@@ -132,6 +133,9 @@ class Database:
         # The pool retries in the background and, on a timeout, says only that no connection came; the
         # real reason (PostgreSQL's or the network's) is what its last connection attempt raised.
         self.last_connect_error: str | None = None
+        # Why no snapshot may be taken now (zsmon.core.privileges.RoleGuard: a role not yet proven
+        # read-only under database.require_minimal_role); None when runs may go ahead.
+        self.blocked: str | None = None
         self.pool = ConnectionPool(
             self._conninfo,
             min_size=1,
@@ -169,6 +173,8 @@ class Database:
     def snapshot(self, statement_timeout_seconds: float | None = None) -> Iterator[psycopg.Connection]:
         """One REPEATABLE READ READ ONLY transaction; rolled back at the end (nothing to commit)."""
         timeout = statement_timeout_seconds or self.cfg.statement_timeout_seconds
+        if self.blocked is not None:
+            raise DatabaseUnavailable(self.blocked)
         try:
             with self.pool.connection(timeout=self.cfg.connect_timeout_seconds) as conn:
                 # The server cancels a statement at statement_timeout; if it does not answer by then
@@ -191,6 +197,17 @@ class Database:
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"database {self.where} unavailable: {explain(exc)}") from None
         return str(row[0]), str(row[1])
+
+    def role(self, timeout: float = 5.0) -> RoleReport:
+        """What zsmon's role can do beyond reading (zsmon.core.privileges), asked in a read-only transaction."""
+        try:
+            with self.pool.connection(timeout=timeout) as conn, _bounded(conn, timeout), \
+                    conn.transaction(force_rollback=True):
+                return read_role(conn)
+        except PoolTimeout:
+            raise DatabaseUnavailable(self._timed_out(timeout)) from None
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(f"database {self.where} unavailable: {explain(exc)}") from None
 
     def _timed_out(self, timeout: float) -> str:
         """Why the pool gave no connection in time: the last attempt's own error, when there was one."""

@@ -146,11 +146,24 @@ class Metrics:
             self.job_skipped.labels(job)
         for name in exporter_names:  # errors at 0 from the start, so rate() works before the first failure
             self.exporter_errors.labels(name)
+        self.role_privileged: Gauge | None = None
+        self._role_lock = threading.Lock()
         self._store = store
         self._rendered: tuple[int, dict[str, bytes]] = (-1, {})  # (store generation, body per content type)
         self.families = CachedFamilies()
         r.register(ResultsCollector(store, leads))
         r.register(self.families)
+
+    def set_role_privileged(self, privileged: bool) -> None:
+        """``zsmon_database_role_privileged``: exported once the role has been inspected (unknown before:
+        no series rather than a reassuring 0)."""
+        with self._role_lock:
+            if self.role_privileged is None:
+                self.role_privileged = Gauge(
+                    "zsmon_database_role_privileged", "1 when zsmon's database role can do more than read "
+                    "(superuser, server file or program roles, write privileges; the start-up log names what): "
+                    "connect as the minimal role of docs/deployment.md.", registry=self.registry)
+        self.role_privileged.set(1 if privileged else 0)
 
     def observe_result(self, result) -> None:
         self.check_runs.labels(result.checker, result.status).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -105,15 +106,19 @@ class Runner:
                 return self._publish(bound.checker, result, ctx, token)
             return result
 
-    def run_checks(self, names: list[str] | None = None, mode: str | None = None) -> list[CheckResult]:
+    def run_checks(self, names: list[str] | None = None, mode: str | None = None,
+                   on_reachable: Callable[[], Any] | None = None) -> list[CheckResult]:
         """Run these checkers (all by default) one after another, as the command line does.
 
         The database is asked once up front, with one direct connection attempt: when it cannot be
         reached, every checker's run is an error with that one reason at once, instead of each checker
-        waiting out the connect timeout in turn."""
+        waiting out the connect timeout in turn. ``on_reachable`` is called once it answered, before any
+        checker runs (the role inspection: it may raise to stop everything)."""
         names = list(self.checkers) if names is None else names
         reason = self.db.unreachable()
         if reason is None:
+            if on_reachable is not None:
+                on_reachable()
             return [r for r in (self.run_check(n, mode) for n in names) if r is not None]
         log.warning("check_error", checkers=len(names), error=reason)
         results = []

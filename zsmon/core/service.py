@@ -20,6 +20,7 @@ from zsmon.core.http import BodyLimit, RateLimit, create_api_app, create_metrics
 from zsmon.core.lifecycle import Ack, Lifecycle, LifecycleError, list_violations, validate_target
 from zsmon.core.logging import get_logger
 from zsmon.core.metrics import Metrics
+from zsmon.core.privileges import PrivilegedRole, RoleGuard
 from zsmon.core.registry import BoundChecker, Registry
 from zsmon.core.redis import make_redis
 from zsmon.core.redis import ping as redis_ping
@@ -62,7 +63,10 @@ def _split(listen: str) -> tuple[str, int]:
 class Service:
     """The running sidecar. ``start()`` returns once the listeners are bound; ``stop()`` ends everything."""
 
-    def __init__(self, registry: Registry, dashboard_links: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, registry: Registry, dashboard_links: list[dict[str, str]] | None = None,
+                 privileged_role_expected: str | None = None) -> None:
+        """``privileged_role_expected``: why a role that can do more than read is expected here (the demo's
+        embedded superuser): said as information rather than warned about."""
         config = self.config = registry.config
         self.registry = registry
         # Links to the Grafana dashboards for the status page (the composition root renders them).
@@ -97,6 +101,12 @@ class Service:
                                    coordinator=self.coordinator)
         self.scheduler = Scheduler(config.scheduler.max_workers, config.scheduler.jitter_ratio,
                                    config.scheduler.misfire_grace_seconds, self.metrics)
+        # The role is inspected whenever the database (again) answers: a failover may land on another server.
+        self.role_guard = RoleGuard(self.runner.db, config.database.require_minimal_role,
+                                    expected=privileged_role_expected,
+                                    on_report=lambda report: self.metrics.set_role_privileged(report.privileged))
+        # Set when database.require_minimal_role refuses the role: the service stops with this one line.
+        self.refused: str | None = None
         self._db_reason: str | None = "database not checked yet"
         self._health_at = 0.0
         self._servers: list[_EmbeddedServer] = []
@@ -218,6 +228,12 @@ class Service:
             if self._db_reason:
                 log.info("database_up", database=self.runner.db.where)
             self._db_reason = None
+            if was_down:
+                try:
+                    self.role_guard.check(min(5.0, self.config.database.connect_timeout_seconds))
+                except PrivilegedRole as exc:
+                    self.refused = str(exc)  # nothing reaches the database any more (Database.blocked)
+                    return
             deployment = self.runner.deployment
             if deployment.name is None and deployment.resolve() is not None:
                 log.info("deployment_identity", deployment=deployment.name, key_prefix=deployment.prefix,
@@ -278,6 +294,9 @@ class Service:
         # waits behind a checker decoding rows. Process-wide, so only the serving process sets it.
         sys.setswitchinterval(self.config.http.switch_interval_ms / 1000)
         self.health()
+        if self.refused:  # database.require_minimal_role: no listener, no job
+            self.stop()
+            raise PrivilegedRole(self.refused)
         self._servers = [self._server(create_metrics_app(self), self.config.http.metrics_listen),
                          self._server(create_api_app(self), self.config.http.api_listen)]
         started = threading.Event()
@@ -357,7 +376,9 @@ class Service:
             signal.signal(sig, lambda *_: stop.set())
         self.start()
         try:
-            while not stop.wait(1):
+            while not stop.wait(1) and not self.refused:
                 pass
         finally:
             self.stop()
+        if self.refused:  # the database answered only after start-up, as a role require_minimal_role refuses
+            raise PrivilegedRole(self.refused)

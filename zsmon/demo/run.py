@@ -485,7 +485,8 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
         pg = EmbeddedPostgres(base)
         cleanup.append(("PostgreSQL", pg.stop))
         url = pg.url
-        say(f"database: embedded PostgreSQL 16 (pid {pg.pid}, data in {pg.where})", stamp=False)
+        say(f"database: embedded PostgreSQL 16 (pid {pg.pid}, data in {pg.where}); zsmon connects as its "
+            "superuser, as only a demo may: a deployment uses the read-only role of docs/deployment.md", stamp=False)
     redis = EmbeddedRedis(free_port())
     cleanup.append(("Redis", redis.stop))
     say(f"redis: embedded (pid {redis.pid}, 127.0.0.1:{redis.port})", stamp=False)
@@ -508,7 +509,9 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
     say(f"warm-up: done in {time.monotonic() - t0:.1f} s", stamp=False)
 
     try:
-        service = build_service(config)
+        # The demo's simulators write, so it connects as its database's superuser: fine for a demo, said so.
+        service = build_service(config, privileged_role_expected="zsmon demo connects as the superuser of its "
+                                "own database (the simulators write to it)")
         service.start()
     except ConfigError as exc:
         raise DemoError(str(exc)) from None
