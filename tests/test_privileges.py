@@ -246,3 +246,16 @@ def test_the_demo_s_superuser_is_said_to_be_expected(make_config):
     assert len(said) == 1 and said[0]["log_level"] == "info", said
     assert said[0]["detail"].startswith("expected: the demo's own database")
     assert service.metrics.role_privileged._value.get() == 1  # the gauge still tells the truth
+
+
+def test_startup_names_the_indexes_incremental_runs_lack(tmp_path, db_url):
+    """The platform's schema has no index on payment_channels/accounts/auctions.updated_at or bids.created_at:
+    the service says once, at start-up, which index each incremental checker relies on (zsmon runs no DDL)."""
+    _, events = _run_until_gauge(tmp_path, db_url)
+    advised = sorted((e["checker"], e["table"], e["column"]) for e in events if e["event"] == "index_recommended")
+    assert advised == [("auctions", "auctions", "updated_at"), ("auctions", "bids", "created_at"),
+                       ("payments", "accounts", "updated_at"), ("payments", "payment_channels", "updated_at")]
+    line = next(e for e in events if e["event"] == "index_recommended" and e["table"] == "payment_channels")
+    assert line["level"] == "warning"
+    assert line["statement"] == ("CREATE INDEX CONCURRENTLY zsmon_payment_channels_updated_at ON payment_channels "
+                                 "(updated_at)")

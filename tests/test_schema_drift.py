@@ -94,3 +94,15 @@ def test_the_schema_checker_names_missing_columns_and_wrong_types(drifted, run_c
     assert (money.expected, money.actual) == ("numeric", "text")
     assert "expected a numeric type" in money.detail
     assert by[("column_types", "auctions.expires_at")].expected == "timestamp"
+
+
+def test_an_advised_index_once_created_is_no_longer_advised(drifted):
+    from zsmon.checkers.payments import PaymentsChecker
+    from zsmon.core.checker import missing_indexes
+
+    conn, _ = drifted
+    advice = PaymentsChecker.recommended_indexes
+    assert [(a.table, a.column) for a in missing_indexes(conn, advice)] == [
+        ("payment_channels", "updated_at"), ("accounts", "updated_at")]
+    conn.execute(advice[0].statement)
+    assert [(a.table, a.column) for a in missing_indexes(conn, advice)] == [("accounts", "updated_at")]

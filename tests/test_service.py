@@ -112,7 +112,8 @@ def test_check_once_json_follows_the_output_contract(db_url, redis_prefix, tmp_p
     doc = json.loads(proc.stdout)
     (check,) = doc["checks"]
     assert check["checker"] == "schema" and check["status"] == "pass" and check["mode"] == "full"
-    assert check["violation_counts"] == {"required_columns_present": 0} and check["violations"] == []
+    assert check["violation_counts"] == {"required_columns_present": 0, "column_types": 0}
+    assert check["violations"] == []
     assert check["error"] is None and isinstance(check["duration_seconds"], float)
     bad = subprocess.run([sys.executable, "-m", "zsmon.cli", "check", "--once", "--only", "nosuch"],
                          capture_output=True, text=True, env=env, timeout=60)

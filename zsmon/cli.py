@@ -249,6 +249,8 @@ def _checker_rows(registry: Registry) -> list[dict[str, Any]]:
             "interval_seconds": bound.interval_seconds,
             "default_interval_seconds": cls.default_interval_seconds,
             "supports_incremental": cls.supports_incremental,
+            "recommended_indexes": [{"table": a.table, "column": a.column, "statement": a.statement,
+                                     "saves": a.saves} for a in cls.recommended_indexes],
             "full_interval_seconds": bound.full_interval_seconds,
             "statement_timeout_seconds": bound.statement_timeout_seconds,
             "runbook_url": cls.runbook_url,
@@ -321,6 +323,10 @@ def checkers_explain(ctx: click.Context, name: str, fmt: str) -> None:
     for i in r["invariants"]:
         memory = ", needs memory (Redis)" if i["needs_memory"] else ""
         out += [f"    {i['id']}  [{i['severity']}, entity {i['entity_type']}{memory}]", f"      {i['description']}"]
+    if r["recommended_indexes"]:
+        out += ["", "  indexes its incremental runs rely on (the platform's schema has none; zsmon runs no DDL):"]
+        for a in r["recommended_indexes"]:
+            out += [f"    {a['statement']};", f"      {a['saves']}"]
     if r["settings"]:
         out += ["", f"  settings (checkers.{name}.settings):"]
         for s in r["settings"]:

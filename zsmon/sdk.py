@@ -7,9 +7,9 @@ A checker file needs nothing else (see docs/writing-a-checker.md)::
 It knows nothing of the registry or the config: the registry finds it, validates
 ``checkers.<name>.settings`` against its ``Settings`` and schedules it.
 """
-from zsmon.core.checker import Checker, CheckContext, CheckerSettings, Invariant, Severity
+from zsmon.core.checker import Checker, CheckContext, CheckerSettings, IndexAdvice, Invariant, Severity
 from zsmon.core.exporter import CollectContext, Exporter, ExporterSettings
 from zsmon.core.results import CheckResult, Violation
 
 __all__ = ["Checker", "CheckContext", "CheckerSettings", "CheckResult", "CollectContext", "Exporter",
-           "ExporterSettings", "Invariant", "Severity", "Violation"]
+           "ExporterSettings", "IndexAdvice", "Invariant", "Severity", "Violation"]

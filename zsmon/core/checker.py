@@ -53,6 +53,34 @@ class Invariant:
     reads: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class IndexAdvice:
+    """An index the monitored schema may lack that keeps this checker's incremental runs proportional to what
+    changed (zsmon runs no DDL: it says so at start-up, in ``zsmon checkers explain`` and in the docs)."""
+
+    table: str
+    column: str
+    saves: str  # what it saves, in words
+
+    @property
+    def statement(self) -> str:
+        return f"CREATE INDEX CONCURRENTLY zsmon_{self.table}_{self.column} ON {self.table} ({self.column})"
+
+
+def missing_indexes(conn: psycopg.Connection, advice: Iterable[IndexAdvice]) -> list[IndexAdvice]:
+    """The advised indexes of which no index of the table has the column as its first key."""
+    advice = list(advice)
+    if not advice:
+        return []
+    rows = conn.execute(
+        "SELECT t.tbl, t.col, EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+        "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(t.tbl) AND a.attname = t.col) "
+        "FROM unnest(%s::text[], %s::text[]) AS t(tbl, col)",
+        ([a.table for a in advice], [a.column for a in advice])).fetchall()
+    present = {(t, c) for t, c, ok in rows if ok}
+    return [a for a in advice if (a.table, a.column) not in present]
+
+
 class CheckerSettings(Strict):
     """Base for a checker's own settings (``checkers.<name>.settings`` in the config)."""
 
@@ -67,6 +95,8 @@ class Checker:
     default_interval_seconds: ClassVar[float] = 60.0
     # Checkers that can re-check only what changed since a watermark set this.
     supports_incremental: ClassVar[bool] = False
+    # Indexes its incremental runs rely on that the platform's schema may lack (IndexAdvice).
+    recommended_indexes: ClassVar[tuple[IndexAdvice, ...]] = ()
     default_full_interval_seconds: ClassVar[float] = 3600.0
     # Where the checker came from: builtin, plugin (entry point) or yaml.
     source: ClassVar[str] = "builtin"

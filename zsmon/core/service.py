@@ -10,15 +10,17 @@ import threading
 import time
 from typing import Any, Iterable
 
+import psycopg
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from zsmon.core.checker import missing_indexes
 from zsmon.core.config import ConfigError
 from zsmon.core.db import Database, DatabaseUnavailable
 from zsmon.core.ha import LeasedFamilies, LeaderOnly, make_coordinator
 from zsmon.core.http import BodyLimit, RateLimit, create_api_app, create_metrics_app
 from zsmon.core.lifecycle import Ack, Lifecycle, LifecycleError, list_violations, validate_target
-from zsmon.core.logging import get_logger
+from zsmon.core.logging import get_logger, redactor
 from zsmon.core.metrics import Metrics
 from zsmon.core.privileges import PrivilegedRole, RoleGuard
 from zsmon.core.registry import BoundChecker, Registry
@@ -240,6 +242,7 @@ class Service:
                          source=deployment.source, detail="memory, acknowledgements and HA leases in Redis "
                          "belong to this deployment only")
             if was_down:
+                self._advise_indexes()
                 self._recover()
         except DatabaseUnavailable as exc:
             if self._db_reason is None or self._db_reason.startswith("database not checked"):
@@ -248,6 +251,25 @@ class Service:
         self._health_at = time.time()
         self.metrics.database_up.set(0 if self._db_reason else 1)
         self.metrics.redis_up.set(0 if redis_ping(self.runner.redis) else 1)
+
+    def _advise_indexes(self) -> None:
+        """Say once per database-up which index an incremental checker relies on and the schema lacks (zsmon
+        runs no DDL): one warning line each, with the statement to run."""
+        advice = {(b.name, a) for b in self.runner.checkers.values() if b.full_interval_seconds is not None
+                  for a in b.checker.recommended_indexes}
+        if not advice:
+            return
+        try:
+            with self.runner.db.snapshot(min(5.0, self.config.database.statement_timeout_seconds)) as conn:
+                missing = set(missing_indexes(conn, {a for _, a in advice}))
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            log.debug("index_advice_unavailable", error=redactor.scrub(str(exc)))
+            return
+        for checker, a in sorted(advice, key=lambda ca: (ca[0], ca[1].table, ca[1].column)):
+            if a in missing:
+                log.warning("index_recommended", checker=checker, table=a.table, column=a.column,
+                            statement=a.statement, saves=a.saves,
+                            detail="zsmon runs no DDL; docs/deployment.md (Indexes) has the figures")
 
     def _recover(self) -> None:
         """The database answers: re-run now every checker whose latest run failed because of it, rather than
