@@ -90,11 +90,17 @@ def test_every_query_parses_and_uses_rate_interval(boards):
 
 
 def test_dashboards_link_runbooks(boards):
-    base = Config().http.runbook_base_url
+    """Served by zsmon (render.zsmon_url) by default; under http.runbook_base_url when runbooks live elsewhere."""
+    base = Config().render.zsmon_url + "/runbooks/"
     for uid, board in boards.items():
         assert any(link.get("url") == base for link in board["links"]), uid
     panel_links = [link["url"] for b in boards.values() for p in _panels(b) for link in p.get("links", [])]
-    assert panel_links and all(u.startswith(base + "/") and u.endswith(".md") for u in panel_links)
+    assert panel_links and all(re.fullmatch(re.escape(base) + r"[A-Z][A-Za-z]+", u) for u in panel_links)
+    wiki = Config.model_validate({"http": {"runbook_base_url": "https://wiki.example/runbooks/"}})
+    other = render_model(build_model(build_registry(wiki)))
+    links = [link["url"] for p, t in other.items() if p.endswith(".json")
+             for panel in _panels(json.loads(t)) for link in panel.get("links", [])]
+    assert links and all(re.fullmatch(r"https://wiki\.example/runbooks/[A-Z][A-Za-z]+\.md", u) for u in links)
 
 
 def test_the_panels_the_guide_names(boards):

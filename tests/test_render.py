@@ -27,7 +27,7 @@ import yaml
 import zsmon.checkers
 import zsmon.exporters
 from zsmon.alerts.model import build_model
-from zsmon.alerts.render import GOLDEN, MARKER, RUNBOOKS, alert_rules, generated_runbooks, golden_files, \
+from zsmon.alerts.render import GOLDEN, MARKER, RUNBOOKS, alert_rules, docs_runbooks, golden_files, \
     golden_model, render_all, render_files, render_model
 from zsmon.alerts.runbooks import GENERATED_MARK
 from zsmon.app import build_registry
@@ -268,8 +268,8 @@ def test_golden_copies_are_current():
     assert not stale, f"tests/golden is stale ({stale[:5]}...): run `{UPDATE}` and review the diff"
 
 
-def test_generated_runbooks_are_current_and_every_alert_has_one():
-    pages = generated_runbooks(golden_model())
+def test_docs_runbooks_are_current_and_every_alert_has_one():
+    pages = docs_runbooks(golden_model())
     for name, text in pages.items():
         path = RUNBOOKS / name
         assert path.exists() and path.read_text(encoding="utf-8") == text, \
@@ -281,7 +281,7 @@ def test_generated_runbooks_are_current_and_every_alert_has_one():
         name = rule["alert"]
         page = RUNBOOKS / f"{name}.md"
         assert page.exists(), f"alert {name} has no runbook docs/runbooks/{name}.md"
-        assert rule["annotations"]["runbook_url"] == f"{config.http.runbook_base_url}/{name}.md"
+        assert rule["annotations"]["runbook_url"] == f"{config.render.zsmon_url}/runbooks/{name}"
         text = page.read_text(encoding="utf-8")
         for section in ("## What it means", "## First checks", "## How to resolve"):
             assert section in text, f"docs/runbooks/{name}.md lacks {section!r}"
@@ -452,8 +452,15 @@ def test_new_checker_appears_everywhere_with_no_other_edit(checker_package, tmp_
     assert any('invariant="widget_conservation"' in e for e in exprs)
     assert any('checker="zz_probe"' in e and "last_success" in e for e in exprs)
     links = [link["url"] for p in overview["panels"] for link in p.get("links", [])]
-    assert any(u.endswith("/ZzProbeWidgetConservationViolation.md") for u in links)
-    pages = generated_runbooks(build_model(registry))
+    assert any(u.endswith("/runbooks/ZzProbeWidgetConservationViolation") for u in links)
+    # Its alerts link their evidence: the status page filtered to it, and its panel on the overview.
+    assert crit["annotations"]["status_url"] == \
+        "http://localhost:8080/?checker=zz_probe&invariant=widget_conservation#checker-zz_probe"
+    uid, _, panel_id = crit["annotations"]["dashboard_url"].removeprefix("http://localhost:3000/d/").partition(
+        "?viewPanel=")
+    panel = next(p for p in overview["panels"] if p["id"] == int(panel_id))
+    assert uid == "zsmon-invariants" and 'invariant="widget_conservation"' in panel["targets"][0]["expr"]
+    pages = docs_runbooks(build_model(registry))
     assert "ZzProbeWidgetConservationViolation.md" in pages and "zz_probe.md" in pages
     # Its promtool tests are generated and pass with the real promtool.
     out = tmp_path / "out"

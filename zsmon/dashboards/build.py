@@ -30,21 +30,30 @@ def dashboard_specs() -> list[str]:
     return sorted(p.name for p in TEMPLATES.glob("*.dashboard.yml.j2"))
 
 
+OVERVIEW_UID = "zsmon-invariants"
+
+
 def build_dashboards(model: Model) -> dict[str, dict[str, Any]]:
-    """Every dashboard, keyed by uid."""
+    """Every dashboard, keyed by uid. Fills ``model.evidence``: the panel each alert links as its evidence
+    (a spec panel's ``evidence:`` list), preferring a checker's own dashboard over the overview."""
     env = environment(TEMPLATES)
     out: dict[str, dict[str, Any]] = {}
+    evidence: dict[str, tuple[str, int]] = {}
     for name in dashboard_specs():
         spec = render_yaml(env, name, model.context())
-        board = build_dashboard(spec, model)
+        board = build_dashboard(spec, model, evidence)
         if board["uid"] in out:
             raise SpecError(f"{name}: uid {board['uid']} is used twice")
         out[board["uid"]] = board
+    model.evidence.clear()
+    model.evidence.update(evidence)
     return out
 
 
-def build_dashboard(spec: dict[str, Any], model: Model) -> dict[str, Any]:
+def build_dashboard(spec: dict[str, Any], model: Model,
+                    evidence: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
     uid = spec["uid"]
+    evidence = {} if evidence is None else evidence
     panels: list[dict[str, Any]] = []
     next_id = 1
     y = 0
@@ -60,11 +69,14 @@ def build_dashboard(spec: dict[str, Any], model: Model) -> dict[str, Any]:
                 x, y = 0, y + row_height
                 row_height = 0
             panels.append(_panel(p, next_id, {"h": h, "w": w, "x": x, "y": y}, model, uid))
+            for key in p.get("evidence") or []:
+                if key not in evidence or evidence[key][0] == OVERVIEW_UID:
+                    evidence[key] = (uid, next_id)
             next_id += 1
             x += w
             row_height = max(row_height, h)
         y += row_height
-    links = [{"title": "Runbooks", "type": "link", "url": model.config.http.runbook_base_url,
+    links = [{"title": "Runbooks", "type": "link", "url": model.runbook_index(),
               "targetBlank": True, "icon": "doc"},
              {"title": "ZeroState dashboards", "type": "dashboards", "tags": ["zerostate"], "asDropdown": True,
               "includeVars": True, "keepTime": True}]
