@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import promql_parser
 import pytest
@@ -225,3 +226,107 @@ def test_auction_histogram_panels_read_the_window_without_rate(boards, tmp_path)
                      "(rate(zerostate_auction_bids_per_auction_bucket[5m]))"): at for q, at in expect.items()}
     assert "rate(" in next(iter(old))
     assert _promtool_expr_test(tmp_path, old, series), "rate() over the window's buckets should be wrong"
+
+
+# ---- Grafana's own schema: grafana-foundation-sdk, the build for the Grafana the compose file ships ---------
+
+def _compose_grafana_version() -> str:
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.monitoring.yml").read_text())
+    image = compose["services"]["grafana"]["image"]
+    return re.fullmatch(r"grafana/grafana(?:-oss)?:(\d+\.\d+)\.\d+", image).group(1)
+
+
+def _dropped_or_changed(original, back, path=""):
+    """What the round trip lost: keys missing afterwards, values changed (keys the SDK adds with defaults
+    are no loss)."""
+    if isinstance(original, dict):
+        if not isinstance(back, dict):
+            return [f"{path}: became {type(back).__name__}"]
+        out = []
+        for key, value in original.items():
+            out += [f"{path}.{key}: dropped"] if key not in back else _dropped_or_changed(value, back[key],
+                                                                                         f"{path}.{key}")
+        return out
+    if isinstance(original, list):
+        if not isinstance(back, list) or len(back) != len(original):
+            return [f"{path}: list changed"]
+        return [p for i, (a, b) in enumerate(zip(original, back)) for p in _dropped_or_changed(a, b, f"{path}[{i}]")]
+    return [] if original == back else [f"{path}: {original!r} became {back!r}"]
+
+
+def _illegal_enums(obj, path=""):
+    """Every value of an enum-typed (or Literal-typed) field of the decoded model that the enum does not allow:
+    from_json copies strings as they come, so Grafana's enums are checked here against the SDK's types."""
+    import enum
+    import typing
+
+    if isinstance(obj, list):
+        return [p for i, x in enumerate(obj) for p in _illegal_enums(x, f"{path}[{i}]")]
+    if isinstance(obj, dict):
+        return [p for k, x in obj.items() for p in _illegal_enums(x, f"{path}.{k}")]
+    if not hasattr(obj, "__dict__") or not type(obj).__module__.startswith("grafana_foundation_sdk"):
+        return []
+    try:
+        hints = typing.get_type_hints(type(obj).__init__)
+    except Exception:  # noqa: BLE001 - a model whose hints do not resolve is walked without them
+        hints = {}
+    out = []
+    for name, value in vars(obj).items():
+        where = f"{path}.{name}"
+        allowed = set()
+        for t in [hints.get(name)]:
+            stack = [t]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, enum.Enum):
+                    allowed |= {m.value for m in t}
+                elif typing.get_origin(t) is typing.Literal:
+                    allowed |= set(typing.get_args(t))
+                else:
+                    stack += [a for a in typing.get_args(t) if a is not type(None)]
+        if allowed and value is not None:
+            values = value if isinstance(value, list) else [value]
+            out += [f"{where}: {v!r} not in {sorted(map(str, allowed))}" for v in values
+                    if (v.value if isinstance(v, enum.Enum) else v) not in allowed]
+        out += _illegal_enums(value, where)
+    return out
+
+
+def test_every_dashboard_round_trips_through_grafanas_schema(boards):
+    """grafana-foundation-sdk's Dashboard.from_json parses a dashboard into Grafana's typed models (panel
+    options and queries included, by plugin); a key Grafana does not know is dropped on the way back, and an
+    enum value it does not allow is caught by the SDK's types. The SDK build is the compose file's Grafana."""
+    from importlib.metadata import version
+
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    grafana = _compose_grafana_version()
+    assert version("grafana-foundation-sdk").split("!")[-1].startswith(grafana + "."), \
+        f"the test extra pins grafana-foundation-sdk for Grafana {version('grafana-foundation-sdk')}, compose " \
+        f"ships {grafana}"
+    register_default_plugins()
+    for uid, board in boards.items():
+        model = Dashboard.from_json(board)
+        back = json.loads(json.dumps(model, cls=JSONEncoder))
+        assert not _dropped_or_changed(board, back), (uid, _dropped_or_changed(board, back)[:10])
+        assert not _illegal_enums(model), (uid, _illegal_enums(model)[:10])
+        decoded = [p for p in model.panels if type(p).__name__ == "Panel"]
+        assert all(not isinstance(p.options, dict) for p in decoded), f"{uid}: a panel's options were not typed"
+
+
+def test_the_schema_check_catches_an_unknown_key_and_an_illegal_enum(boards):
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    register_default_plugins()
+    board = json.loads(json.dumps(boards["zsmon-reputation"]))
+    heat = next(p for p in board["panels"] if p["type"] == "heatmap")
+    heat["options"]["tooltip"]["show"] = True  # Grafana 10.4's heatmap tooltip has no `show`
+    stat = next(p for p in board["panels"] if p["type"] == "stat")
+    stat["options"]["colorMode"] = "rainbow"
+    back = json.loads(json.dumps(Dashboard.from_json(board), cls=JSONEncoder))
+    assert any(p.endswith(".options.tooltip.show: dropped") for p in _dropped_or_changed(board, back))
+    assert any("'rainbow'" in p for p in _illegal_enums(Dashboard.from_json(board)))

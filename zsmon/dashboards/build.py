@@ -90,7 +90,6 @@ def build_dashboard(spec: dict[str, Any], model: Model,
         "tags": sorted({"zerostate", "zsmon", *spec.get("tags", [])}),
         "editable": False,
         "graphTooltip": 1,
-        "id": None,
         "links": links,
         "panels": panels,
         "refresh": "30s",
@@ -189,7 +188,7 @@ def _options(kind: str, p: dict[str, Any]) -> dict[str, Any]:
                                                            "exponent": 0.5, "fill": "dark-orange", "reverse": False},
                 "yAxis": {"axisPlacement": "left", "unit": p.get("y_unit", "short")},
                 "rowsFrame": {"layout": "auto"}, "legend": {"show": True},
-                "tooltip": {"show": True, "yHistogram": True}, "exemplars": {"color": "rgba(255,0,255,0.7)"},
+                "tooltip": {"yHistogram": True}, "exemplars": {"color": "rgba(255,0,255,0.7)"},
                 "cellValues": {}, "filterValues": {"le": 1e-9}, "showValue": "never"}
     if kind == "table":
         return {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"]}}
