@@ -194,6 +194,9 @@ class RenderConfig(Strict):
                              "alerts link the dashboard panel of their invariant or checker.")
     grafana_datasource: str = Field("Prometheus", description="Name of the provisioned Grafana datasource (the "
                                     "dashboards' `${datasource}` variable defaults to it).")
+    money_unit: str = Field("currencyUSD", min_length=1, max_length=40, description="Grafana unit of the "
+                            "platform's money on the dashboards (e.g. currencyUSD, currencyEUR, or a custom "
+                            "`suffix: credits`); money rates are shown in it per second.")
     http_requests_metric: str = Field("http_requests_total", description="The API's request counter "
                                       "(labels method, path, status).")
     http_duration_metric: str = Field("http_request_duration_seconds", description="The API's request duration "
