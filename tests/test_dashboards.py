@@ -13,14 +13,13 @@ from pathlib import Path
 import promql_parser
 import pytest
 import yaml
+from test_alert_rules import lint_expr
 
 from zsmon.alerts.model import build_model
 from zsmon.alerts.render import golden_files, render_model
 from zsmon.app import build_registry
 from zsmon.core.config import Config
 from zsmon.dashboards.build import SpecError, build_dashboard, build_dashboards
-
-from test_alert_rules import lint_expr
 
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$job": ".+", "$instance": ".+"}
 UIDS = {"zsmon-api", "zsmon-database", "zsmon-payments", "zsmon-auctions", "zsmon-reputation", "zsmon-invariants",
@@ -109,7 +108,6 @@ def test_dashboards_serve_more_than_one_deployment(boards):
     datasource variable, multi-select, All = `.+`), and every series selector of every target - found by a
     real PromQL parser - filtered by both (a job-level recording rule, which has no instance, by job)."""
     import promql_parser
-
     from test_alert_rules import _nodes
 
     checked = 0
@@ -314,9 +312,8 @@ def test_auction_histogram_panels_read_the_window_without_rate(boards, tmp_path)
         for i, bound in enumerate(BIDS_BOUNDS):
             le = "+Inf" if bound == float("inf") else f"{float(bound)}"
             values = " ".join(f"{b[i]}x9" for b in per_phase)  # 10 samples a phase
-            series.append((f'zerostate_auction_bids_per_auction_bucket{{job="zsmon", instance="{pod}:9090", '
-                           f'pod="{pod}", le="{le}"}}',
-                           values))
+            labels = f'job="zsmon", instance="{pod}:9090", pod="{pod}", le="{le}"'
+            series.append((f"zerostate_auction_bids_per_auction_bucket{{{labels}}}", values))
     panel = next(p for p in _panels(boards["zsmon-auctions"]) if p["title"] == "Bids per auction")
     # Grafana's "All" for the job and instance variables.
     queries = {t["legendFormat"]: t["expr"].replace("$job", ".+").replace("$instance", ".+") for t in panel["targets"]}
