@@ -49,7 +49,7 @@ def rendered(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZSMON_", "DB_", "REDIS_"))}
     proc = subprocess.run([ZSMON, "render", "--out", str(out)], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert re.fullmatch(r"wrote \d+ files to .*\n", proc.stdout)
+    assert re.fullmatch(r"checkers: .*\(built in\).*\nwrote \d+ files to .*\n", proc.stdout)
     return out
 
 
@@ -511,3 +511,48 @@ def test_two_invariants_that_would_share_an_alert_name_are_refused(checker_packa
     assert {"a_b", "a"} <= set(registry.checker_classes) and not registry.exporter_classes
     with pytest.raises(ConfigError, match="alert name ABCViolation is derived from both"):
         build_model(registry)
+
+
+def test_render_says_which_checkers_and_warns_of_a_plugin(tmp_path: Path):
+    """`zsmon render` renders the checkers the config enables and names each with its origin; a plugin
+    installed on this machine is named in a warning (a deployed zsmon without it would leave its
+    InvariantCheckMissing firing forever), and --checkers leaves it out."""
+    from importlib.metadata import entry_points
+
+    assert any(ep.name == "agent_liveness" for ep in entry_points(group="zsmon.checkers")), \
+        "the example plugin is installed (pip install -e examples/plugin)"
+    cfg = tmp_path / "zsmon.yml"
+    cfg.write_text(yaml.safe_dump({"checkers": {"reputation": {"enabled": False}},
+                                   "checks": {"paths": [str(ROOT / "examples" / "checkers" / "stuck_tasks.yml")]}}))
+    proc = subprocess.run([ZSMON, "render", "--config", str(cfg), "--out", str(tmp_path / "all")], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = proc.stdout.splitlines()[0]
+    assert listed.startswith("checkers: agent_liveness (plugin zsmon-example-plugin")
+    assert "payments (built in)" in listed and "stuck_tasks (yaml " in listed and "reputation" not in listed
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "agent_liveness" in warnings[0] and "InvariantCheckMissing" in warnings[0]
+    rules = {p.name for p in (tmp_path / "all" / "prometheus" / "rules").iterdir()}
+    assert {"zsmon-checker-agent_liveness.rules.yml", "zsmon-checker-stuck_tasks.rules.yml"} <= rules
+    assert "zsmon-checker-reputation.rules.yml" not in rules
+
+    proc = subprocess.run([ZSMON, "render", "--config", str(cfg), "--out", str(tmp_path / "some"),
+                           "--checkers", "payments, stuck_tasks"], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == \
+        f"checkers: payments (built in), stuck_tasks (yaml {ROOT / 'examples' / 'checkers' / 'stuck_tasks.yml'})"
+    assert "warning" not in proc.stderr
+    rules = {p.name for p in (tmp_path / "some" / "prometheus" / "rules").iterdir()}
+    assert {r for r in rules if r.startswith("zsmon-checker-")} == {"zsmon-checker-payments.rules.yml",
+                                                                    "zsmon-checker-stuck_tasks.rules.yml"}
+    overview = json.loads((tmp_path / "some" / "grafana" / "dashboards" / "zsmon-invariants.json").read_text())
+    assert 'checker="agent_liveness"' not in json.dumps(overview)
+
+    for bad in ("payments,reputation", "nope", ","):  # disabled in the config, unknown, nothing
+        proc = subprocess.run([ZSMON, "render", "--config", str(cfg), "--out", str(tmp_path / "x"), "--checkers", bad],
+                              check=False, capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("zsmon: error: render --checkers:"), \
+            (bad, proc.stderr)
+        assert "among the enabled checkers (agent_liveness, auctions, payments, schema, stuck_tasks)" in lines[0]
+    assert not (tmp_path / "x").exists()
