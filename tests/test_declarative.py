@@ -69,7 +69,8 @@ def test_examples_load_as_checkers():
     stuck = found["stuck_tasks"]
     assert stuck.source == "yaml" and stuck.invariants[0].id == "stuck_task"
     assert stuck.invariants[0].entity_type == "task" and stuck.invariants[0].severity == "warning"
-    assert stuck.default_interval_seconds == 60 and stuck.runbook_url.endswith("stuck_tasks.md")
+    assert stuck.default_interval_seconds == 60 and stuck.runbook_url is None
+    assert "timeout sweeper" in stuck.runbook_text  # the "how to resolve" of the runbook zsmon serves
     assert stuck.Settings().grace_seconds == 60
     assert stuck.Settings.model_fields["grace_seconds"].description
     assert found["payment_audit_trail"].Settings().model_dump() == {"window_seconds": 3600, "tolerance_seconds": 60}
@@ -377,7 +378,8 @@ def test_a_yaml_checker_gets_its_alert_and_panel_from_render(make_config):
     alert = alerts["AgentCapacityAgentOverCapacityViolation"]
     assert alert["labels"] == {"severity": "warning", "checker": "agent_capacity", "invariant": "agent_over_capacity"}
     assert 'checker="agent_capacity", invariant="agent_over_capacity"' in alert["expr"]
-    assert alert["annotations"]["runbook_url"].endswith("/agent_capacity.md")  # the file's own runbook link
+    # No runbook_url of its own: the page zsmon generates and serves, with the file's `runbook` words.
+    assert alert["annotations"]["runbook_url"] == "http://localhost:8080/runbooks/AgentCapacityAgentOverCapacityViolation"
     assert "prometheus/rules/zsmon-checker-agent_capacity.rules.yml" in files
     board = json.loads(files["grafana/dashboards/zsmon-invariants.json"])
     titles = [p.get("title", "") for p in board["panels"]]

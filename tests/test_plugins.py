@@ -112,12 +112,16 @@ def test_a_broken_plugin_is_one_line_and_exit_2(tmp_path):
 
 
 def test_plugin_gets_its_alert_and_panel_from_render(make_config):
-    from zsmon.alerts.render import alert_rules, render_files
+    from zsmon.alerts.model import build_model
+    from zsmon.alerts.render import alert_rules, render_files, runbook_pages
 
     files = render_files(build_registry(make_config(redis=False)))
     alerts = {r["alert"]: r for r in alert_rules(files)}
     alert = alerts["AgentLivenessSilentActiveAgentViolation"]
     assert alert["labels"]["invariant"] == "silent_active_agent" and alert["labels"]["severity"] == "warning"
-    assert alert["annotations"]["runbook_url"].endswith("examples/plugin/README.md#runbook")
+    # Its runbook is generated (with the plugin's runbook_text) and served by zsmon.
+    assert alert["annotations"]["runbook_url"] == "http://localhost:8080/runbooks/AgentLivenessSilentActiveAgentViolation"
+    pages = runbook_pages(build_model(build_registry(make_config(redis=False))))
+    assert "mark it offline through the platform" in pages["AgentLivenessSilentActiveAgentViolation"]
     board = json.loads(files["grafana/dashboards/zsmon-invariants.json"])
     assert any("agent_liveness" in p.get("title", "") for p in board["panels"])

@@ -27,7 +27,7 @@ import yaml
 import zsmon.checkers
 import zsmon.exporters
 from zsmon.alerts.model import build_model
-from zsmon.alerts.render import GOLDEN, MARKER, RUNBOOKS, alert_rules, generated_runbooks, golden_files, \
+from zsmon.alerts.render import GOLDEN, MARKER, RUNBOOKS, alert_rules, docs_runbooks, golden_files, \
     golden_model, render_all, render_files, render_model
 from zsmon.alerts.runbooks import GENERATED_MARK
 from zsmon.app import build_registry
@@ -49,7 +49,7 @@ def rendered(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZSMON_", "DB_", "REDIS_"))}
     proc = subprocess.run([ZSMON, "render", "--out", str(out)], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert re.fullmatch(r"wrote \d+ files to .*\n", proc.stdout)
+    assert re.fullmatch(r"checkers: .*\(built in\).*\nwrote \d+ files to .*\n", proc.stdout)
     return out
 
 
@@ -268,8 +268,8 @@ def test_golden_copies_are_current():
     assert not stale, f"tests/golden is stale ({stale[:5]}...): run `{UPDATE}` and review the diff"
 
 
-def test_generated_runbooks_are_current_and_every_alert_has_one():
-    pages = generated_runbooks(golden_model())
+def test_docs_runbooks_are_current_and_every_alert_has_one():
+    pages = docs_runbooks(golden_model())
     for name, text in pages.items():
         path = RUNBOOKS / name
         assert path.exists() and path.read_text(encoding="utf-8") == text, \
@@ -281,7 +281,7 @@ def test_generated_runbooks_are_current_and_every_alert_has_one():
         name = rule["alert"]
         page = RUNBOOKS / f"{name}.md"
         assert page.exists(), f"alert {name} has no runbook docs/runbooks/{name}.md"
-        assert rule["annotations"]["runbook_url"] == f"{config.http.runbook_base_url}/{name}.md"
+        assert rule["annotations"]["runbook_url"] == f"{config.render.zsmon_url}/runbooks/{name}"
         text = page.read_text(encoding="utf-8")
         for section in ("## What it means", "## First checks", "## How to resolve"):
             assert section in text, f"docs/runbooks/{name}.md lacks {section!r}"
@@ -452,8 +452,15 @@ def test_new_checker_appears_everywhere_with_no_other_edit(checker_package, tmp_
     assert any('invariant="widget_conservation"' in e for e in exprs)
     assert any('checker="zz_probe"' in e and "last_success" in e for e in exprs)
     links = [link["url"] for p in overview["panels"] for link in p.get("links", [])]
-    assert any(u.endswith("/ZzProbeWidgetConservationViolation.md") for u in links)
-    pages = generated_runbooks(build_model(registry))
+    assert any(u.endswith("/runbooks/ZzProbeWidgetConservationViolation") for u in links)
+    # Its alerts link their evidence: the status page filtered to it, and its panel on the overview.
+    assert crit["annotations"]["status_url"] == \
+        "http://localhost:8080/?checker=zz_probe&invariant=widget_conservation#checker-zz_probe"
+    uid, _, panel_id = crit["annotations"]["dashboard_url"].removeprefix("http://localhost:3000/d/").partition(
+        "?viewPanel=")
+    panel = next(p for p in overview["panels"] if p["id"] == int(panel_id))
+    assert uid == "zsmon-invariants" and 'invariant="widget_conservation"' in panel["targets"][0]["expr"]
+    pages = docs_runbooks(build_model(registry))
     assert "ZzProbeWidgetConservationViolation.md" in pages and "zz_probe.md" in pages
     # Its promtool tests are generated and pass with the real promtool.
     out = tmp_path / "out"
@@ -504,3 +511,48 @@ def test_two_invariants_that_would_share_an_alert_name_are_refused(checker_packa
     assert {"a_b", "a"} <= set(registry.checker_classes) and not registry.exporter_classes
     with pytest.raises(ConfigError, match="alert name ABCViolation is derived from both"):
         build_model(registry)
+
+
+def test_render_says_which_checkers_and_warns_of_a_plugin(tmp_path: Path):
+    """`zsmon render` renders the checkers the config enables and names each with its origin; a plugin
+    installed on this machine is named in a warning (a deployed zsmon without it would leave its
+    InvariantCheckMissing firing forever), and --checkers leaves it out."""
+    from importlib.metadata import entry_points
+
+    assert any(ep.name == "agent_liveness" for ep in entry_points(group="zsmon.checkers")), \
+        "the example plugin is installed (pip install -e examples/plugin)"
+    cfg = tmp_path / "zsmon.yml"
+    cfg.write_text(yaml.safe_dump({"checkers": {"reputation": {"enabled": False}},
+                                   "checks": {"paths": [str(ROOT / "examples" / "checkers" / "stuck_tasks.yml")]}}))
+    proc = subprocess.run([ZSMON, "render", "--config", str(cfg), "--out", str(tmp_path / "all")], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = proc.stdout.splitlines()[0]
+    assert listed.startswith("checkers: agent_liveness (plugin zsmon-example-plugin")
+    assert "payments (built in)" in listed and "stuck_tasks (yaml " in listed and "reputation" not in listed
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "agent_liveness" in warnings[0] and "InvariantCheckMissing" in warnings[0]
+    rules = {p.name for p in (tmp_path / "all" / "prometheus" / "rules").iterdir()}
+    assert {"zsmon-checker-agent_liveness.rules.yml", "zsmon-checker-stuck_tasks.rules.yml"} <= rules
+    assert "zsmon-checker-reputation.rules.yml" not in rules
+
+    proc = subprocess.run([ZSMON, "render", "--config", str(cfg), "--out", str(tmp_path / "some"),
+                           "--checkers", "payments, stuck_tasks"], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == \
+        f"checkers: payments (built in), stuck_tasks (yaml {ROOT / 'examples' / 'checkers' / 'stuck_tasks.yml'})"
+    assert "warning" not in proc.stderr
+    rules = {p.name for p in (tmp_path / "some" / "prometheus" / "rules").iterdir()}
+    assert {r for r in rules if r.startswith("zsmon-checker-")} == {"zsmon-checker-payments.rules.yml",
+                                                                    "zsmon-checker-stuck_tasks.rules.yml"}
+    overview = json.loads((tmp_path / "some" / "grafana" / "dashboards" / "zsmon-invariants.json").read_text())
+    assert 'checker="agent_liveness"' not in json.dumps(overview)
+
+    for bad in ("payments,reputation", "nope", ","):  # disabled in the config, unknown, nothing
+        proc = subprocess.run([ZSMON, "render", "--config", str(cfg), "--out", str(tmp_path / "x"), "--checkers", bad],
+                              check=False, capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("zsmon: error: render --checkers:"), \
+            (bad, proc.stderr)
+        assert "among the enabled checkers (agent_liveness, auctions, payments, schema, stuck_tasks)" in lines[0]
+    assert not (tmp_path / "x").exists()

@@ -49,7 +49,7 @@ def test_without_token_no_details_with_token_the_planted_entity(make_config, db_
         # What everyone sees: the checker, its status and counts, the links; never the entities.
         assert '<meta http-equiv="refresh" content="10">' in html and 'name="viewport"' in html
         assert "required_columns_present</code>: 1" in html and "mode full" in html and "last run" in html
-        assert 'href="http://grafana.example:3000/' in html and "/runbooks/schema.md" in html
+        assert 'href="http://grafana.example:3000/' in html and 'href="/runbooks/schema"' in html  # served by zsmon itself
         assert 'href="http://grafana.example:3000/d/zsmon-payments"' in html  # dashboards linked by uid
         assert PLANTED_ENTITY not in html and "score_delta" not in html and "skipped (" not in html
         assert 'href="/login"' in html

@@ -19,7 +19,7 @@ import zsmon
 from zsmon.alerts.kubernetes import render_kubernetes
 from zsmon.alerts.render import render_all
 from zsmon.app import build_registry, build_service
-from zsmon.core.config import Config, ConfigError, load_config
+from zsmon.core.config import CheckerConfig, Config, ConfigError, load_config
 from zsmon.core.config_docs import reference
 from zsmon.core.db import DatabaseUnavailable, describe
 from zsmon.core.deployment import prefix_of
@@ -200,16 +200,63 @@ def check(ctx: click.Context, once: bool, only: tuple[str, ...], fmt: str, mode:
 @click.option("--format", "fmt", type=click.Choice(["files", "kubernetes"]), default="files", show_default=True,
               help="files: Prometheus, Alertmanager and Grafana config files; kubernetes: a Deployment, Service, "
                    "ServiceMonitor, PrometheusRules and dashboard ConfigMaps (kubectl apply -k DIR).")
+@click.option("--checkers", "selected", metavar="NAME[,NAME...]", default=None,
+              help="Only these of the enabled checkers get alerts, dashboard rows and runbooks (default: every "
+                   "checker the config enables). Leave out a plugin the deployed zsmon does not have.")
 @config_option
 @click.pass_context
-def render(ctx: click.Context, out: str, fmt: str) -> None:
-    """Render Prometheus rules and config, Alertmanager config and Grafana dashboards (or Kubernetes manifests)."""
+def render(ctx: click.Context, out: str, fmt: str, selected: str | None) -> None:
+    """Render Prometheus rules and config, Alertmanager config and Grafana dashboards (or Kubernetes manifests)
+    for the checkers the config enables, and say which."""
     registry = _registry(ctx)
+    if selected is not None:
+        registry = _select_checkers(registry, [n.strip() for n in selected.split(",") if n.strip()])
     try:
         written = (render_kubernetes if fmt == "kubernetes" else render_all)(registry, Path(out))
     except ConfigError as exc:
         _fail(str(exc))
+    enabled = registry.enabled_checkers()
+    click.echo("checkers: " + (", ".join(f"{name} ({_origin(b.cls)})" for name, b in sorted(enabled.items()))
+                               or "none (no checker is enabled: no invariant alerts or panels)"))
+    for name, bound in sorted(enabled.items()):
+        if bound.cls.source == "plugin":
+            click.echo(f"warning: checker {name} comes from a plugin installed here ({_origin(bound.cls)}): the "
+                       f"zsmon that runs with these rules needs it too, or InvariantCheckMissing fires for it "
+                       f"forever; leave it out with --checkers or checkers.{name}.enabled: false", err=True)
     click.echo(f"wrote {len(written)} files to {out}")
+
+
+def _select_checkers(registry: Registry, names: list[str]) -> Registry:
+    """The registry of the same config with every enabled checker not in ``names`` disabled."""
+    enabled = registry.enabled_checkers()
+    unknown = [n for n in names if n not in enabled]
+    if not names or unknown:
+        _fail(f"render --checkers: {'no checker named' if names else 'give at least one name'}"
+              f"{' ' + ', '.join(map(repr, unknown)) if unknown else ''} among the enabled checkers "
+              f"({', '.join(sorted(enabled)) or 'none'})")
+    config = registry.config
+    checkers = dict(config.checkers)
+    for name in set(enabled) - set(names):
+        checkers[name] = (checkers.get(name) or CheckerConfig()).model_copy(update={"enabled": False})
+    try:
+        return build_registry(config.model_copy(update={"checkers": checkers}))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _origin(cls: Any) -> str:
+    """Where a checker class comes from: built in, the YAML file, or the plugin's distribution."""
+    if cls.source == "yaml":
+        return f"yaml {getattr(cls, 'path', '?')}"
+    if cls.source == "plugin":
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="zsmon.checkers"):
+            module, _, attr = ep.value.partition(":")
+            if module == cls.__module__ and attr == cls.__qualname__:
+                return f"plugin {ep.dist.name if ep.dist else ep.name} {ep.dist.version if ep.dist else ''}".strip()
+        return "plugin"
+    return "built in"
 
 
 @cli.command()

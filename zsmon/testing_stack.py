@@ -361,6 +361,8 @@ GRAFANA_VARIABLES = {
     "$__rate_interval": "10s", "${__rate_interval}": "10s",
     "$__interval_ms": "2000", "$__interval": "2s", "${__interval}": "2s",
     "$__range": "1m", "${__range}": "1m",
+    # The job and instance variables at "All" (their allValue).
+    "$job": ".+", "$instance": ".+",
 }
 
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 from zsmon.core.config import Config, ConfigError
 from zsmon.core.registry import Registry
@@ -105,6 +106,10 @@ class CheckerView:
     own_runbook: str | None = None
     # With a critical invariant: how long without a completed run pages (CriticalInvariantsUnverified).
     unverified_after_seconds: int | None = None
+    # Where it comes from (builtin, plugin, yaml); a YAML checker's query and its own "how to resolve".
+    source: str = "builtin"
+    query: str | None = None
+    resolve: str | None = None
 
     @property
     def critical_invariants(self) -> list[str]:
@@ -157,6 +162,8 @@ class Model:
     burn_rates: list[BurnRate]
     slo_budget: str  # 1 - objective, as an exact decimal string ("0.001")
     static: dict[str, Any] = field(default_factory=dict)
+    # Alert name (or ``checker:<name>``) -> (dashboard uid, panel id) of the panel showing its evidence.
+    evidence: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     # ---- lookups the templates use ------------------------------------------------
     def checker(self, name: str) -> CheckerView | None:
@@ -164,6 +171,20 @@ class Model:
 
     def runbook(self, alert: str) -> str:
         return runbook_url(self.config, alert)
+
+    def runbook_index(self) -> str:
+        base = self.config.http.runbook_base_url
+        return f"{base.rstrip('/')}/README.md" if base else f"{self.config.render.zsmon_url.rstrip('/')}/runbooks/"
+
+    def status(self, checker: str, invariant: str | None = None) -> str:
+        return status_url(self.config, checker, invariant)
+
+    def dashboard(self, key: str) -> str:
+        """The Grafana panel that shows the evidence for ``key`` (an alert name, or ``checker:<name>`` for a
+        checker's health), as ``render.grafana_url``/d/<uid>?viewPanel=<id>; the dashboards are built first
+        (``evidence``, filled by the renderer), so the link names a panel that exists."""
+        uid, panel = self.evidence[key]
+        return f"{self.config.render.grafana_url.rstrip('/')}/d/{uid}?viewPanel={panel}"
 
     @property
     def invariants(self) -> list[InvariantView]:
@@ -208,6 +229,8 @@ class Model:
                 "api_sel": f'job="{API_JOB}"',
             },
             "runbook": self.runbook,
+            "status_page": self.status,
+            "dashboard": self.dashboard,
             "checker": self.checker,
             "invariants": self.invariants,
             "dur": duration,
@@ -225,7 +248,19 @@ UNVERIFIED_AT_MOST = 600
 
 
 def runbook_url(config: Config, alert: str) -> str:
-    return f"{config.http.runbook_base_url.rstrip('/')}/{alert}.md"
+    """The alert's runbook: served by zsmon itself (``render.zsmon_url``/runbooks/<Alert>), or
+    ``<http.runbook_base_url>/<Alert>.md`` when runbooks are kept elsewhere."""
+    base = config.http.runbook_base_url
+    if base:
+        return f"{base.rstrip('/')}/{alert}.md"
+    return f"{config.render.zsmon_url.rstrip('/')}/runbooks/{alert}"
+
+
+def status_url(config: Config, checker: str, invariant: str | None = None) -> str:
+    """zsmon's status page filtered to one checker (and one of its invariants): the violating entities,
+    how long each has been seen, their acknowledgements."""
+    query = {"checker": checker, **({"invariant": invariant} if invariant else {})}
+    return f"{config.render.zsmon_url.rstrip('/')}/?{urlencode(query)}#checker-{checker}"
 
 
 def invariant_alert(checker: str, invariant: str) -> str:
@@ -273,7 +308,9 @@ def build_model(registry: Registry, *, builtin_only: bool = False) -> Model:
         checkers.append(CheckerView(name=name, description=safe_prom_text(" ".join(cls.description.split())),
                                     interval_seconds=interval, stale_after_seconds=stale,
                                     failing_for_seconds=failing_for, invariants=tuple(invs), own_runbook=own,
-                                    unverified_after_seconds=unverified))
+                                    unverified_after_seconds=unverified, source=cls.source,
+                                    query=getattr(cls, "query", None) if cls.source == "yaml" else None,
+                                    resolve=getattr(cls, "runbook_text", None)))
     exporters = []
     for name, exported in sorted(registry.enabled_exporters().items()):
         interval = float(exported.interval_seconds)

@@ -32,7 +32,13 @@ import zsmon.checkers
 import zsmon.exporters
 from zsmon.alerts.model import Model, build_model
 from zsmon.alerts.rule_tests import rule_test_files
-from zsmon.alerts.runbooks import GENERATED_MARK, invariant_runbooks, runbook_index
+from zsmon.alerts.runbooks import (
+    GENERATED_MARK,
+    handwritten_runbooks,
+    invariant_runbooks,
+    runbook_index,
+    strip_mark,
+)
 from zsmon.alerts.templating import dump_json, dump_yaml, environment, render_yaml
 from zsmon.core.config import Config, ConfigError
 from zsmon.core.registry import Registry
@@ -78,6 +84,7 @@ def render_model(model: Model) -> dict[str, str]:
     env = environment(TEMPLATES)
     ctx = model.context()
     files: dict[str, str] = {}
+    boards = build_dashboards(model)  # first: the alerts link the panels that show their evidence
     rules: dict[str, Any] = {}
     for out, template in rule_files(model).items():
         c = model.checker(out[len("zsmon-checker-"):-len(".rules.yml")]) if out.startswith("zsmon-checker-") else None
@@ -93,7 +100,7 @@ def render_model(model: Model) -> dict[str, str]:
     for kind, template in (("datasources", "grafana-datasource.yml.j2"), ("dashboards", "grafana-dashboards.yml.j2")):
         doc = render_yaml(genv, template, ctx)
         files[f"grafana/provisioning/{kind}/zsmon.yml"] = dump_yaml(doc, _header(f"zsmon/dashboards/templates/{template}"))
-    for uid, board in build_dashboards(model).items():
+    for uid, board in boards.items():
         files[f"grafana/dashboards/{uid}.json"] = dump_json(board)
     return files
 
@@ -114,6 +121,22 @@ def alert_rules(files: dict[str, str]) -> list[dict[str, Any]]:
     return out
 
 
+def runbook_pages(model: Model) -> dict[str, str]:
+    """Every runbook zsmon serves at ``/runbooks/<name>``: name (``ApiDown``, ``payments``, ``README`` for the
+    index) -> Markdown. The hand-written pages and those generated from ``model``'s registry."""
+    pages = {**handwritten_runbooks(), **generated_runbooks(model)}
+    return {name.removesuffix(".md"): strip_mark(text) for name, text in pages.items()}
+
+
+def docs_runbooks(model: Model) -> dict[str, str]:
+    """What docs/runbooks holds: the generated pages and a copy of each hand-written one, so the repository
+    shows every page zsmon serves for its built-in checkers."""
+    pages = generated_runbooks(model)
+    for name, text in handwritten_runbooks().items():
+        pages[name] = f"{GENERATED_MARK} as a copy of zsmon/alerts/runbook_pages/{name}: edit it there -->\n" + text
+    return pages
+
+
 def generated_runbooks(model: Model) -> dict[str, str]:
     """The generated pages of docs/runbooks: one per invariant alert and per checker, and the index."""
     pages = invariant_runbooks(model)
@@ -123,7 +146,10 @@ def generated_runbooks(model: Model) -> dict[str, str]:
         if name in seen:
             seen[name]["summary"] = GENERIC_SUMMARIES.get(name, seen[name]["summary"])
             continue
+        # A page of its own (a YAML checker's or plugin's runbook_url) is linked where it is.
+        url = rule["annotations"]["runbook_url"]
         seen[name] = {"alert": name, "severity": rule["labels"]["severity"],
+                      "url": f"{name}.md" if url == model.runbook(name) else url,
                       "summary": GENERIC_SUMMARIES.get(name, rule["annotations"]["summary"])}
     pages["README.md"] = runbook_index(list(seen.values()))
     return pages
@@ -219,7 +245,7 @@ def update_golden() -> list[Path]:
     for stale in RUNBOOKS.glob("*.md"):
         if stale.read_text(encoding="utf-8").startswith(GENERATED_MARK):
             stale.unlink()
-    for name, text in generated_runbooks(golden_model()).items():
+    for name, text in docs_runbooks(golden_model()).items():
         path = RUNBOOKS / name
         path.write_text(text, encoding="utf-8")
         written.append(path)

@@ -98,10 +98,19 @@ class HttpConfig(Strict):
                                       "5 ms so the HTTP thread answers a scrape promptly while a checker thread "
                                       "decodes a large result (see docs/performance.md); 5 restores the default.")
     grafana_url: str | None = Field(None, description="Base URL of Grafana, for links from the status page.")
-    runbook_base_url: str = Field("https://github.com/zerostate/zsmon/blob/main/docs/runbooks",
-                                  description="Base URL of the runbooks linked from alerts and the status page.")
+    runbook_base_url: str | None = Field(None, description="Base URL of runbooks kept elsewhere (a wiki): alerts "
+                                         "and the status page then link `<base>/<Alert>.md`. Unset: zsmon serves "
+                                         "its own at `/runbooks/<Alert>` and alerts link them under "
+                                         "render.zsmon_url.")
 
     _v_listen = field_validator("metrics_listen", "api_listen")(lambda cls, v: _listen(v))
+
+    @field_validator("runbook_base_url", "grafana_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if v and not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", v):
+            raise ValueError("expected an http(s) URL such as https://wiki.example.com/runbooks")
+        return v.rstrip("/") if v else v
 
 
 class SchedulerConfig(Strict):
@@ -186,8 +195,16 @@ class RenderConfig(Strict):
     alertmanager_targets: list[str] = Field(["alertmanager:9093"], min_length=1,
                                             description="Alertmanagers Prometheus sends alerts to.")
     prometheus_url: str = Field("http://prometheus:9090", description="Prometheus URL as Grafana reaches it.")
+    zsmon_url: str = Field("http://localhost:8080", description="zsmon's API listener as on-call reaches it "
+                           "from a browser: alerts link its runbooks (`/runbooks/<Alert>`) and its status page "
+                           "filtered to the alert's checker and invariant.")
+    grafana_url: str = Field("http://localhost:3000", description="Grafana as on-call reaches it from a browser: "
+                             "alerts link the dashboard panel of their invariant or checker.")
     grafana_datasource: str = Field("Prometheus", description="Name of the provisioned Grafana datasource (the "
                                     "dashboards' `${datasource}` variable defaults to it).")
+    money_unit: str = Field("currencyUSD", min_length=1, max_length=40, description="Grafana unit of the "
+                            "platform's money on the dashboards (e.g. currencyUSD, currencyEUR, or a custom "
+                            "`suffix: credits`); money rates are shown in it per second.")
     http_requests_metric: str = Field("http_requests_total", description="The API's request counter "
                                       "(labels method, path, status).")
     http_duration_metric: str = Field("http_request_duration_seconds", description="The API's request duration "
@@ -241,7 +258,8 @@ class RenderConfig(Strict):
             _listen(target)
         return v
 
-    @field_validator("pager_webhook_url", "chat_webhook_url", "watchdog_webhook_url", "prometheus_url")
+    @field_validator("pager_webhook_url", "chat_webhook_url", "watchdog_webhook_url", "prometheus_url",
+                     "zsmon_url", "grafana_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", v):

@@ -8,7 +8,8 @@ A file such as ``examples/checkers/stuck_tasks.yml``::
     severity: warning                  # critical | warning | info
     entity_type: task
     interval_seconds: 60
-    runbook_url: https://.../docs/runbooks/stuck_tasks.md
+    runbook: |                         # optional: what to do (Markdown), in the runbook zsmon serves
+      1. Find the stuck tasks' agents ...
     params:                            # optional thresholds -> checkers.<name>.settings.<param>
       grace_seconds: {default: 60, description: Seconds past timeout_at before a task counts.}
     columns:                           # optional renames; these are the defaults
@@ -109,7 +110,11 @@ class CheckerSpec(Strict):
                                     "violation stands (seconds past a deadline): its growth alone does not undo "
                                     "an acknowledgement.")
     interval_seconds: float = Field(60.0, gt=0, description="Seconds between runs (config may override).")
-    runbook_url: str = Field(min_length=1, description="Runbook linked from the alert and the status page.")
+    runbook_url: str | None = Field(None, min_length=1, description="A runbook of your own, linked from the "
+                                    "alert and the status page instead of the one zsmon generates and serves at "
+                                    "/runbooks/<Alert> (which shows the query and `runbook`).")
+    runbook: str | None = Field(None, min_length=1, description="What to do when it fires (Markdown): the "
+                                "'How to resolve' part of the runbook zsmon generates for this checker.")
     params: dict[str, ParamSpec] = Field(default_factory=dict, description="Thresholds used by the query.")
     columns: ColumnsSpec = Field(default_factory=ColumnsSpec, description="Column renames.")
     query: str = Field(min_length=1, description="One read-only SELECT; each row is a violation.")
@@ -128,8 +133,8 @@ class CheckerSpec(Strict):
 
     @field_validator("runbook_url")
     @classmethod
-    def _url(cls, v: str) -> str:
-        if re.search(r"\s", v):
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and re.search(r"\s", v):
             raise ValueError("expected a URL (no spaces)")
         return v
 
@@ -296,6 +301,7 @@ def build_class(spec: CheckerSpec, path: Path) -> type[DeclarativeChecker]:
         "Settings": _settings_model(spec),
         "default_interval_seconds": float(spec.interval_seconds),
         "runbook_url": spec.runbook_url,
+        "runbook_text": spec.runbook.strip() if spec.runbook else None,
         "source": "yaml",
         "spec": spec,
         "path": path,
@@ -310,7 +316,7 @@ def load_file(path: Path) -> type[DeclarativeChecker]:
     doc = read_yaml(path, "checker file", DeclarativeError)
     if not isinstance(doc.data, dict):
         raise DeclarativeError(f"{doc.where()}: the top level must be a mapping with name, description, severity, "
-                               "entity_type, runbook_url and query")
+                               "entity_type and query")
     try:
         spec = CheckerSpec.model_validate(doc.data)
     except ValidationError as exc:

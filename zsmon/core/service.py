@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, Iterable
 
 import psycopg
@@ -66,6 +67,7 @@ class Service:
     """The running sidecar. ``start()`` returns once the listeners are bound; ``stop()`` ends everything."""
 
     def __init__(self, registry: Registry, dashboard_links: list[dict[str, str]] | None = None,
+                 runbooks: Callable[[], Mapping[str, str]] | None = None,
                  privileged_role_expected: str | None = None) -> None:
         """``privileged_role_expected``: why a role that can do more than read is expected here (the demo's
         embedded superuser): said as information rather than warned about."""
@@ -73,6 +75,9 @@ class Service:
         self.registry = registry
         # Links to the Grafana dashboards for the status page (the composition root renders them).
         self.dashboard_links = dashboard_links or []
+        # The runbooks served at /runbooks/<name> (the composition root renders them, once, when first asked).
+        self._runbooks = runbooks
+        self._runbook_pages: Mapping[str, str] | None = None
         self.store = ResultStore()
         checkers = registry.enabled_checkers()
         exporters = registry.enabled_exporters()
@@ -135,6 +140,13 @@ class Service:
     @property
     def checkers(self) -> dict[str, BoundChecker]:
         return self.runner.checkers
+
+    def runbook(self, name: str) -> str | None:
+        if self._runbooks is None:
+            return None
+        if self._runbook_pages is None:
+            self._runbook_pages = self._runbooks()
+        return self._runbook_pages.get(name)
 
     def latest_results(self) -> list[CheckResult]:
         return self.store.latest()

@@ -24,6 +24,9 @@ class ServiceView(Protocol):
 
     def latest_results(self) -> list[CheckResult]: ...
 
+    def runbook(self, name: str) -> str | None:
+        """The Markdown of runbook ``name`` (an alert, a checker, ``README`` for the index), None if unknown."""
+
     def readiness(self) -> list[str]:
         """Why this replica is not ready (empty: ready)."""
 

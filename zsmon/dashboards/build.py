@@ -8,6 +8,7 @@ so every dashboard is built the same way and stays valid.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,73 @@ GRID_WIDTH = 24
 PANEL_TYPES = {"timeseries", "stat", "gauge", "table", "heatmap", "text", "bargauge"}
 
 
+# Dashboards for more than one deployment: every dashboard has `job` and `instance` variables (multi-select,
+# "All" = `.+`, as Grafana's dashboard-linter expects) and every series selector of every query is filtered
+# by them. A job-level recording rule (`job:...`) has no instance label and is filtered by job alone.
+SCOPE_VARIABLES = ("job", "instance")
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+             "offset", "atan2", "inf", "nan"}
+_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk",
+                 "quantile"}
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|\[[^\]]*\]|[A-Za-z_:][A-Za-z0-9_:]*|\s+|.')
+
+
+def scoped(expr: str) -> str:
+    """``expr`` with ``job=~"$job", instance=~"$instance"`` added to every series selector.
+
+    A small scanner over the PromQL zsmon writes: an identifier is a series name unless it is a keyword, a
+    function or aggregation (followed by ``(``), a label inside ``{...}`` or in a ``by (...)``-style list;
+    strings and ``[...]`` ranges are skipped whole. The tests check the result with a real PromQL parser."""
+    tokens = _TOKEN.findall(expr)
+    out: list[str] = []
+    depth_braces, label_list, expect_list = 0, 0, False
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        nxt = next((t for t in tokens[i + 1:] if not t.isspace()), "")
+        if tok == "{":
+            depth_braces += 1
+        elif tok == "}":
+            depth_braces -= 1
+        elif tok == "(" and expect_list:
+            label_list, expect_list = 1, False
+        elif tok == "(" and label_list:
+            label_list += 1
+        elif tok == ")" and label_list:
+            label_list -= 1
+        elif re.fullmatch(r"[A-Za-z_:][A-Za-z0-9_:]*", tok) and not depth_braces and not label_list:
+            if tok in _KEYWORDS:
+                expect_list = tok in ("by", "without", "on", "ignoring", "group_left", "group_right")
+            elif nxt != "(" and tok not in _AGGREGATIONS:
+                matchers = ", ".join(f'{v}=~"${v}"' for v in SCOPE_VARIABLES
+                                     if not (v == "instance" and tok.startswith("job:")))
+                out.append(tok)
+                if nxt == "{":
+                    j = tokens.index("{", i + 1)
+                    out.extend(tokens[i + 1:j + 1])
+                    inner = next((t for t in tokens[j + 1:] if not t.isspace()), "}")
+                    out.append(matchers + ("" if inner == "}" else ", "))
+                    depth_braces += 1
+                    i = j + 1
+                    continue
+                out.append("{" + matchers + "}")
+                i += 1
+                continue
+        out.append(tok)
+        i += 1
+    return "".join(out)
+
+
+def _scope_variable(name: str, datasource: str) -> dict[str, Any]:
+    source = "up" if name == "job" else 'up{job=~"$job"}'
+    return {"name": name, "label": name.capitalize(), "type": "query",
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "query": {"query": f"label_values({source}, {name})", "refId": f"{name}-values"},
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+            "includeAll": True, "allValue": ".+", "multi": True, "refresh": 2, "regex": "", "sort": 1, "hide": 0,
+            "options": []}
+
+
 class SpecError(ValueError):
     """A dashboard spec is missing something every panel must have."""
 
@@ -30,21 +98,30 @@ def dashboard_specs() -> list[str]:
     return sorted(p.name for p in TEMPLATES.glob("*.dashboard.yml.j2"))
 
 
+OVERVIEW_UID = "zsmon-invariants"
+
+
 def build_dashboards(model: Model) -> dict[str, dict[str, Any]]:
-    """Every dashboard, keyed by uid."""
+    """Every dashboard, keyed by uid. Fills ``model.evidence``: the panel each alert links as its evidence
+    (a spec panel's ``evidence:`` list), preferring a checker's own dashboard over the overview."""
     env = environment(TEMPLATES)
     out: dict[str, dict[str, Any]] = {}
+    evidence: dict[str, tuple[str, int]] = {}
     for name in dashboard_specs():
         spec = render_yaml(env, name, model.context())
-        board = build_dashboard(spec, model)
+        board = build_dashboard(spec, model, evidence)
         if board["uid"] in out:
             raise SpecError(f"{name}: uid {board['uid']} is used twice")
         out[board["uid"]] = board
+    model.evidence.clear()
+    model.evidence.update(evidence)
     return out
 
 
-def build_dashboard(spec: dict[str, Any], model: Model) -> dict[str, Any]:
+def build_dashboard(spec: dict[str, Any], model: Model,
+                    evidence: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
     uid = spec["uid"]
+    evidence = {} if evidence is None else evidence
     panels: list[dict[str, Any]] = []
     next_id = 1
     y = 0
@@ -53,18 +130,18 @@ def build_dashboard(spec: dict[str, Any], model: Model) -> dict[str, Any]:
                        "gridPos": {"h": 1, "w": GRID_WIDTH, "x": 0, "y": y}, "panels": []})
         next_id += 1
         y += 1
-        x, row_height = 0, 0
-        for p in row.get("panels") or []:
-            w, h = int(p.get("w", 12)), int(p.get("h", 8))
-            if x + w > GRID_WIDTH:
-                x, y = 0, y + row_height
-                row_height = 0
-            panels.append(_panel(p, next_id, {"h": h, "w": w, "x": x, "y": y}, model, uid))
-            next_id += 1
-            x += w
-            row_height = max(row_height, h)
-        y += row_height
-    links = [{"title": "Runbooks", "type": "link", "url": model.config.http.runbook_base_url,
+        for line in _lines(row.get("panels") or [], f"dashboard {uid}, row {row['title']!r}"):
+            x = 0
+            height = max(h for _, _, h in line)
+            for p, w, _ in line:
+                panels.append(_panel(p, next_id, {"h": height, "w": w, "x": x, "y": y}, model, uid))
+                for key in p.get("evidence") or []:
+                    if key not in evidence or evidence[key][0] == OVERVIEW_UID:
+                        evidence[key] = (uid, next_id)
+                next_id += 1
+                x += w
+            y += height
+    links = [{"title": "Runbooks", "type": "link", "url": model.runbook_index(),
               "targetBlank": True, "icon": "doc"},
              {"title": "ZeroState dashboards", "type": "dashboards", "tags": ["zerostate"], "asDropdown": True,
               "includeVars": True, "keepTime": True}]
@@ -78,7 +155,6 @@ def build_dashboard(spec: dict[str, Any], model: Model) -> dict[str, Any]:
         "tags": sorted({"zerostate", "zsmon", *spec.get("tags", [])}),
         "editable": False,
         "graphTooltip": 1,
-        "id": None,
         "links": links,
         "panels": panels,
         "refresh": "30s",
@@ -94,8 +170,39 @@ def build_dashboard(spec: dict[str, Any], model: Model) -> dict[str, Any]:
             "name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
             "current": {"selected": False, "text": model.config.render.grafana_datasource,
                         "value": model.config.render.grafana_datasource},
-            "hide": 0, "refresh": 1, "regex": "", "options": [], "includeAll": False, "multi": False}]},
+            "hide": 0, "refresh": 1, "regex": "", "options": [], "includeAll": False, "multi": False},
+            *(_scope_variable(v, model.config.render.grafana_datasource) for v in SCOPE_VARIABLES)]},
     }
+
+
+def _lines(specs: list[dict[str, Any]], where: str) -> list[list[tuple[dict[str, Any], int, int]]]:
+    """Panels in lines of the 24-column grid, with no holes: a line takes panels while they fit, then its
+    widths are stretched to fill the line (the spare columns go to its last panels, one each) and every panel
+    of it gets the line's tallest height. Returns (spec, width, height) per panel."""
+    lines: list[list[tuple[dict[str, Any], int, int]]] = [[]]
+    for p in specs:
+        w, h = int(p.get("w", 12)), int(p.get("h", 8))
+        if not 1 <= w <= GRID_WIDTH or h < 1:
+            raise SpecError(f"{where}, panel {p.get('title')!r}: w must be 1-{GRID_WIDTH} and h at least 1")
+        if sum(pw for _, pw, _ in lines[-1]) + w > GRID_WIDTH:
+            lines.append([])
+        lines[-1].append((p, w, h))
+    out = []
+    for line in lines:
+        if not line:
+            continue
+        spare = GRID_WIDTH - sum(w for _, w, _ in line)
+        widths = [w + spare // len(line) for _, w, _ in line]
+        for i in range(spare % len(line)):
+            widths[-1 - i] += 1
+        out.append([(p, w, h) for (p, _, h), w in zip(line, widths)])
+    return out
+
+
+def _thresholds(pairs: list[Any]) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = [{"color": "green", "value": None}]
+    steps += [{"color": color, "value": value} for color, value in pairs]
+    return {"mode": "absolute", "steps": steps}
 
 
 def _panel(p: dict[str, Any], pid: int, grid: dict[str, int], model: Model, uid: str) -> dict[str, Any]:
@@ -117,10 +224,7 @@ def _panel(p: dict[str, Any], pid: int, grid: dict[str, int], model: Model, uid:
     for key in ("min", "max", "decimals"):
         if key in p:
             defaults[key] = p[key]
-    steps = [{"color": "green", "value": None}]
-    for color, value in p.get("thresholds", []):
-        steps.append({"color": color, "value": value})
-    defaults["thresholds"] = {"mode": "absolute", "steps": steps}
+    defaults["thresholds"] = _thresholds(p.get("thresholds", []))
     if p.get("mappings"):
         defaults["mappings"] = p["mappings"]
     defaults["color"] = {"mode": "thresholds" if kind in ("stat", "gauge", "bargauge") else "palette-classic"}
@@ -129,7 +233,12 @@ def _panel(p: dict[str, Any], pid: int, grid: dict[str, int], model: Model, uid:
                               "spanNulls": False,
                               "stacking": {"mode": "normal" if p.get("stack") else "none", "group": "A"},
                               "thresholdsStyle": {"mode": "line" if p.get("thresholds") else "off"}}
-    panel["fieldConfig"] = {"defaults": defaults, "overrides": []}
+    # Per-series thresholds (``overrides: [{name: <series>, thresholds: [[color, value], ...]}]``): e.g. a
+    # staleness bar per checker, orange and red at that checker's own limits.
+    overrides = [{"matcher": {"id": "byName", "options": o["name"]},
+                  "properties": [{"id": "thresholds", "value": _thresholds(o["thresholds"])}]}
+                 for o in p.get("overrides", [])]
+    panel["fieldConfig"] = {"defaults": defaults, "overrides": overrides}
     panel["options"] = _options(kind, p)
     if kind == "text":
         panel.pop("datasource")
@@ -139,7 +248,7 @@ def _panel(p: dict[str, Any], pid: int, grid: dict[str, int], model: Model, uid:
         raise SpecError(f"{where}: a {kind} panel needs at least one target")
     panel["targets"] = []
     for i, t in enumerate(targets):
-        target = {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": " ".join(t["expr"].split()),
+        target = {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": scoped(" ".join(t["expr"].split())),
                   "legendFormat": t.get("legend", "__auto"), "range": not t.get("instant", False),
                   "instant": bool(t.get("instant", False)), "editorMode": "code"}
         if kind == "heatmap":
@@ -177,7 +286,7 @@ def _options(kind: str, p: dict[str, Any]) -> dict[str, Any]:
                                                            "exponent": 0.5, "fill": "dark-orange", "reverse": False},
                 "yAxis": {"axisPlacement": "left", "unit": p.get("y_unit", "short")},
                 "rowsFrame": {"layout": "auto"}, "legend": {"show": True},
-                "tooltip": {"show": True, "yHistogram": True}, "exemplars": {"color": "rgba(255,0,255,0.7)"},
+                "tooltip": {"yHistogram": True}, "exemplars": {"color": "rgba(255,0,255,0.7)"},
                 "cellValues": {}, "filterValues": {"le": 1e-9}, "showValue": "never"}
     if kind == "table":
         return {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"]}}

@@ -37,7 +37,13 @@ class AgentLivenessChecker(Checker):
     )
     Settings = AgentLivenessSettings
     default_interval_seconds = 60.0
-    runbook_url = "https://github.com/zerostate/zsmon/blob/main/examples/plugin/README.md#runbook"
+    # The "how to resolve" of the runbook zsmon generates and serves at /runbooks/<Alert> (Markdown);
+    # `runbook_url = "https://..."` would link a runbook of your own instead.
+    runbook_text = """\
+1. Is the agent process alive? Its host's monitoring and the platform's logs for its DID tell.
+2. If it died, mark it offline through the platform so the scheduler stops assigning it tasks;
+   if it runs but stopped reporting, restart its heartbeat.
+The alert resolves at the first run that sees a recent `last_seen_at` or a non-active status."""
 
     settings: AgentLivenessSettings
 
