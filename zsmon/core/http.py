@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import zsmon
 from zsmon.core.lifecycle import LifecycleError, parse_duration
+from zsmon.core.ratelimit import Buckets, retry_after
 from zsmon.core.status import register_status_page
 from zsmon.core.view import ServiceView
 
@@ -51,51 +52,58 @@ class BodyLimit:
 
 
 class RateLimit:
-    """ASGI middleware: at most ``per_minute`` requests per client IP on the given path prefixes.
+    """ASGI middleware: at most ``per_minute`` requests per client on the given path prefixes.
 
     A token bucket per client (burst = the per-minute budget, refilled continuously);
     over the limit a request gets 429 with ``Retry-After`` before any route or token
-    check runs, which also throttles token guessing. Behind a proxy every request has
-    the proxy's address: set the limit on the proxy, or accept it as a global limit.
+    check runs, which also throttles token guessing. The client is the connection's
+    address, or the one a trusted proxy forwards (``http.trusted_proxies``).
     """
-
-    MAX_CLIENTS = 10_000  # bounded memory: the least recently seen clients are forgotten
 
     def __init__(self, app: ASGIApp, per_minute: int, prefixes: tuple[str, ...] = ("/api", "/admin", "/login")) -> None:
         self.app = app
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+        self.buckets = Buckets(per_minute)
         self.prefixes = prefixes
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
-
-    def _take(self, client: str) -> float:
-        """0 when the request may pass, else the seconds until it could."""
-        import time
-
-        now = time.monotonic()
-        tokens, then = self._buckets.pop(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - then) * self.rate)
-        wait = 0.0
-        if tokens >= 1:
-            tokens -= 1
-        else:
-            wait = (1 - tokens) / self.rate
-        self._buckets[client] = (tokens, now)  # re-inserted: dict order is recency order
-        if len(self._buckets) > self.MAX_CLIENTS:
-            del self._buckets[next(iter(self._buckets))]
-        return wait
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
-            client = (scope.get("client") or ("unknown", 0))[0]
-            wait = self._take(client)
+            wait = self.buckets.take(client_of(scope))
             if wait > 0:
-                import math
-
-                retry = str(max(1, math.ceil(wait)))
+                retry = retry_after(wait)
                 return await JSONResponse({"detail": f"rate limit exceeded: retry in {retry}s"}, status_code=429,
                                           headers={"Retry-After": retry})(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response says ``nosniff`` and, unless the route chose otherwise, ``no-store``
+    (JSON and /metrics are live data, never to be cached by a proxy); under TLS, HSTS."""
+
+    def __init__(self, app: ASGIApp, tls: bool) -> None:
+        self.app = app
+        self.extra = [(b"strict-transport-security", b"max-age=31536000")] if tls else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                for name, value in [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+                                    *self.extra]:
+                    if name not in names:
+                        headers.append((name, value))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, with_headers)
+
+
+def client_of(scope: Scope) -> str:
+    """The client's address (after uvicorn's trusted-proxy rewrite, if any)."""
+    return (scope.get("client") or ("unknown", 0))[0]
 
 
 # ---- response models (they make the OpenAPI document exact) --------------------
@@ -219,43 +227,70 @@ _bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN")
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
     403: {"model": Problem, "description": "the admin API is off: no ADMIN_TOKEN configured"},
-    429: {"model": Problem, "description": "over http.rate_limit_per_minute for this client; see Retry-After"},
+    429: {"model": Problem, "description": "over http.rate_limit_per_minute, or too many failed attempts "
+                                           "(http.auth_failure_limit_per_minute), for this client; see Retry-After"},
 }
 
 
-def _health_routes(app: FastAPI, service: ServiceView) -> None:
+def _health_routes(app: FastAPI, service: ServiceView, bearer_ok: Any = None) -> None:
+    """``/health`` and ``/ready``. Plain ``async`` routes: answered on the event loop itself, never queued
+    behind checker work in the thread pool. Readiness reasons name the database as ``user@host:port/db``
+    only to a caller with the bearer token; probes and everyone else see them without host and database."""
+
     @app.get("/health", response_model=Readiness, tags=["health"])
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         """Liveness: the process serves requests."""
         return {"status": "ok", "reasons": []}
 
     @app.get("/ready", response_model=Readiness, tags=["health"],
              responses={503: {"model": Readiness, "description": "not ready"}})
-    def ready() -> Any:
+    async def ready(request: Request) -> Any:
         """Readiness: the database answers and the scheduler runs."""
         reasons = service.readiness()
+        if not (bearer_ok is not None and bearer_ok(request)):
+            reasons = [service.conceal(r) for r in reasons]
         skipped = service.memory_skipped()
         if reasons:
             return JSONResponse({"status": "not ready", "reasons": reasons, "skipped": skipped}, status_code=503)
         return {"status": "ready", "reasons": [], "skipped": skipped}
 
 
+def _admin_token(service: ServiceView) -> str:
+    http = service.config.http
+    return http.admin_token.get_secret_value() if http.admin_token else ""
+
+
+def _bearer_matches(service: ServiceView, request: Request) -> bool:
+    token = _admin_token(service)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 def create_api_app(service: ServiceView) -> FastAPI:
     http = service.config.http
     app = FastAPI(title="zsmon API", version=zsmon.__version__, docs_url=None, redoc_url=None,
-                  openapi_url="/api/v1/openapi.json",
+                  openapi_url="/api/v1/openapi.json", redirect_slashes=False,
                   description="Invariant results of the ZeroState platform and on-demand checks.")
+    # Failed bearer-token and sign-in attempts per client: beyond the budget, 429 before any comparison.
+    failures = Buckets(http.auth_failure_limit_per_minute) if http.auth_failure_limit_per_minute else None
 
-    def require_token(creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-        token = http.admin_token.get_secret_value() if http.admin_token else ""
+    def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        token = _admin_token(service)
         if not token:
             raise HTTPException(403, "the admin API is off: set ADMIN_TOKEN (or http.admin_token) to enable it")
+        client = request.client.host if request.client else "unknown"
+        if failures is not None and (wait := failures.wait(client)) > 0:
+            retry = retry_after(wait)
+            raise HTTPException(429, f"too many failed token attempts from this client: retry in {retry}s",
+                                headers={"Retry-After": retry})
         given = creds.credentials if creds is not None else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
+            if failures is not None:
+                failures.take(client)
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    _health_routes(app, service)
-    register_status_page(app, service)
+    _health_routes(app, service, lambda request: _bearer_matches(service, request))
+    register_status_page(app, service, failures)
     auth = [Depends(require_token)]
 
     def _run(name: str) -> dict[str, Any]:
@@ -367,8 +402,8 @@ def create_api_app(service: ServiceView) -> FastAPI:
 
 
 def create_metrics_app(service: ServiceView) -> FastAPI:
-    app = FastAPI(title="zsmon metrics", docs_url=None, redoc_url=None, openapi_url=None)
-    _health_routes(app, service)
+    app = FastAPI(title="zsmon metrics", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    _health_routes(app, service, lambda request: _bearer_matches(service, request))
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:  # CPU only: no thread hop needed
