@@ -113,6 +113,9 @@ class HttpConfig(Strict):
                                           "request's complete headers within this long is closed (slow clients).")
     keep_alive_timeout_seconds: int = Field(5, ge=1, le=300, description="An idle keep-alive connection is closed "
                                             "after this long.")
+    on_demand_queue: int = Field(20, ge=1, le=10_000, description="Requests that may wait for one checker's "
+                                 "on-demand run (POST /api/v1/checks/{name}/run, /admin/verify-balances); they "
+                                 "share one run. Beyond it 429 with Retry-After.")
     max_concurrent_requests: int = Field(200, ge=8, le=100_000, description="Connections and requests one listener "
                                          "serves at once; beyond it 503.")
     ready_requires_checks: bool = Field(True, description="/ready is 503 while a checker's latest run failed "

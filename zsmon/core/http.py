@@ -8,8 +8,11 @@ with no token configured those routes answer 403, never open.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any, Literal
+
+import anyio
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -99,6 +102,40 @@ class SecurityHeaders:
             await send(message)
 
         return await self.app(scope, receive, with_headers)
+
+
+class OnDemand:
+    """On-demand runs (``POST /api/v1/checks/{name}/run``, ``/admin/verify-balances``), coalesced.
+
+    Requests for a checker whose on-demand run is in flight wait for that run and share its result:
+    one run per checker at a time, however many ask. At most ``max_waiting`` requests wait per
+    checker; beyond that, 429 with ``Retry-After`` (about one run's duration). The run happens in a
+    worker thread and the waiting happens on the event loop, so waiting requests hold no thread, and
+    ``/health`` and ``/ready`` (answered on the loop) never queue behind them. A client that gives
+    up does not cancel the run the others wait for."""
+
+    def __init__(self, run: Any, max_waiting: int, duration: Any = lambda name: None) -> None:
+        self._run, self.max_waiting, self._duration = run, max_waiting, duration
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._waiting: dict[str, int] = {}
+        self.runs = 0  # on-demand runs started (for tests and figures)
+
+    async def __call__(self, name: str) -> Any:
+        future = self._inflight.get(name)
+        if future is None:
+            self.runs += 1
+            future = asyncio.ensure_future(anyio.to_thread.run_sync(self._run, name))
+            self._inflight[name] = future
+            future.add_done_callback(lambda _f, n=name: self._inflight.pop(n, None))
+        elif self._waiting.get(name, 0) >= self.max_waiting:
+            retry = retry_after(self._duration(name) or 1.0)
+            raise HTTPException(429, f"{self._waiting[name]} requests already wait for {name!r}'s on-demand run: "
+                                     f"retry in {retry}s", headers={"Retry-After": retry})
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self._waiting[name] -= 1
 
 
 def client_of(scope: Scope) -> str:
@@ -274,7 +311,8 @@ def create_api_app(service: ServiceView) -> FastAPI:
     # Failed bearer-token and sign-in attempts per client: beyond the budget, 429 before any comparison.
     failures = Buckets(http.auth_failure_limit_per_minute) if http.auth_failure_limit_per_minute else None
 
-    def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    async def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        # On the event loop (no thread hop): a comparison and a bucket, nothing that blocks.
         token = _admin_token(service)
         if not token:
             raise HTTPException(403, "the admin API is off: set ADMIN_TOKEN (or http.admin_token) to enable it")
@@ -293,10 +331,15 @@ def create_api_app(service: ServiceView) -> FastAPI:
     register_status_page(app, service, failures)
     auth = [Depends(require_token)]
 
-    def _run(name: str) -> dict[str, Any]:
+    def _duration(name: str) -> float | None:
+        return next((r.duration_seconds for r in service.latest_results() if r.checker == name), None)
+
+    on_demand = app.state.on_demand = OnDemand(service.run_check_now, http.on_demand_queue, _duration)
+
+    async def _run(name: str) -> dict[str, Any]:
         if name not in service.checkers:
             raise HTTPException(404, f"no checker named {name!r}; known: {', '.join(service.checkers)}")
-        result = service.run_check_now(name)
+        result = await on_demand(name)
         if result is None:
             raise HTTPException(409, f"another replica holds the lease for {name!r}; its latest result is at "
                                      f"GET /api/v1/checks")
@@ -318,10 +361,13 @@ def create_api_app(service: ServiceView) -> FastAPI:
 
     @app.post("/api/v1/checks/{name}/run", response_model=CheckOut, dependencies=auth, tags=["checks"],
               responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "unknown checker"},
-                         409: {"model": Problem, "description": "another replica holds the lease"}})
-    def run_check(name: str) -> dict[str, Any]:
-        """Run a checker now and return its result."""
-        return _run(name)
+                         409: {"model": Problem, "description": "another replica holds the lease"},
+                         429: {"model": Problem, "description": "over the rate limits, or http.on_demand_queue "
+                                                                "requests already wait for this checker's run"}})
+    async def run_check(name: str) -> dict[str, Any]:
+        """Run a checker now and return its result. Requests made while the checker's on-demand run is in
+        flight share that run's result."""
+        return await _run(name)
 
     @app.get("/api/v1/violations", response_model=ViolationsOut, dependencies=auth, tags=["checks"],
              responses={**_AUTH_RESPONSES, 400: {"model": Problem, "description": "a bad filter or cursor"}})
@@ -394,9 +440,9 @@ def create_api_app(service: ServiceView) -> FastAPI:
     @app.post("/admin/verify-balances", response_model=CheckOut, dependencies=auth, tags=["admin"],
               responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "payments checker not enabled"},
                          409: {"model": Problem, "description": "another replica holds the lease"}})
-    def verify_balances() -> dict[str, Any]:
+    async def verify_balances() -> dict[str, Any]:
         """The deployment guide's manual verification: run the payments checker now."""
-        return _run("payments")
+        return await _run("payments")
 
     return app
 

@@ -180,8 +180,7 @@ class Service:
         self._db_reason: str | None = "database not checked yet"
         self._health_at = 0.0
         self._servers: list[_EmbeddedServer] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
         self.ports: dict[str, int] = {}
 
     def _register_leader_only(self, name: str, bound: BoundChecker) -> None:
@@ -368,41 +367,54 @@ class Service:
         self.health()
         self._servers = [self._server(create_metrics_app(self), self.config.http.metrics_listen),
                          self._server(create_api_app(self), self.config.http.api_listen)]
-        started = threading.Event()
+        # One thread and event loop per listener: a burst on the API (on-demand runs, a scan) never delays
+        # the probes and scrapes the metrics listener answers.
+        bind_error = ConfigError("could not bind the HTTP listeners "
+                                 f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
+                                 "address in use or not permitted")
         failure: list[BaseException] = []
+        events = []
 
-        async def serve() -> None:
-            tasks = [asyncio.create_task(s.serve()) for s in self._servers]
-            while not all(s.started for s in self._servers):
-                if any(t.done() for t in tasks):
-                    failure.append(ConfigError("could not bind the HTTP listeners "
-                                               f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
-                                               "address in use or not permitted"))
-                    for s in self._servers:
-                        s.should_exit = True
-                    started.set()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    return
-                await asyncio.sleep(0.01)
-            started.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        def thread_main(server: _EmbeddedServer, started: threading.Event) -> None:
+            async def guarded() -> None:
+                try:
+                    await server.serve()
+                except SystemExit:  # uvicorn exits when it cannot bind
+                    failure.append(bind_error)
 
-        def thread_main() -> None:
-            self._loop = asyncio.new_event_loop()
-            try:
-                self._loop.run_until_complete(serve())
-            except SystemExit:  # uvicorn exits when it cannot bind
-                failure.append(ConfigError("could not bind the HTTP listeners "
-                                           f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
-                                           "address in use or not permitted"))
+            async def serve() -> None:
+                task = asyncio.create_task(guarded())
+                while not server.started:
+                    if task.done():
+                        if not failure:
+                            failure.append(bind_error)
+                        started.set()
+                        return
+                    await asyncio.sleep(0.01)
                 started.set()
+                await asyncio.gather(task, return_exceptions=True)
+
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(serve())
+            except SystemExit:  # uvicorn exits when it cannot bind
+                failure.append(bind_error)
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 failure.append(exc)
+            finally:
                 started.set()
+                loop.close()
 
-        self._thread = threading.Thread(target=thread_main, name="zsmon-http", daemon=True)
-        self._thread.start()
-        started.wait(30)
+        self._threads = []
+        for name, server in zip(("metrics", "api"), self._servers):
+            started = threading.Event()
+            thread = threading.Thread(target=thread_main, args=(server, started), name=f"zsmon-http-{name}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            events.append(started)
+        for started in events:
+            started.wait(30)
         if failure:
             self.stop()
             raise failure[0] if isinstance(failure[0], ConfigError) else ConfigError(str(failure[0]))
@@ -431,8 +443,8 @@ class Service:
             self.coordinator.stop()  # releases the leases: another replica takes over at once
         for s in self._servers:
             s.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
         self.runner.db.close()
         if self.runner.redis is not None:
             self.runner.redis.close()
