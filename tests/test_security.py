@@ -779,3 +779,27 @@ def test_a_percent_encoded_at_password_and_the_database_address_stay_private(tmp
         assert "not ready" in body and "127.0.0.1" not in body and "ledger_private_db" not in body, body[-800:]
         assert "database unavailable" in body
     assert "zsmon@127.0.0.1:" in responses[-1] and "/ledger_private_db" in responses[-1]  # /ready with the token
+
+
+def test_ready_names_the_database_only_for_the_token_and_is_no_token_oracle():
+    """/ready shows user@host:port/db to a caller with the token; wrong tokens spend the same failed-attempt
+    budget as on /api, and once it is spent the header is not even compared."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from zsmon.core.config import load_config
+    from zsmon.core.http import create_metrics_app
+
+    config = load_config(env={"ADMIN_TOKEN": TOKEN})  # the default budget: 30 failures a minute
+    where = "zsmon@db.internal:5432/ledger"
+    service = SimpleNamespace(config=config, readiness=lambda: [f"database {where} unavailable: refused"],
+                              conceal=lambda text: text.replace(f"database {where} ", "database "),
+                              memory_skipped=lambda: [])
+    client = TestClient(create_metrics_app(service))
+    assert client.get("/ready").json()["reasons"] == ["database unavailable: refused"]
+    assert client.get("/ready", headers=AUTH).json()["reasons"] == [f"database {where} unavailable: refused"]
+    for _ in range(30):
+        assert where not in client.get("/ready", headers={"Authorization": "Bearer wrong-guess"}).text
+    assert where not in client.get("/ready", headers=AUTH).text
+    assert client.get("/ready").status_code == 503  # the probe itself is never limited

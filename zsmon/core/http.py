@@ -269,7 +269,7 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _health_routes(app: FastAPI, service: ServiceView, bearer_ok: Any = None) -> None:
+def _health_routes(app: FastAPI, service: ServiceView, failures: Buckets | None) -> None:
     """``/health`` and ``/ready``. Plain ``async`` routes: answered on the event loop itself, never queued
     behind checker work in the thread pool. Readiness reasons name the database as ``user@host:port/db``
     only to a caller with the bearer token; probes and everyone else see them without host and database."""
@@ -284,7 +284,7 @@ def _health_routes(app: FastAPI, service: ServiceView, bearer_ok: Any = None) ->
     async def ready(request: Request) -> Any:
         """Readiness: the database answers and the scheduler runs."""
         reasons = service.readiness()
-        if not (bearer_ok is not None and bearer_ok(request)):
+        if not _bearer_matches(service, request, failures):
             reasons = [service.conceal(r) for r in reasons]
         skipped = service.memory_skipped()
         if reasons:
@@ -297,10 +297,22 @@ def _admin_token(service: ServiceView) -> str:
     return http.admin_token.get_secret_value() if http.admin_token else ""
 
 
-def _bearer_matches(service: ServiceView, request: Request) -> bool:
+def _bearer_matches(service: ServiceView, request: Request, failures: Buckets | None) -> bool:
+    """Whether the request carries the admin token. A wrong one spends the client's failed-attempt budget,
+    and once it is spent the header is not even compared: no endpoint is an unlimited token oracle."""
     token = _admin_token(service)
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    header = request.headers.get("authorization", "")
+    if not token or not header:
+        return False
+    client = request.client.host if request.client else "unknown"
+    if failures is not None and failures.wait(client) > 0:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return True
+    if failures is not None:
+        failures.take(client)
+    return False
 
 
 def create_api_app(service: ServiceView) -> FastAPI:
@@ -327,7 +339,7 @@ def create_api_app(service: ServiceView) -> FastAPI:
                 failures.take(client)
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    _health_routes(app, service, lambda request: _bearer_matches(service, request))
+    _health_routes(app, service, failures)
     register_status_page(app, service, failures)
     auth = [Depends(require_token)]
 
@@ -448,8 +460,10 @@ def create_api_app(service: ServiceView) -> FastAPI:
 
 
 def create_metrics_app(service: ServiceView) -> FastAPI:
+    http = service.config.http
     app = FastAPI(title="zsmon metrics", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
-    _health_routes(app, service, lambda request: _bearer_matches(service, request))
+    limit = http.auth_failure_limit_per_minute
+    _health_routes(app, service, Buckets(limit) if limit else None)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:  # CPU only: no thread hop needed
