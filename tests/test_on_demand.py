@@ -132,7 +132,7 @@ def test_100_concurrent_runs_of_one_checker_share_a_few_runs_and_health_stays_pr
 
 
 def test_beyond_the_queue_a_request_is_told_when_to_retry(sidecar):
-    base_m, base_a = sidecar
+    _, base_a = sidecar
     with ThreadPoolExecutor(60) as pool:  # on_demand_queue is 40: at least 20 wait their turn elsewhere
         answers = list(pool.map(lambda _: requests.post(f"{base_a}/api/v1/checks/slow_probe/run", headers=AUTH,
                                                         timeout=60), range(60)))

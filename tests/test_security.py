@@ -567,7 +567,7 @@ def test_a_weak_admin_token_is_refused_with_the_rule(tmp_path, token, rule):
     assert token not in str(err.value)
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({"http": {"admin_token": token}}))
-    proc = subprocess.run([*PY, "--config", str(cfg), "config", "check"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([*PY, "--config", str(cfg), "config", "check"], capture_output=True, check=False, text=True, timeout=60,
                           env={"PATH": os.environ.get("PATH", ""), "REDIS_HOST": ""})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "http.admin_token" in lines[0] and rule in lines[0], proc.stderr
@@ -704,7 +704,7 @@ def test_tls_file_mistakes_name_their_real_cause(tmp_path, self_signed, bad_tls,
     env = {"PATH": os.environ.get("PATH", ""), "REDIS_HOST": "", "ZSMON_DATABASE_URL": "postgresql://u@127.0.0.1:1/x",
            "TLS_CERT_FILE": str(files[cert]), "TLS_KEY_FILE": str(files[key])}
     # No terminal to prompt on, and stdin closed: a passphrase prompt would hang or fail differently.
-    proc = subprocess.run([*PY, "--config", str(cfg), "run"], env=env, capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([*PY, "--config", str(cfg), "run"], env=env, capture_output=True, check=False, text=True, timeout=60,
                           stdin=subprocess.DEVNULL, start_new_session=True)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("zsmon: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr
@@ -722,7 +722,7 @@ def test_a_dsn_with_an_unescaped_at_is_refused_without_printing_any_of_it(tmp_pa
     env = {"PATH": os.environ.get("PATH", ""), "REDIS_HOST": "", "ZSMON_DATABASE_URL": dsn, "LOG_FORMAT": "json",
            "LOG_LEVEL": "debug"}
     for args in (["run"], ["check", "--once"], ["config", "check"], ["render", "--out", str(tmp_path / "r")]):
-        proc = subprocess.run([*PY, "--config", str(cfg), *args], env=env, capture_output=True, text=True,
+        proc = subprocess.run([*PY, "--config", str(cfg), *args], env=env, capture_output=True, check=False, text=True,
                               timeout=60)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("zsmon: error:")]
         assert proc.returncode == 2 and len(errors) == 1, (args, proc.stderr)
@@ -747,14 +747,14 @@ def test_credential_looking_config_values_are_redacted_in_errors(tmp_path, data,
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump(data))
     env = {"PATH": os.environ.get("PATH", ""), "REDIS_HOST": ""}
-    proc = subprocess.run([*PY, "--config", str(cfg), "config", "check"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([*PY, "--config", str(cfg), "config", "check"], env=env, capture_output=True, check=False, text=True,
                           timeout=60)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("zsmon: error: "), proc.stderr
     assert secret not in proc.stderr and secret[:6] not in proc.stderr, proc.stderr
     # The same value through the environment (before logging is configured) is hidden as well.
     if "sslmode" in data.get("database", {}):
-        proc = subprocess.run([*PY, "config", "check"], capture_output=True, text=True, timeout=60,
+        proc = subprocess.run([*PY, "config", "check"], capture_output=True, check=False, text=True, timeout=60,
                               env={**env, "DB_SSLMODE": data["database"]["sslmode"]})
         assert proc.returncode == 2 and "DB_SSLMODE" in proc.stderr and secret not in proc.stderr, proc.stderr
 
@@ -795,7 +795,7 @@ def test_ready_names_the_database_only_for_the_token_and_is_no_token_oracle():
     where = "zsmon@db.internal:5432/ledger"
     service = SimpleNamespace(config=config, readiness=lambda: [f"database {where} unavailable: refused"],
                               conceal=lambda text: text.replace(f"database {where} ", "database "),
-                              memory_skipped=lambda: [])
+                              memory_skipped=list)
     client = TestClient(create_metrics_app(service))
     assert client.get("/ready").json()["reasons"] == ["database unavailable: refused"]
     assert client.get("/ready", headers=AUTH).json()["reasons"] == [f"database {where} unavailable: refused"]

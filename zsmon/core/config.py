@@ -18,7 +18,7 @@ from zsmon.core.yamlfile import ConfigError, Strict, YamlDoc, describe, explain,
 
 
 # A postgres URL whose authority (before the first '/', '?' or '#') holds more than one '@'.
-_AT_IN_USERINFO = re.compile(r"^postgres(?:ql)?://[^/?#]*@[^/?#]*@", re.I)
+_AT_IN_USERINFO = re.compile(r"^postgres(?:ql)?://[^/?#]*@[^/?#]*@", re.IGNORECASE)
 ADMIN_TOKEN_MIN_LENGTH = 16
 _ADMIN_TOKEN_MIN_DISTINCT = 5
 

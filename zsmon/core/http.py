@@ -13,7 +13,6 @@ import hmac
 from typing import Any, Literal
 
 import anyio
-
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer

@@ -17,7 +17,8 @@ import hashlib
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from zsmon.core.logging import get_logger
 
