@@ -19,7 +19,6 @@ from test_status_page import PLANTED_ENTITY, renamed_column
 
 from zsmon.alerts.render import alert_rules, render_files
 from zsmon.app import build_registry
-from zsmon.core.status import COOKIE, session_value
 from zsmon.testing import LOCAL_HTTP, running_service, wait_for
 
 TOKEN = "links-token-2c1f"
@@ -38,7 +37,9 @@ def test_every_alert_links_its_runbook_status_and_panel(make_config, db_url, tmp
         boards = {json.loads(t)["uid"]: json.loads(t) for p, t in files.items() if p.startswith("grafana/dashboards/")}
         checkers = set(svc.service.checkers)
         assert {"stuck_tasks", "agent_capacity", "payment_audit_trail", "agent_liveness"} <= checkers
-        cookies = {COOKIE: session_value(TOKEN)}
+        signed_in = requests.post(base + "/login", data={"token": TOKEN}, allow_redirects=False, timeout=5)
+        assert signed_in.status_code == 303
+        cookies = signed_in.cookies
         # The planted fault is seen before the links are followed, so its entity must be behind its status link.
         wait_for(lambda: "required_columns_present</code>: 1" in requests.get(base + "/", timeout=5).text, timeout=20)
 

@@ -14,14 +14,14 @@ def test_platform_env_vars_work_without_a_file():
                                  "DB_NAME": "zerostate", "DB_SSLMODE": "require", "DB_MAX_OPEN_CONNS": "7",
                                  "REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_PASSWORD": "rpw",
                                  "REDIS_TLS_ENABLED": "true", "LOG_LEVEL": "DEBUG", "LOG_FORMAT": "json",
-                                 "ADMIN_TOKEN": "adm-Xq9"})
+                                 "ADMIN_TOKEN": "adm-Xq9-7e21f0b4c"})
     assert (cfg.database.host, cfg.database.port, cfg.database.user, cfg.database.name) == ("db.internal", 6432, "mon", "zerostate")
     assert cfg.database.sslmode == "require" and cfg.database.max_connections == 7
     assert (cfg.redis.host, cfg.redis.port, cfg.redis.tls) == ("cache", 6380, True)
     assert cfg.redis.password.get_secret_value() == "rpw"
     assert (cfg.logging.level, cfg.logging.format) == ("debug", "json")
-    assert cfg.http.admin_token.get_secret_value() == "adm-Xq9"
-    assert "s3cr3t!" not in repr(cfg) and "adm-Xq9" not in repr(cfg)
+    assert cfg.http.admin_token.get_secret_value() == "adm-Xq9-7e21f0b4c"
+    assert "s3cr3t!" not in repr(cfg) and "adm-Xq9-7e21f0b4c" not in repr(cfg)
 
 
 def test_sessions_are_read_only_and_time_bounded():

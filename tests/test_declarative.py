@@ -19,7 +19,7 @@ from zsmon.testing import LOCAL_HTTP, running_service
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "checkers"
 ZSMON = str(Path(sys.executable).with_name("zsmon"))
-TOKEN = "decl-token-5d2a"
+TOKEN = "decl-token-5d2a-c81e"
 
 
 @pytest.fixture

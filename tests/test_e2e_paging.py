@@ -138,7 +138,7 @@ def stack(tmp_path_factory):
             "targets": [f"http://{platform.api.address}/health"]}
         path = tmp / "zsmon.yml"
         path.write_text(yaml.safe_dump(data))
-        config = load_config(path, env={"ZSMON_DATABASE_URL": pg.dsn, **redis.env(), "ADMIN_TOKEN": "e2e-token"})
+        config = load_config(path, env={"ZSMON_DATABASE_URL": pg.dsn, **redis.env(), "ADMIN_TOKEN": "e2e-token-4f8a91c2"})
 
         out = tmp / "rendered"
         render_all(build_registry(config), out)
@@ -268,7 +268,7 @@ def test_acknowledging_silences_the_page_and_a_new_violation_pages_again(stack):
     alert = "PaymentsEscrowStateViolation"
     known, later = _payments_world(pg.dsn, seed=6), _payments_world(pg.dsn, seed=8)
     api = svc.url("api", "/api/v1/acks")
-    auth = {"Authorization": "Bearer e2e-token"}
+    auth = {"Authorization": "Bearer e2e-token-4f8a91c2"}
 
     planted = _escrow_state_fault(pg.dsn, known, True)
     receiver.wait_for(alert, "firing", path="/pager", timeout=30, since=planted)

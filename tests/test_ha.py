@@ -24,7 +24,7 @@ from test_failures import SlowChecker, metric
 
 pytestmark = pytest.mark.slow  # pytest -m 'not slow' leaves it out (README)
 
-TOKEN = "ha-token-77aa"
+TOKEN = "ha-token-77aa-e31c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -264,10 +264,10 @@ def test_the_pods_get_the_same_config_and_yaml_checkers(rendered, tmp_path):
 
 def test_secrets_and_database_url(make_config):
     config = make_config(redis=False, database={"url": "postgresql://zsmon:pw-in-url-55@db/zerostate"},
-                         http={"admin_token": "tok-88"}, kubernetes={"dashboard_folder": None})
+                         http={"admin_token": "tok-88-d2f91a0c7e"}, kubernetes={"dashboard_folder": None})
     files = kubernetes_files(build_registry(config), files={})
     text = "".join(files.values())
-    assert "pw-in-url-55" not in text and "tok-88" not in text
+    assert "pw-in-url-55" not in text and "tok-88-d2f91a0c7e" not in text
     (dep,) = [o for o in kubernetes_objects(build_registry(config), files={}) if o["kind"] == "Deployment"]
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["ZSMON_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "ZSMON_DATABASE_URL"

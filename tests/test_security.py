@@ -140,7 +140,8 @@ def test_every_protected_route_needs_exactly_the_token(make_config):
              {"Authorization": f"Bearer {TOKEN.upper()}"}, {"Authorization": f"Token {TOKEN}"},
              {"Authorization": "Basic " + base64.b64encode(f"admin:{TOKEN}".encode()).decode()},
              {"X-Admin-Token": TOKEN}]
-    with running_service(_svc_config(make_config)) as svc:
+    # Dozens of wrong tokens from one client: lift the failed-attempt budget to see every answer.
+    with running_service(_svc_config(make_config, auth_failure_limit_per_minute=10_000)) as svc:
         for method, path in PROTECTED:
             for headers in wrong:
                 r = requests.request(method, svc.url("api", path), headers=headers, timeout=10)
@@ -212,18 +213,19 @@ def test_rate_limit_on_api_and_admin_only(make_config):
 
 
 def test_rate_limit_refills_and_stays_bounded():
-    from zsmon.core.http import RateLimit
+    from zsmon.core.ratelimit import Buckets
 
-    limiter = RateLimit(None, per_minute=60)  # one per second, burst 60
-    assert all(limiter._take("10.0.0.1") == 0 for _ in range(60))
-    wait = limiter._take("10.0.0.1")
+    limiter = Buckets(per_minute=60)  # one per second, burst 60
+    assert all(limiter.take("10.0.0.1") == 0 for _ in range(60))
+    assert 0.9 < limiter.wait("10.0.0.1") <= 1.0  # looking spends nothing
+    wait = limiter.take("10.0.0.1")
     assert 0.9 < wait <= 1.0
-    assert limiter._take("10.0.0.2") == 0  # per client
+    assert limiter.take("10.0.0.2") == 0  # per client
     time.sleep(1.05)
-    assert limiter._take("10.0.0.1") == 0
-    for i in range(RateLimit.MAX_CLIENTS + 50):
-        limiter._take(f"c{i}")
-    assert len(limiter._buckets) <= RateLimit.MAX_CLIENTS
+    assert limiter.take("10.0.0.1") == 0
+    for i in range(Buckets.MAX_CLIENTS + 50):
+        limiter.take(f"c{i}")
+    assert len(limiter._buckets) <= Buckets.MAX_CLIENTS
 
 
 # ---- TLS -----------------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def _leak_run(tmp_path: Path, fmt: str, redis_port: int, extra_env: dict | None 
             ("GET", f"{base_a}/api/v1/violations", AUTH), ("GET", f"{base_a}/api/v1/openapi.json", None),
             ("POST", f"{base_a}/api/v1/checks/schema/run", AUTH), ("POST", f"{base_a}/admin/verify-balances", AUTH),
             ("GET", f"{base_a}/api/v1/checks", {"Authorization": "Bearer not-the-token"}),
-            ("GET", f"{base_a}/", None), ("GET", f"{base_a}/status", None),
+            ("GET", f"{base_a}/", None), ("GET", f"{base_a}/status", None), ("GET", f"{base_a}/ready", AUTH),
         ]:
             r = requests.request(method, url, headers=headers, timeout=30)
             seen.append(f"{r.status_code} {dict(r.headers)} {r.text}")
@@ -455,3 +457,323 @@ def test_run_with_a_port_in_use_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("zsmon: error:")]
     assert len(errors) == 1 and "could not bind" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- sessions, sign-in and limits (#20) -----------------------------------------------------------
+def _sign_in(svc) -> str:
+    from zsmon.core.status import COOKIE
+
+    r = requests.post(svc.url("api", "/login"), data={"token": TOKEN}, allow_redirects=False, timeout=5)
+    assert r.status_code == 303, (r.status_code, r.text[:300])
+    return r.cookies[COOKIE]
+
+
+def _details(svc, session: str) -> bool:
+    from zsmon.core.status import COOKIE
+
+    return "Sign out" in requests.get(svc.url("api", "/"), cookies={COOKIE: session}, timeout=5).text
+
+
+def test_a_revoked_session_stops_working_on_every_replica(make_config):
+    """Sessions are random ids kept (hashed) in Redis under the deployment's prefix: a sign-in on one
+    replica holds on another, and signing out on either revokes the cookie everywhere, even when the
+    browser (or whoever copied the cookie) keeps sending it."""
+    import redis as redis_lib
+
+    from zsmon.core.status import COOKIE
+
+    cfg = _svc_config(make_config)
+    with running_service(cfg) as a, running_service(_svc_config(make_config)) as b:
+        first, second = _sign_in(a), _sign_in(a)
+        assert first != second and TOKEN not in first
+        assert _details(a, first) and _details(b, first) and _details(b, second)
+        prefix = a.service.runner.deployment.prefix
+        client = redis_lib.Redis.from_url(os.environ.get("ZSMON_TEST_REDIS", "redis://127.0.0.1:6379/0"))
+        keys = [k.decode() for k in client.scan_iter(match=f"{prefix}session:*")]
+        assert len(keys) == 2 and all(first not in k and second not in k for k in keys)  # only digests stored
+        assert 0 < client.pttl(keys[0]) <= 12 * 3600 * 1000  # the server-side expiry
+
+        out = requests.post(b.url("api", "/logout"), cookies={COOKIE: first}, allow_redirects=False, timeout=5)
+        assert out.status_code == 303
+        assert not _details(a, first) and not _details(b, first)  # the copied cookie is dead everywhere
+        assert _details(a, second)  # another session lives on
+        assert not _details(a, "forged-" + second[7:])
+
+
+def test_sessions_without_redis_live_in_memory_and_are_revoked(make_config):
+    from zsmon.core.status import COOKIE
+
+    cfg = make_config(redis=False, http={**LOCAL_HTTP, "admin_token": TOKEN}, checkers={"schema": {"interval_seconds": 60}})
+    with running_service(cfg) as svc:
+        session = _sign_in(svc)
+        assert _details(svc, session)
+        requests.post(svc.url("api", "/logout"), cookies={COOKIE: session}, allow_redirects=False, timeout=5)
+        assert not _details(svc, session)
+
+
+def test_a_tls_session_cookie_has_the_host_prefix(make_config, self_signed):
+    cert, key = self_signed
+    cfg = make_config(http={**LOCAL_HTTP, "admin_token": TOKEN}, checkers={"schema": {"interval_seconds": 60}},
+                      env={"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)})
+    with running_service(cfg) as svc:
+        base = f"https://127.0.0.1:{svc.service.ports['api']}"
+        r = requests.post(f"{base}/login", data={"token": TOKEN}, allow_redirects=False, verify=str(cert), timeout=5)
+        cookie = r.headers["set-cookie"]
+        assert r.status_code == 303 and cookie.startswith("__Host-zsmon_status=") and "Secure" in cookie
+        assert "Path=/" in cookie and "Domain" not in cookie
+        assert r.headers["strict-transport-security"].startswith("max-age=")
+        session = r.cookies["__Host-zsmon_status"]
+        page = requests.get(f"{base}/", cookies={"__Host-zsmon_status": session}, verify=str(cert), timeout=5)
+        assert "Sign out" in page.text
+
+
+@pytest.mark.parametrize("token, rule", [("0123456789abcdef", None), ("0123456789abcde", "at least 16 characters"),
+                                          ("abababababababababab", "at least 5 different characters")])
+def test_a_weak_admin_token_is_refused_with_the_rule(tmp_path, token, rule):
+    from zsmon.core.config import ConfigError, load_config
+
+    if rule is None:  # 16 characters: accepted
+        assert load_config(env={"ADMIN_TOKEN": token}).http.admin_token.get_secret_value() == token
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"ADMIN_TOKEN": token})
+    assert "ADMIN_TOKEN" in str(err.value) and "http.admin_token" in str(err.value) and rule in str(err.value)
+    assert token not in str(err.value)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"http": {"admin_token": token}}))
+    proc = subprocess.run([*PY, "--config", str(cfg), "config", "check"], capture_output=True, check=False, text=True, timeout=60,
+                          env={"PATH": os.environ.get("PATH", ""), "REDIS_HOST": ""})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "http.admin_token" in lines[0] and rule in lines[0], proc.stderr
+    assert token not in proc.stderr
+
+
+def test_login_with_malformed_forms_is_400_never_a_traceback(make_config, capfd):
+    with running_service(_svc_config(make_config)) as svc:
+        url = svc.url("api", "/login")
+        bad = [
+            ("a=1&b=2&c=3&d=4&token=x", "application/x-www-form-urlencoded"),  # 5 fields
+            ("&".join(f"f{i}=1" for i in range(500)), "application/x-www-form-urlencoded"),
+            (b"token=\xff\xfe", "application/x-www-form-urlencoded"),  # not UTF-8
+            ("just some text", "text/plain"),
+            ('{"token": "x"}', "application/json"),
+        ]
+        for body, ctype in bad:
+            r = requests.post(url, data=body, headers={"Content-Type": ctype}, allow_redirects=False, timeout=5)
+            assert r.status_code == 400, (body, r.status_code, r.text[:200])
+            assert "Bad request" in r.text and "Traceback" not in r.text
+        # Four fields, the token among them, still sign in; the malformed ones spent no failed-attempt budget.
+        ok = requests.post(url, data="a=1&b=2&c=3&token=" + TOKEN, allow_redirects=False, timeout=5,
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert ok.status_code == 303
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Exception in ASGI" not in out + err
+
+
+def test_forwarded_headers_do_not_escape_the_limits(make_config):
+    """By default no proxy is trusted: a client on 127.0.0.1 that varies X-Forwarded-For (or Forwarded)
+    is still one client, for failed tokens and for sign-ins alike."""
+    with running_service(_svc_config(make_config, auth_failure_limit_per_minute=5, login_limit_per_minute=8)) as svc:
+        codes = [requests.get(svc.url("api", "/api/v1/checks"), timeout=5,
+                              headers={"Authorization": "Bearer wrong", "X-Forwarded-For": f"10.9.{i}.{i}",
+                                       "X-Real-IP": f"10.8.{i}.1", "Forwarded": f"for=10.7.{i}.1"}).status_code
+                 for i in range(8)]
+        assert codes == [401] * 5 + [429] * 3, codes
+        # Over the budget even the right token waits: guessing cannot go on between two real attempts.
+        r = requests.get(svc.url("api", "/api/v1/checks"), headers={**AUTH, "X-Forwarded-For": "10.1.1.1"}, timeout=5)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        # Sign-in attempts share the failed budget (spent) and have their own limit.
+        r = requests.post(svc.url("api", "/login"), data={"token": TOKEN}, headers={"X-Forwarded-For": "10.2.2.2"},
+                          allow_redirects=False, timeout=5)
+        assert r.status_code == 429 and "Too many sign-in attempts" in r.text
+        # Probes and scrapes are never limited.
+        assert requests.get(svc.url("api", "/health"), timeout=5).status_code == 200
+        assert requests.get(svc.url("metrics", "/metrics"), timeout=5).status_code == 200
+
+
+def test_login_is_limited_by_default(make_config):
+    with running_service(_svc_config(make_config)) as svc:  # no limit configured: the defaults
+        codes = [requests.post(svc.url("api", "/login"), data={"token": "guess"}, allow_redirects=False, timeout=5,
+                               headers={"X-Forwarded-For": f"192.0.2.{i}"}).status_code for i in range(12)]
+        assert codes[:10] == [401] * 10 and codes[10:] == [429, 429], codes
+
+
+def test_a_trusted_proxy_names_the_client(make_config):
+    """With the proxy's address in http.trusted_proxies, each forwarded client has its own budget."""
+    cfg = _svc_config(make_config, auth_failure_limit_per_minute=2, trusted_proxies=["127.0.0.1/32"])
+    with running_service(cfg) as svc:
+        def attempt(client: str) -> int:
+            return requests.get(svc.url("api", "/api/v1/checks"), timeout=5, headers={
+                "Authorization": "Bearer wrong", "X-Forwarded-For": client}).status_code
+
+        assert [attempt("198.51.100.7") for _ in range(3)] == [401, 401, 429]
+        assert [attempt("198.51.100.8") for _ in range(2)] == [401, 401]
+
+
+def test_responses_are_not_sniffed_cached_or_redirected_by_host(make_config):
+    with running_service(_svc_config(make_config)) as svc:
+        for url, headers in [(svc.url("api", "/api/v1/checks"), AUTH), (svc.url("metrics", "/metrics"), None),
+                             (svc.url("api", "/ready"), None), (svc.url("api", "/api/v1/openapi.json"), None),
+                             (svc.url("api", "/api/v1/checks"), None)]:
+            r = requests.get(url, headers=headers, timeout=5)
+            assert r.headers["x-content-type-options"] == "nosniff", url
+            assert r.headers["cache-control"] == "no-store", url
+            assert "strict-transport-security" not in r.headers  # plain HTTP: no HSTS
+        # No redirect built from the Host header: a trailing slash is simply not a route.
+        r = requests.get(svc.url("api", "/api/v1/checks/"), headers={**AUTH, "Host": "evil.example"},
+                         allow_redirects=False, timeout=5)
+        assert r.status_code == 404 and "location" not in r.headers
+
+
+def test_a_slow_client_is_disconnected(make_config):
+    """A connection that trickles its headers is closed after http.header_timeout_seconds."""
+    import socket
+
+    with running_service(_svc_config(make_config, header_timeout_seconds=1)) as svc:
+        with socket.create_connection(("127.0.0.1", svc.service.ports["api"]), timeout=10) as sock:
+            start = time.monotonic()
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(20):
+                    time.sleep(0.2)
+                    sock.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                pass  # closed by the server while we were still sending
+            sock.settimeout(5)
+            try:
+                data = sock.recv(1024)
+            except OSError:
+                data = b""
+            assert data == b"", data
+            assert time.monotonic() - start < 4.5
+        # A prompt client is served as usual.
+        assert requests.get(svc.url("api", "/health"), timeout=5).status_code == 200
+
+
+# ---- TLS files that cannot work (#20) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_tls(tmp_path_factory, self_signed):
+    d = tmp_path_factory.mktemp("badtls")
+    other_key = d / "other-key.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out",
+                    str(other_key)], check=True, capture_output=True, timeout=60)
+    encrypted = d / "encrypted-key.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(self_signed[1]), "-aes256", "-passout", "pass:hunter2-xyz",
+                    "-out", str(encrypted)], check=True, capture_output=True, timeout=60)
+    garbage = d / "garbage.pem"
+    garbage.write_text("this is not a certificate\n")
+    return {"other_key": other_key, "encrypted": encrypted, "garbage": garbage}
+
+
+@pytest.mark.parametrize("cert, key, expected", [
+    ("cert", "other_key", "does not match the certificate"),
+    ("garbage", "key", "holds no PEM certificate"),
+    ("cert", "garbage", "holds no PEM private key"),
+    ("cert", "encrypted", "is encrypted with a passphrase"),
+])
+def test_tls_file_mistakes_name_their_real_cause(tmp_path, self_signed, bad_tls, cert, key, expected):
+    files = {"cert": self_signed[0], "key": self_signed[1], **bad_tls}
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"http": LOCAL_HTTP}))
+    env = {"PATH": os.environ.get("PATH", ""), "REDIS_HOST": "", "ZSMON_DATABASE_URL": "postgresql://u@127.0.0.1:1/x",
+           "TLS_CERT_FILE": str(files[cert]), "TLS_KEY_FILE": str(files[key])}
+    # No terminal to prompt on, and stdin closed: a passphrase prompt would hang or fail differently.
+    proc = subprocess.run([*PY, "--config", str(cfg), "run"], env=env, capture_output=True, check=False, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, start_new_session=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("zsmon: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr
+    assert "could not bind" not in proc.stderr and "Traceback" not in proc.stderr and "PEM pass" not in proc.stderr
+
+
+# ---- credentials that must never be printed (#20) ------------------------------------------------------
+AT_PASSWORD = "Db@Pw-Secr3t-8841"  # an '@' in a password, as people write them
+
+
+def test_a_dsn_with_an_unescaped_at_is_refused_without_printing_any_of_it(tmp_path):
+    dsn = f"postgresql://zsmon:{AT_PASSWORD}@127.0.0.1:{free_port()}/zerostate"
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"http": LOCAL_HTTP, "database": {"connect_timeout_seconds": 1}}))
+    env = {"PATH": os.environ.get("PATH", ""), "REDIS_HOST": "", "ZSMON_DATABASE_URL": dsn, "LOG_FORMAT": "json",
+           "LOG_LEVEL": "debug"}
+    for args in (["run"], ["check", "--once"], ["config", "check"], ["render", "--out", str(tmp_path / "r")]):
+        proc = subprocess.run([*PY, "--config", str(cfg), *args], env=env, capture_output=True, check=False, text=True,
+                              timeout=60)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("zsmon: error:")]
+        assert proc.returncode == 2 and len(errors) == 1, (args, proc.stderr)
+        assert "ZSMON_DATABASE_URL" in errors[0] and "unescaped '@'" in errors[0] and "%40" in errors[0]
+        for fragment in ("Db@", "Pw-Secr3t", "Secr3t-8841", AT_PASSWORD):
+            assert fragment not in proc.stdout + proc.stderr, (args, fragment, proc.stderr)
+
+
+CREDENTIAL_VALUES = [
+    # (YAML, the secret that must not appear) - keys not called password/url/admin_token.
+    ({"render": {"prometheus_url": "http://grafana:Graf-Secr3t-77@prom:9090"}}, "Graf-Secr3t-77"),
+    ({"render": {"pager_webhook_url": "https://hooks:Hook-Secr3t-12@pager.example/x y"}}, "Hook-Secr3t-12"),
+    ({"render": {"zsmon_targets": ["postgresql://zsmon:Tgt-Secr3t-31@db:5432/zerostate"]}}, "Tgt-Secr3t-31"),
+    ({"database": {"sslmode": "postgresql://zsmon:Mode-Secr3t-45@db/zerostate"}}, "Mode-Secr3t-45"),
+    ({"database": {"sslmode": "host=db password=Kv-Secr3t-58 dbname=z"}}, "Kv-Secr3t-58"),
+    ({"http": {"api_listen": "https://ghp_Tok3nSecr3t99@github.com"}}, "ghp_Tok3nSecr3t99"),
+]
+
+
+@pytest.mark.parametrize("data, secret", CREDENTIAL_VALUES)
+def test_credential_looking_config_values_are_redacted_in_errors(tmp_path, data, secret):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(data))
+    env = {"PATH": os.environ.get("PATH", ""), "REDIS_HOST": ""}
+    proc = subprocess.run([*PY, "--config", str(cfg), "config", "check"], env=env, capture_output=True, check=False, text=True,
+                          timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("zsmon: error: "), proc.stderr
+    assert secret not in proc.stderr and secret[:6] not in proc.stderr, proc.stderr
+    # The same value through the environment (before logging is configured) is hidden as well.
+    if "sslmode" in data.get("database", {}):
+        proc = subprocess.run([*PY, "config", "check"], capture_output=True, check=False, text=True, timeout=60,
+                              env={**env, "DB_SSLMODE": data["database"]["sslmode"]})
+        assert proc.returncode == 2 and "DB_SSLMODE" in proc.stderr and secret not in proc.stderr, proc.stderr
+
+
+def test_a_percent_encoded_at_password_and_the_database_address_stay_private(tmp_path):
+    """The '@' written correctly (%40): zsmon connects with it and prints it nowhere; /ready and the status
+    page name the database's host and name only to a caller with the token."""
+    server = PrivateRedis(password="the-real-redis-password")
+    try:
+        logs, responses = _leak_run(tmp_path, "json", server.port, extra_env={
+            "ZSMON_DATABASE_URL": f"postgresql://zsmon:{AT_PASSWORD.replace('@', '%40')}@127.0.0.1:{free_port()}"
+                                  "/ledger_private_db"})
+    finally:
+        server.stop()
+    assert "database_down" in logs
+    for fragment in (AT_PASSWORD, "Db%40Pw", "Pw-Secr3t", "Secr3t-8841"):
+        assert fragment not in logs, fragment
+        for body in responses:
+            assert fragment not in body, (fragment, body[:300])
+    public = [responses[1], responses[2], responses[10]]  # /ready on both listeners, the status page
+    for body in public:
+        assert "not ready" in body and "127.0.0.1" not in body and "ledger_private_db" not in body, body[-800:]
+        assert "database unavailable" in body
+    assert "zsmon@127.0.0.1:" in responses[-1] and "/ledger_private_db" in responses[-1]  # /ready with the token
+
+
+def test_ready_names_the_database_only_for_the_token_and_is_no_token_oracle():
+    """/ready shows user@host:port/db to a caller with the token; wrong tokens spend the same failed-attempt
+    budget as on /api, and once it is spent the header is not even compared."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from zsmon.core.config import load_config
+    from zsmon.core.http import create_metrics_app
+
+    config = load_config(env={"ADMIN_TOKEN": TOKEN})  # the default budget: 30 failures a minute
+    where = "zsmon@db.internal:5432/ledger"
+    service = SimpleNamespace(config=config, readiness=lambda: [f"database {where} unavailable: refused"],
+                              conceal=lambda text: text.replace(f"database {where} ", "database "),
+                              memory_skipped=list)
+    client = TestClient(create_metrics_app(service))
+    assert client.get("/ready").json()["reasons"] == ["database unavailable: refused"]
+    assert client.get("/ready", headers=AUTH).json()["reasons"] == [f"database {where} unavailable: refused"]
+    for _ in range(30):
+        assert where not in client.get("/ready", headers={"Authorization": "Bearer wrong-guess"}).text
+    assert where not in client.get("/ready", headers=AUTH).text
+    assert client.get("/ready").status_code == 503  # the probe itself is never limited

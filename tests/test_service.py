@@ -7,7 +7,7 @@ import requests
 
 from zsmon.testing import LOCAL_HTTP, running_service, wait_for
 
-TOKEN = "test-token-8c1f"
+TOKEN = "test-token-8c1f-a5d9"
 
 
 def _config(make_config, **extra):

@@ -12,7 +12,8 @@ import requests
 
 from zsmon.core.lifecycle import Ack
 from zsmon.core.results import CheckResult, Violation
-from zsmon.core.status import COOKIE, register_status_page, session_value
+from zsmon.core.sessions import SessionStore
+from zsmon.core.status import COOKIE, SESSION_SECONDS, register_status_page
 from zsmon.testing import LOCAL_HTTP, running_service, wait_for
 
 TOKEN = "status-token-5e0b"
@@ -60,7 +61,7 @@ def test_without_token_no_details_with_token_the_planted_entity(make_config, db_
         # A wrong token: 401, no cookie, still no details.
         bad = requests.post(svc.url("api", "/login"), data={"token": "wrong"}, allow_redirects=False, timeout=5)
         assert bad.status_code == 401 and COOKIE not in bad.cookies and "Wrong token" in bad.text
-        # The token itself as a cookie is no session (the cookie is derived from it).
+        # The token itself as a cookie is no session.
         assert PLANTED_ENTITY not in requests.get(svc.url("api", "/"), cookies={COOKIE: TOKEN}, timeout=5).text
 
         # Signing in: a 303 to / with an HttpOnly, SameSite=Strict cookie that is not the token.
@@ -68,7 +69,10 @@ def test_without_token_no_details_with_token_the_planted_entity(make_config, db_
         assert ok.status_code == 303 and ok.headers["location"] == "/"
         set_cookie = ok.headers["set-cookie"]
         assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
-        assert TOKEN not in set_cookie and ok.cookies[COOKIE] == session_value(TOKEN)
+        assert TOKEN not in set_cookie and len(ok.cookies[COOKIE]) >= 40
+        # A random session per sign-in: a second sign-in gets another cookie.
+        again = requests.post(svc.url("api", "/login"), data={"token": TOKEN}, allow_redirects=False, timeout=5)
+        assert again.cookies[COOKIE] != ok.cookies[COOKIE]
         detailed = requests.get(svc.url("api", "/"), cookies=ok.cookies, timeout=5).text
         assert f'<td data-label="entity" class="entity">column {PLANTED_ENTITY}</td>' in detailed
         assert 'data-label="expected" class="num">present</td>' in detailed
@@ -89,9 +93,8 @@ def test_without_a_configured_token_nobody_signs_in(make_config):
         assert page.status_code == 200 and 'id="checker-schema"' in page.text
         r = requests.post(svc.url("api", "/login"), data={"token": ""}, allow_redirects=False, timeout=5)
         assert r.status_code == 403 and "No admin token is configured" in r.text and COOKIE not in r.cookies
-        # A forged cookie for an empty token opens nothing.
-        assert "Sign out" not in requests.get(svc.url("api", "/"), cookies={COOKIE: session_value("")},
-                                              timeout=5).text
+        # A forged cookie opens nothing.
+        assert "Sign out" not in requests.get(svc.url("api", "/"), cookies={COOKIE: "x" * 43}, timeout=5).text
 
 
 def test_login_is_rate_limited_like_the_api(make_config):
@@ -134,8 +137,10 @@ def test_violation_text_is_escaped_and_error_and_skipped_need_the_session(tmp_pa
     # What the page reads of a service (zsmon.core.view.ServiceView): config, links, checkers, results, readiness.
     ack = Ack("ab12cd34", "payments", "channel_conservation", {"c-known": "1"}, "ZS-123 <i>until friday</i>",
               "oncall", now)
+    sessions = SessionStore(SESSION_SECONDS)
     service = SimpleNamespace(config=config, dashboard_links=[], checkers=checkers, latest_results=lambda: results,
                               readiness=lambda: ["scheduler is not running"], acks=lambda: [ack],
+                              sessions=sessions, conceal=lambda text: text,
                               ack_events=lambda: [{"at": now, "event": "created", "ack": "ab12cd34",
                                                    "checker": "payments", "invariant": "channel_conservation",
                                                    "author": "oncall"}])
@@ -146,7 +151,7 @@ def test_violation_text_is_escaped_and_error_and_skipped_need_the_session(tmp_pa
     assert "not ready" in anonymous and "scheduler is not running" in anonymous
     assert 'id="checker-reputation"' in anonymous and "not run yet" in anonymous
     assert "alert(1)" not in anonymous and "database unreachable" not in anonymous and "Redis is off" not in anonymous
-    client.cookies.set(COOKIE, session_value(TOKEN))
+    client.cookies.set(COOKIE, sessions.create())
     detailed = client.get("/").text
     assert "<script>alert(1)</script>" not in detailed and "&lt;script&gt;alert(1)&lt;/script&gt;" in detailed
     assert "&lt;b&gt;x&lt;/b&gt;" in detailed and "105.00000000" in detailed and "5.00000000" in detailed

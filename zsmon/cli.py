@@ -24,7 +24,7 @@ from zsmon.core.config_docs import reference
 from zsmon.core.db import DatabaseUnavailable, describe
 from zsmon.core.deployment import prefix_of
 from zsmon.core.lifecycle import Lifecycle, LifecycleError, parse_duration, validate_target
-from zsmon.core.logging import configure_logging, get_logger
+from zsmon.core.logging import configure_logging, get_logger, redactor
 from zsmon.core.privileges import RoleGuard
 from zsmon.core.redis import make_redis, ping
 from zsmon.core.results import describe_violation
@@ -37,7 +37,9 @@ EXIT_ERROR = 2
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"zsmon: error: {message}", err=True)
+    # Every error line passes the redactor: the config's known secrets once it is loaded, and anything that
+    # looks like a credential (a URL's userinfo, password=...) always, before the config is read too.
+    click.echo(f"zsmon: error: {redactor.scrub(message)}", err=True)
     sys.exit(EXIT_ERROR)
 
 

@@ -17,6 +17,12 @@ from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_valid
 from zsmon.core.yamlfile import ConfigError, Strict, YamlDoc, describe, explain, read_yaml
 
 
+# A postgres URL whose authority (before the first '/', '?' or '#') holds more than one '@'.
+_AT_IN_USERINFO = re.compile(r"^postgres(?:ql)?://[^/?#]*@[^/?#]*@", re.IGNORECASE)
+ADMIN_TOKEN_MIN_LENGTH = 16
+_ADMIN_TOKEN_MIN_DISTINCT = 5
+
+
 def _listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
@@ -50,6 +56,16 @@ class DatabaseConfig(Strict):
                                        "zsmon_database_role_privileged, ZsmonDatabaseRolePrivileged). The role: "
                                        "docs/deployment.md.")
 
+    @field_validator("url")
+    @classmethod
+    def _unescaped(cls, v: SecretStr | None) -> SecretStr | None:
+        # libpq splits a URL's userinfo at its first '@': the rest of a password with an unescaped '@' would
+        # become the host name, and be printed wherever the host is. Refused, without echoing any of it.
+        if v is not None and _AT_IN_USERINFO.match(v.get_secret_value().strip()):
+            raise ValueError("the user or password in the URL holds an unescaped '@': percent-encode it as %40 "
+                             "(and ':' as %3A, '/' as %2F)")
+        return v
+
 
 class RedisConfig(Strict):
     """zsmon's memory across runs (watermarks, last-seen values, baselines) and HA leases. Optional."""
@@ -81,15 +97,35 @@ class HttpConfig(Strict):
 
     metrics_listen: str = Field("0.0.0.0:9090", description="HOST:PORT of the metrics listener.")
     api_listen: str = Field("0.0.0.0:8080", description="HOST:PORT of the API listener.")
-    admin_token: SecretStr | None = Field(None, description="Bearer token for /api and /admin; without it those "
-                                          "routes answer 403.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /api and /admin and the status page's "
+                                          f"sign-in; without it those routes answer 403. At least "
+                                          f"{ADMIN_TOKEN_MIN_LENGTH} characters (e.g. `openssl rand -hex 24`).")
     admin_name: str = Field("admin", min_length=1, max_length=100, description="Who the admin token stands for: "
                             "recorded as the author of acknowledgements made through the API.")
     tls_cert_file: Path | None = Field(None, description="PEM certificate: serve both listeners over TLS.")
     tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file.")
     max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies get 413.")
-    rate_limit_per_minute: int | None = Field(None, ge=1, description="Requests per minute per client on /api and "
-                                              "/admin (unset: no limit).")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="Requests per minute per client on /api, "
+                                              "/admin and /login (unset: no limit beyond the two below).")
+    login_limit_per_minute: int | None = Field(10, ge=1, description="Sign-in attempts (POST /login) per minute per "
+                                               "client; beyond it 429 with Retry-After (null: no limit).")
+    auth_failure_limit_per_minute: int | None = Field(30, ge=1, description="Failed bearer-token or sign-in attempts "
+                                                      "per minute per client; beyond it every /api, /admin and "
+                                                      "/login request from that client gets 429 until the budget "
+                                                      "refills, so a token cannot be guessed (null: no limit).")
+    trusted_proxies: list[str] = Field(default_factory=list, description="Addresses or networks (10.0.0.0/8) of "
+                                       "reverse proxies whose X-Forwarded-For/-Proto headers are believed: the "
+                                       "limits above then apply to the client they name. Default: none, every "
+                                       "forwarded header is ignored and a client is its connection's address.")
+    header_timeout_seconds: float = Field(10.0, gt=0, le=300, description="A connection that has not sent a "
+                                          "request's complete headers within this long is closed (slow clients).")
+    keep_alive_timeout_seconds: int = Field(5, ge=1, le=300, description="An idle keep-alive connection is closed "
+                                            "after this long.")
+    on_demand_queue: int = Field(20, ge=1, le=10_000, description="Requests that may wait for one checker's "
+                                 "on-demand run (POST /api/v1/checks/{name}/run, /admin/verify-balances); they "
+                                 "share one run. Beyond it 429 with Retry-After.")
+    max_concurrent_requests: int = Field(200, ge=8, le=100_000, description="Connections and requests one listener "
+                                         "serves at once; beyond it 503.")
     ready_requires_checks: bool = Field(True, description="/ready is 503 while a checker's latest run failed "
                                         "because of the database (unreachable, statement_timeout, killed, "
                                         "unresponsive); false keeps the replica in service through such errors.")
@@ -111,6 +147,30 @@ class HttpConfig(Strict):
         if v and not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", v):
             raise ValueError("expected an http(s) URL such as https://wiki.example.com/runbooks")
         return v.rstrip("/") if v else v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, v: SecretStr | None) -> SecretStr | None:
+        token = v.get_secret_value() if v is not None else ""
+        if token and len(token) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(f"too short: the admin token must be at least {ADMIN_TOKEN_MIN_LENGTH} characters "
+                             "(generate one with `openssl rand -hex 24`)")
+        if token and len(set(token)) < _ADMIN_TOKEN_MIN_DISTINCT:
+            raise ValueError(f"too easy to guess: the admin token must hold at least {_ADMIN_TOKEN_MIN_DISTINCT} "
+                             "different characters (generate one with `openssl rand -hex 24`)")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/8)") from None
+        return [item.strip() for item in v]
 
 
 class SchedulerConfig(Strict):
@@ -345,6 +405,12 @@ class Config(Strict):
                 pw = None
             if pw:
                 out.append(str(pw))
+            # As a person meant it (userinfo up to the last '@'), whatever libpq would make of it.
+            url = self.database.url.get_secret_value()
+            if "://" in url:
+                userinfo = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+                if ":" in userinfo:
+                    out.append(userinfo.split(":", 1)[1])
         return out
 
 

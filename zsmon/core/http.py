@@ -8,9 +8,11 @@ with no token configured those routes answer 403, never open.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import zsmon
 from zsmon.core.lifecycle import LifecycleError, parse_duration
+from zsmon.core.ratelimit import Buckets, retry_after
 from zsmon.core.status import register_status_page
 from zsmon.core.view import ServiceView
 
@@ -51,51 +54,92 @@ class BodyLimit:
 
 
 class RateLimit:
-    """ASGI middleware: at most ``per_minute`` requests per client IP on the given path prefixes.
+    """ASGI middleware: at most ``per_minute`` requests per client on the given path prefixes.
 
     A token bucket per client (burst = the per-minute budget, refilled continuously);
     over the limit a request gets 429 with ``Retry-After`` before any route or token
-    check runs, which also throttles token guessing. Behind a proxy every request has
-    the proxy's address: set the limit on the proxy, or accept it as a global limit.
+    check runs, which also throttles token guessing. The client is the connection's
+    address, or the one a trusted proxy forwards (``http.trusted_proxies``).
     """
-
-    MAX_CLIENTS = 10_000  # bounded memory: the least recently seen clients are forgotten
 
     def __init__(self, app: ASGIApp, per_minute: int, prefixes: tuple[str, ...] = ("/api", "/admin", "/login")) -> None:
         self.app = app
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+        self.buckets = Buckets(per_minute)
         self.prefixes = prefixes
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, monotonic time)
-
-    def _take(self, client: str) -> float:
-        """0 when the request may pass, else the seconds until it could."""
-        import time
-
-        now = time.monotonic()
-        tokens, then = self._buckets.pop(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - then) * self.rate)
-        wait = 0.0
-        if tokens >= 1:
-            tokens -= 1
-        else:
-            wait = (1 - tokens) / self.rate
-        self._buckets[client] = (tokens, now)  # re-inserted: dict order is recency order
-        if len(self._buckets) > self.MAX_CLIENTS:
-            del self._buckets[next(iter(self._buckets))]
-        return wait
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
-            client = (scope.get("client") or ("unknown", 0))[0]
-            wait = self._take(client)
+            wait = self.buckets.take(client_of(scope))
             if wait > 0:
-                import math
-
-                retry = str(max(1, math.ceil(wait)))
+                retry = retry_after(wait)
                 return await JSONResponse({"detail": f"rate limit exceeded: retry in {retry}s"}, status_code=429,
                                           headers={"Retry-After": retry})(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response says ``nosniff`` and, unless the route chose otherwise, ``no-store``
+    (JSON and /metrics are live data, never to be cached by a proxy); under TLS, HSTS."""
+
+    def __init__(self, app: ASGIApp, tls: bool) -> None:
+        self.app = app
+        self.extra = [(b"strict-transport-security", b"max-age=31536000")] if tls else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                for name, value in [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+                                    *self.extra]:
+                    if name not in names:
+                        headers.append((name, value))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, with_headers)
+
+
+class OnDemand:
+    """On-demand runs (``POST /api/v1/checks/{name}/run``, ``/admin/verify-balances``), coalesced.
+
+    Requests for a checker whose on-demand run is in flight wait for that run and share its result:
+    one run per checker at a time, however many ask. At most ``max_waiting`` requests wait per
+    checker; beyond that, 429 with ``Retry-After`` (about one run's duration). The run happens in a
+    worker thread and the waiting happens on the event loop, so waiting requests hold no thread, and
+    ``/health`` and ``/ready`` (answered on the loop) never queue behind them. A client that gives
+    up does not cancel the run the others wait for."""
+
+    def __init__(self, run: Any, max_waiting: int, duration: Any = lambda name: None) -> None:
+        self._run, self.max_waiting, self._duration = run, max_waiting, duration
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._waiting: dict[str, int] = {}
+        self.runs = 0  # on-demand runs started (for tests and figures)
+
+    async def __call__(self, name: str) -> Any:
+        future = self._inflight.get(name)
+        if future is None:
+            self.runs += 1
+            future = asyncio.ensure_future(anyio.to_thread.run_sync(self._run, name))
+            self._inflight[name] = future
+            future.add_done_callback(lambda _f, n=name: self._inflight.pop(n, None))
+        elif self._waiting.get(name, 0) >= self.max_waiting:
+            retry = retry_after(self._duration(name) or 1.0)
+            raise HTTPException(429, f"{self._waiting[name]} requests already wait for {name!r}'s on-demand run: "
+                                     f"retry in {retry}s", headers={"Retry-After": retry})
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self._waiting[name] -= 1
+
+
+def client_of(scope: Scope) -> str:
+    """The client's address (after uvicorn's trusted-proxy rewrite, if any)."""
+    return (scope.get("client") or ("unknown", 0))[0]
 
 
 # ---- response models (they make the OpenAPI document exact) --------------------
@@ -219,49 +263,94 @@ _bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN")
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
     403: {"model": Problem, "description": "the admin API is off: no ADMIN_TOKEN configured"},
-    429: {"model": Problem, "description": "over http.rate_limit_per_minute for this client; see Retry-After"},
+    429: {"model": Problem, "description": "over http.rate_limit_per_minute, or too many failed attempts "
+                                           "(http.auth_failure_limit_per_minute), for this client; see Retry-After"},
 }
 
 
-def _health_routes(app: FastAPI, service: ServiceView) -> None:
+def _health_routes(app: FastAPI, service: ServiceView, failures: Buckets | None) -> None:
+    """``/health`` and ``/ready``. Plain ``async`` routes: answered on the event loop itself, never queued
+    behind checker work in the thread pool. Readiness reasons name the database as ``user@host:port/db``
+    only to a caller with the bearer token; probes and everyone else see them without host and database."""
+
     @app.get("/health", response_model=Readiness, tags=["health"])
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         """Liveness: the process serves requests."""
         return {"status": "ok", "reasons": []}
 
     @app.get("/ready", response_model=Readiness, tags=["health"],
              responses={503: {"model": Readiness, "description": "not ready"}})
-    def ready() -> Any:
+    async def ready(request: Request) -> Any:
         """Readiness: the database answers and the scheduler runs."""
         reasons = service.readiness()
+        if not _bearer_matches(service, request, failures):
+            reasons = [service.conceal(r) for r in reasons]
         skipped = service.memory_skipped()
         if reasons:
             return JSONResponse({"status": "not ready", "reasons": reasons, "skipped": skipped}, status_code=503)
         return {"status": "ready", "reasons": [], "skipped": skipped}
 
 
+def _admin_token(service: ServiceView) -> str:
+    http = service.config.http
+    return http.admin_token.get_secret_value() if http.admin_token else ""
+
+
+def _bearer_matches(service: ServiceView, request: Request, failures: Buckets | None) -> bool:
+    """Whether the request carries the admin token. A wrong one spends the client's failed-attempt budget,
+    and once it is spent the header is not even compared: no endpoint is an unlimited token oracle."""
+    token = _admin_token(service)
+    header = request.headers.get("authorization", "")
+    if not token or not header:
+        return False
+    client = request.client.host if request.client else "unknown"
+    if failures is not None and failures.wait(client) > 0:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return True
+    if failures is not None:
+        failures.take(client)
+    return False
+
+
 def create_api_app(service: ServiceView) -> FastAPI:
     http = service.config.http
     app = FastAPI(title="zsmon API", version=zsmon.__version__, docs_url=None, redoc_url=None,
-                  openapi_url="/api/v1/openapi.json",
+                  openapi_url="/api/v1/openapi.json", redirect_slashes=False,
                   description="Invariant results of the ZeroState platform and on-demand checks.")
+    # Failed bearer-token and sign-in attempts per client: beyond the budget, 429 before any comparison.
+    failures = Buckets(http.auth_failure_limit_per_minute) if http.auth_failure_limit_per_minute else None
 
-    def require_token(creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-        token = http.admin_token.get_secret_value() if http.admin_token else ""
+    async def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        # On the event loop (no thread hop): a comparison and a bucket, nothing that blocks.
+        token = _admin_token(service)
         if not token:
             raise HTTPException(403, "the admin API is off: set ADMIN_TOKEN (or http.admin_token) to enable it")
+        client = request.client.host if request.client else "unknown"
+        if failures is not None and (wait := failures.wait(client)) > 0:
+            retry = retry_after(wait)
+            raise HTTPException(429, f"too many failed token attempts from this client: retry in {retry}s",
+                                headers={"Retry-After": retry})
         given = creds.credentials if creds is not None else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
+            if failures is not None:
+                failures.take(client)
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    _health_routes(app, service)
-    register_status_page(app, service)
+    _health_routes(app, service, failures)
+    register_status_page(app, service, failures)
     auth = [Depends(require_token)]
 
-    def _run(name: str) -> dict[str, Any]:
+    def _duration(name: str) -> float | None:
+        return next((r.duration_seconds for r in service.latest_results() if r.checker == name), None)
+
+    on_demand = app.state.on_demand = OnDemand(service.run_check_now, http.on_demand_queue, _duration)
+
+    async def _run(name: str) -> dict[str, Any]:
         if name not in service.checkers:
             raise HTTPException(404, f"no checker named {name!r}; known: {', '.join(service.checkers)}")
-        result = service.run_check_now(name)
+        result = await on_demand(name)
         if result is None:
             raise HTTPException(409, f"another replica holds the lease for {name!r}; its latest result is at "
                                      f"GET /api/v1/checks")
@@ -283,10 +372,13 @@ def create_api_app(service: ServiceView) -> FastAPI:
 
     @app.post("/api/v1/checks/{name}/run", response_model=CheckOut, dependencies=auth, tags=["checks"],
               responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "unknown checker"},
-                         409: {"model": Problem, "description": "another replica holds the lease"}})
-    def run_check(name: str) -> dict[str, Any]:
-        """Run a checker now and return its result."""
-        return _run(name)
+                         409: {"model": Problem, "description": "another replica holds the lease"},
+                         429: {"model": Problem, "description": "over the rate limits, or http.on_demand_queue "
+                                                                "requests already wait for this checker's run"}})
+    async def run_check(name: str) -> dict[str, Any]:
+        """Run a checker now and return its result. Requests made while the checker's on-demand run is in
+        flight share that run's result."""
+        return await _run(name)
 
     @app.get("/api/v1/violations", response_model=ViolationsOut, dependencies=auth, tags=["checks"],
              responses={**_AUTH_RESPONSES, 400: {"model": Problem, "description": "a bad filter or cursor"}})
@@ -359,16 +451,18 @@ def create_api_app(service: ServiceView) -> FastAPI:
     @app.post("/admin/verify-balances", response_model=CheckOut, dependencies=auth, tags=["admin"],
               responses={**_AUTH_RESPONSES, 404: {"model": Problem, "description": "payments checker not enabled"},
                          409: {"model": Problem, "description": "another replica holds the lease"}})
-    def verify_balances() -> dict[str, Any]:
+    async def verify_balances() -> dict[str, Any]:
         """The deployment guide's manual verification: run the payments checker now."""
-        return _run("payments")
+        return await _run("payments")
 
     return app
 
 
 def create_metrics_app(service: ServiceView) -> FastAPI:
-    app = FastAPI(title="zsmon metrics", docs_url=None, redoc_url=None, openapi_url=None)
-    _health_routes(app, service)
+    http = service.config.http
+    app = FastAPI(title="zsmon metrics", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    limit = http.auth_failure_limit_per_minute
+    _health_routes(app, service, Buckets(limit) if limit else None)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:  # CPU only: no thread hop needed

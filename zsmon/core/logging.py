@@ -17,10 +17,25 @@ import structlog
 REDACTED = "***"
 _SECRET_KEYS = re.compile(r"pass(word|wd)?|secret|token|authorization|api_?key|dsn", re.I)
 _PATTERNS = [
-    (re.compile(r"(?P<pre>\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?P<post>@)", re.I), r"\g<pre>***\g<post>"),
+    # The whole userinfo of any URL (``scheme://user:password@host``, ``https://TOKEN@host``), up to the
+    # last ``@`` of the authority: a password with an unescaped ``@`` is hidden whole, not from its ``@`` on.
+    # (``user:`` then anything but a space up to an ``@``: an unescaped ``/`` in the password too).
+    (re.compile(r"(?P<pre>\b[a-z][a-z0-9+.-]*://)(?:[^\s/?#@:]*:[^\s@]*|[^\s/?#@]*)@(?:[^\s/?#@]*@)*", re.I),
+     r"\g<pre>***@"),
     (re.compile(r"(?P<pre>\bBearer\s+)\S+", re.I), r"\g<pre>***"),
-    (re.compile(r"(?P<pre>\bpassword\s*=\s*)('[^']*'|\S+)", re.I), r"\g<pre>***"),
+    # key=value DSNs and query strings: password=..., passwd=..., token=..., secret=...
+    (re.compile(r"(?P<pre>\b(?:(?:password|passwd|pwd)\s*[=:]|(?:token|secret|api_?key)\s*=)\s*)"
+                r"('(?:[^'\\]|\\.)*'|\"[^\"]*\"|[^\s&,;]+)", re.I), r"\g<pre>***"),
 ]
+
+
+def redact(text: str) -> str:
+    """``text`` with anything that looks like a credential replaced by ``***``: the userinfo of any URL,
+    ``password=``/``token=`` values, bearer tokens. Needs no configuration, so it also guards errors
+    printed before the config (and its secrets) is known."""
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
 
 
 class Redactor:
@@ -38,9 +53,7 @@ class Redactor:
             for secret in self.secrets:
                 if secret in value:
                     value = value.replace(secret, REDACTED)
-            for pattern, repl in _PATTERNS:
-                value = pattern.sub(repl, value)
-            return value
+            return redact(value)
         if isinstance(value, dict):
             return {k: (REDACTED if _SECRET_KEYS.search(str(k)) and v else self.scrub(v)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import signal
 import sys
 import threading
@@ -14,12 +15,14 @@ from typing import Any, Iterable
 import psycopg
 import uvicorn
 from prometheus_client import CollectorRegistry
+from psycopg.conninfo import conninfo_to_dict
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from zsmon.core.checker import missing_indexes
-from zsmon.core.config import ConfigError
-from zsmon.core.db import Database, DatabaseUnavailable
+from zsmon.core.config import ConfigError, HttpConfig
+from zsmon.core.db import Database, DatabaseUnavailable, conninfo
 from zsmon.core.ha import LeasedFamilies, LeaderOnly, make_coordinator
-from zsmon.core.http import BodyLimit, RateLimit, create_api_app, create_metrics_app
+from zsmon.core.http import BodyLimit, RateLimit, SecurityHeaders, create_api_app, create_metrics_app
 from zsmon.core.lifecycle import Ack, Lifecycle, LifecycleError, list_violations, validate_target
 from zsmon.core.logging import get_logger, redactor
 from zsmon.core.metrics import Metrics
@@ -30,7 +33,10 @@ from zsmon.core.redis import ping as redis_ping
 from zsmon.core.results import CheckResult
 from zsmon.core.runner import Runner
 from zsmon.core.scheduler import Scheduler
+from zsmon.core.sessions import SessionStore
+from zsmon.core.status import SESSION_SECONDS
 from zsmon.core.store import ResultStore
+from zsmon.core.tls import check_tls
 
 log = get_logger("zsmon.service")
 
@@ -58,9 +64,77 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+class _HeaderTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol, plus: a connection that has not sent a request's complete headers within
+    ``header_timeout`` seconds of its first byte (or of connecting) is closed. uvicorn bounds only idle
+    keep-alive connections; without this a client trickling header bytes holds a connection for ever."""
+
+    header_timeout = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def _waiting_for_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._waiting_for_headers() and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting_for_headers():
+            self._arm()
+        super().data_received(data)
+        if not self._waiting_for_headers():
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        self._disarm()  # idle now: uvicorn's keep-alive timeout takes over until the next byte
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
 def _split(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _protocol(http: HttpConfig) -> type[H11Protocol]:
+    return type("HeaderTimeoutH11", (_HeaderTimeoutH11,), {"header_timeout": http.header_timeout_seconds})
+
+
+def _proxy_settings(http: HttpConfig) -> dict[str, Any]:
+    """Forwarded headers are believed only from ``http.trusted_proxies``; by default from nobody (uvicorn
+    would otherwise trust any X-Forwarded-For sent from 127.0.0.1, letting a local client pick its address)."""
+    if not http.trusted_proxies:
+        return {"proxy_headers": False, "forwarded_allow_ips": []}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(http.trusted_proxies)}
+
+
+def _database_names(config: Any) -> list[tuple[str, str]]:
+    """(value, placeholder) of the monitored database's host and name, longest first."""
+    try:
+        params = conninfo_to_dict(conninfo(config.database))
+    except Exception:  # noqa: BLE001 - an invalid DSN is reported elsewhere
+        return []
+    found = [(str(params.get("host") or ""), "<host>"), (str(params.get("hostaddr") or ""), "<host>"),
+             (str(params.get("dbname") or ""), "<database>")]
+    return sorted({(v, label) for v, label in found if len(v) >= 2}, key=lambda p: -len(p[0]))
 
 
 class Service:
@@ -79,6 +153,12 @@ class Service:
         self._runbooks = runbooks
         self._runbook_pages: Mapping[str, str] | None = None
         self.store = ResultStore()
+        # Status-page sessions: in Redis under the deployment's prefix when both are known, so replicas
+        # share them; in this process's memory otherwise.
+        self.sessions = SessionStore(SESSION_SECONDS, redis=lambda: self.runner.redis if hasattr(self, "runner")
+                                     else None, prefix=lambda: self.runner.deployment.prefix
+                                     if hasattr(self, "runner") else None)
+        self._hidden = _database_names(config)
         checkers = registry.enabled_checkers()
         exporters = registry.enabled_exporters()
         self.coordinator: Any = None
@@ -117,8 +197,7 @@ class Service:
         self._db_reason: str | None = "database not checked yet"
         self._health_at = 0.0
         self._servers: list[_EmbeddedServer] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
         self.ports: dict[str, int] = {}
 
     def _register_leader_only(self, name: str, bound: BoundChecker) -> None:
@@ -228,6 +307,14 @@ class Service:
             reasons += [f"checker {name}: {why}" for name, why in sorted(self.runner.database_errors.items())]
         return reasons
 
+    def conceal(self, text: str) -> str:
+        """``text`` without the monitored database's address and name: ``database unavailable: ...``."""
+        where = self.runner.db.where
+        text = text.replace(f"database {where} ", "database ").replace(where, "the database")
+        for value, label in self._hidden:
+            text = re.sub(rf'(?<![\w.-]){re.escape(value)}(?![\w-])', label, text)
+        return text
+
     def memory_skipped(self) -> list[str]:
         """``checker/invariant: reason`` for every invariant the latest run skipped for want of memory (Redis
         down): judged again at the first run after it returns."""
@@ -310,17 +397,17 @@ class Service:
         http = self.config.http
         ssl = {}
         if http.tls_cert_file or http.tls_key_file:
-            if not (http.tls_cert_file and http.tls_key_file):
-                raise ConfigError("TLS needs both TLS_CERT_FILE and TLS_KEY_FILE (http.tls_cert_file/tls_key_file)")
-            for f in (http.tls_cert_file, http.tls_key_file):
-                if not f.is_file():
-                    raise ConfigError(f"TLS file {f} does not exist or is not a file")
+            check_tls(http.tls_cert_file, http.tls_key_file)  # the real cause, before uvicorn tries (and prompts)
             ssl = {"ssl_certfile": str(http.tls_cert_file), "ssl_keyfile": str(http.tls_key_file)}
-        wrapped = BodyLimit(app, http.max_body_bytes)
+        wrapped: Any = BodyLimit(app, http.max_body_bytes)
         if http.rate_limit_per_minute:
             wrapped = RateLimit(wrapped, http.rate_limit_per_minute)
+        wrapped = SecurityHeaders(wrapped, tls=bool(ssl))
         cfg = uvicorn.Config(wrapped, host=host, port=port, log_config=None, access_log=False,
-                             lifespan="off", server_header=False, timeout_graceful_shutdown=2, **ssl)
+                             lifespan="off", server_header=False, timeout_graceful_shutdown=2,
+                             http=_protocol(http), **_proxy_settings(http),
+                             timeout_keep_alive=http.keep_alive_timeout_seconds,
+                             limit_concurrency=http.max_concurrent_requests, **ssl)
         return _EmbeddedServer(cfg)
 
     def start(self) -> None:
@@ -333,41 +420,54 @@ class Service:
             raise PrivilegedRole(self.refused)
         self._servers = [self._server(create_metrics_app(self), self.config.http.metrics_listen),
                          self._server(create_api_app(self), self.config.http.api_listen)]
-        started = threading.Event()
+        # One thread and event loop per listener: a burst on the API (on-demand runs, a scan) never delays
+        # the probes and scrapes the metrics listener answers.
+        bind_error = ConfigError("could not bind the HTTP listeners "
+                                 f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
+                                 "address in use or not permitted")
         failure: list[BaseException] = []
+        events = []
 
-        async def serve() -> None:
-            tasks = [asyncio.create_task(s.serve()) for s in self._servers]
-            while not all(s.started for s in self._servers):
-                if any(t.done() for t in tasks):
-                    failure.append(ConfigError("could not bind the HTTP listeners "
-                                               f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
-                                               "address in use or not permitted"))
-                    for s in self._servers:
-                        s.should_exit = True
-                    started.set()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    return
-                await asyncio.sleep(0.01)
-            started.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        def thread_main(server: _EmbeddedServer, started: threading.Event) -> None:
+            async def guarded() -> None:
+                try:
+                    await server.serve()
+                except SystemExit:  # uvicorn exits when it cannot bind
+                    failure.append(bind_error)
 
-        def thread_main() -> None:
-            self._loop = asyncio.new_event_loop()
-            try:
-                self._loop.run_until_complete(serve())
-            except SystemExit:  # uvicorn exits when it cannot bind
-                failure.append(ConfigError("could not bind the HTTP listeners "
-                                           f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
-                                           "address in use or not permitted"))
+            async def serve() -> None:
+                task = asyncio.create_task(guarded())
+                while not server.started:
+                    if task.done():
+                        if not failure:
+                            failure.append(bind_error)
+                        started.set()
+                        return
+                    await asyncio.sleep(0.01)
                 started.set()
+                await asyncio.gather(task, return_exceptions=True)
+
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(serve())
+            except SystemExit:  # uvicorn exits when it cannot bind
+                failure.append(bind_error)
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 failure.append(exc)
+            finally:
                 started.set()
+                loop.close()
 
-        self._thread = threading.Thread(target=thread_main, name="zsmon-http", daemon=True)
-        self._thread.start()
-        started.wait(30)
+        self._threads = []
+        for name, server in zip(("metrics", "api"), self._servers):
+            started = threading.Event()
+            thread = threading.Thread(target=thread_main, args=(server, started), name=f"zsmon-http-{name}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            events.append(started)
+        for started in events:
+            started.wait(30)
         if failure:
             self.stop()
             raise failure[0] if isinstance(failure[0], ConfigError) else ConfigError(str(failure[0]))
@@ -396,8 +496,8 @@ class Service:
             self.coordinator.stop()  # releases the leases: another replica takes over at once
         for s in self._servers:
             s.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
         self.runner.db.close()
         if self.runner.redis is not None:
             self.runner.redis.close()

@@ -9,17 +9,19 @@ The violation details (entities, amounts), summaries, skipped reasons and error
 texts need the admin token.
 
 How the token is given: a login form (``GET /login``) POSTs it once; the answer
-sets an ``HttpOnly; SameSite=Strict`` cookie (``Secure`` when TLS is on) and
-redirects to ``/``. A token in a query parameter would end up in proxy access
-logs, browser history and Referer headers, so there is no ``?token=``. The cookie
-holds ``HMAC-SHA256(admin token, "zsmon status session")``, not the token itself:
-a leaked cookie opens the status page but is no bearer token for ``/api`` or
-``/admin``, and changing ``ADMIN_TOKEN`` invalidates every session. Both the
-login and the cookie are compared with ``hmac.compare_digest``.
+sets an ``HttpOnly; SameSite=Strict`` cookie and redirects to ``/``. Under TLS the
+cookie is ``Secure`` and named ``__Host-zsmon_status`` (the browser then refuses it
+from plain HTTP or for another path or domain). A token in a query parameter would
+end up in proxy access logs, browser history and Referer headers, so there is no
+``?token=``. The cookie holds a random session id (``zsmon.core.sessions``), not the
+token nor anything derived from it: it expires after 12 hours on the server, sign-out
+revokes it, and a leaked cookie tells nothing about the token and opens neither
+``/api`` nor ``/admin``. Sign-in attempts are limited per client
+(``http.login_limit_per_minute``, ``http.auth_failure_limit_per_minute``); any
+malformed form is a 400, never an error page.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 from datetime import datetime, timezone
@@ -33,13 +35,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 import zsmon
 from zsmon.core.lifecycle import LifecycleError
+from zsmon.core.ratelimit import Buckets, retry_after
 from zsmon.core.runbook_page import register_runbooks
 from zsmon.core.view import ServiceView
 
 COOKIE = "zsmon_status"
+TLS_COOKIE = "__Host-zsmon_status"  # the __Host- prefix: Secure, Path=/, no Domain, enforced by the browser
 SESSION_SECONDS = 12 * 3600
 REFRESH_SECONDS = 10
-_SESSION_MESSAGE = b"zsmon status session v1"
+MAX_FORM_FIELDS = 4
 # The page is self-contained: inline CSS only, nothing loaded from elsewhere, never framed.
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -59,9 +63,16 @@ _env = jinja2.Environment(
 )
 
 
-def session_value(token: str) -> str:
-    """The cookie value for a valid login: derived from the admin token, never the token itself."""
-    return hmac.new(token.encode(), _SESSION_MESSAGE, hashlib.sha256).hexdigest()
+def cookie_name(service: ServiceView) -> str:
+    return TLS_COOKIE if service.config.http.tls_cert_file else COOKIE
+
+
+def signed_in(service: ServiceView, request: Request) -> bool:
+    """A live session cookie (and an admin token still configured)."""
+    http = service.config.http
+    if not (http.admin_token and http.admin_token.get_secret_value()):
+        return False
+    return service.sessions.valid(request.cookies.get(cookie_name(service)))
 
 
 def _age(seconds: float | None) -> str:
@@ -165,6 +176,8 @@ def _view(service: ServiceView, details: bool, links: list[dict[str, str]],
     # Break-glass order: what is failing or cannot run comes first.
     rows.sort(key=lambda c: ({"fail": 0, "error": 1, "pending": 2}.get(c["status"], 3), c["name"]))
     reasons = service.readiness()
+    if not details:  # the database's host and name only for signed-in eyes
+        reasons = [service.conceal(r) for r in reasons]
     acks, events = [], []
     if details:
         try:
@@ -196,53 +209,71 @@ def _view(service: ServiceView, details: bool, links: list[dict[str, str]],
     }
 
 
-def register_status_page(app: FastAPI, service: ServiceView) -> None:
-    """Add ``GET /``, ``GET``/``POST /login`` and ``POST /logout`` to the API app."""
+def register_status_page(app: FastAPI, service: ServiceView, failures: Buckets | None = None) -> None:
+    """Add ``GET /``, ``GET``/``POST /login`` and ``POST /logout`` to the API app.
+
+    ``failures``: the per-client budget of failed attempts, shared with the bearer-token check."""
     http = service.config.http
     secure = bool(http.tls_cert_file)
+    cookie = cookie_name(service)
     links = service.dashboard_links
+    logins = Buckets(http.login_limit_per_minute) if http.login_limit_per_minute else None
 
     def token() -> str:
         return http.admin_token.get_secret_value() if http.admin_token else ""
 
-    def logged_in(request: Request) -> bool:
-        t = token()
-        given = request.cookies.get(COOKIE, "")
-        return bool(t) and bool(given) and hmac.compare_digest(given.encode(), session_value(t).encode())
-
-    def page(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    def page(template: str, status_code: int = 200, headers: dict[str, str] | None = None,
+             **context: Any) -> HTMLResponse:
         body = _env.get_template(template).render(**context)
-        return HTMLResponse(body, status_code=status_code, headers=_HEADERS)
+        return HTMLResponse(body, status_code=status_code, headers={**_HEADERS, **(headers or {})})
+
+    def login_page(status_code: int, message: str, headers: dict[str, str] | None = None,
+                   next_page: str = "/") -> HTMLResponse:
+        return page("status.html.j2", status_code=status_code, headers=headers, view=_view(service, False, links),
+                    login={"failed": message}, next=next_page)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def status_page(request: Request) -> HTMLResponse:
         only = _filter(request)
-        return page("status.html.j2", view=_view(service, logged_in(request), links, only), login=None,
+        return page("status.html.j2", view=_view(service, signed_in(service, request), links, only), login=None,
                     next=_back_to(only))
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_form(request: Request) -> HTMLResponse:
-        return page("status.html.j2", view=_view(service, False, links), login={"failed": False},
+        return page("status.html.j2", view=_view(service, False, links), login={"failed": ""},
                     next=_safe_next(request.query_params.get("next")))
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
+        client = request.client.host if request.client else "unknown"
+        for bucket, spend in ((logins, True), (failures, False)):
+            wait = (bucket.take(client) if spend else bucket.wait(client)) if bucket is not None else 0.0
+            if wait > 0:
+                retry = retry_after(wait)
+                return login_page(429, f"Too many sign-in attempts: try again in {retry} s.",
+                                  headers={"Retry-After": retry})
+        try:
+            body = (await request.body()).decode("utf-8")
+            form = parse_qs(body, max_num_fields=MAX_FORM_FIELDS, strict_parsing=bool(body))
+        except (ValueError, UnicodeDecodeError):  # too many fields, not a form, not UTF-8: the client's mistake
+            return login_page(400, "Bad request: the sign-in form takes the fields token and next.")
         given = (form.get("token") or [""])[0]
         back = _safe_next((form.get("next") or [""])[0])
         t = token()
         if not t or not hmac.compare_digest(given.encode(), t.encode()):
-            return page("status.html.j2", status_code=401 if t else 403, view=_view(service, False, links),
-                        login={"failed": True}, next=back)
+            if t and failures is not None:
+                failures.take(client)
+            return login_page(401 if t else 403, "Wrong token.", next_page=back)
         response = RedirectResponse(back, status_code=303, headers=_HEADERS)
-        response.set_cookie(COOKIE, session_value(t), max_age=SESSION_SECONDS, path="/", httponly=True,
+        response.set_cookie(cookie, service.sessions.create(), max_age=SESSION_SECONDS, path="/", httponly=True,
                             samesite="strict", secure=secure)
         return response
 
     @app.post("/logout", include_in_schema=False)
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        service.sessions.revoke(request.cookies.get(cookie))
         response = RedirectResponse("/", status_code=303, headers=_HEADERS)
-        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=secure)
+        response.delete_cookie(cookie, path="/", httponly=True, samesite="strict", secure=secure)
         return response
 
     register_runbooks(app, lambda name: service.runbook(name), page)

@@ -11,12 +11,15 @@ from zsmon.core.config import Config
 from zsmon.core.lifecycle import Ack
 from zsmon.core.registry import BoundChecker
 from zsmon.core.results import CheckResult
+from zsmon.core.sessions import SessionStore
 
 
 class ServiceView(Protocol):
     config: Config
     # Links to the Grafana dashboards, for the status page.
     dashboard_links: list[dict[str, str]]
+    # The status page's sign-in sessions.
+    sessions: SessionStore
 
     @property
     def checkers(self) -> Mapping[str, BoundChecker]:
@@ -29,6 +32,9 @@ class ServiceView(Protocol):
 
     def readiness(self) -> list[str]:
         """Why this replica is not ready (empty: ready)."""
+
+    def conceal(self, text: str) -> str:
+        """``text`` without the monitored database's host and name (for readers not signed in)."""
 
     def memory_skipped(self) -> list[str]:
         """Invariants the latest runs skipped for want of memory (Redis): ready, but not all proven."""

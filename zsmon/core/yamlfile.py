@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from zsmon.core.logging import redact
+
 
 class ConfigError(Exception):
     """A user mistake in configuration: one line, exit code 2."""
@@ -126,7 +128,8 @@ def describe(exc: ValidationError, prefix: tuple[str, ...] = (), unknown_hint: s
             msg += f" (got {shown!r})"
     if len(exc.errors()) > 1:
         msg += f" (and {len(exc.errors()) - 1} more)"
-    return loc, msg, kind == "missing"
+    # Whatever the key is called, a value that looks like a credential (a URL's userinfo, password=) is hidden.
+    return loc, redact(msg), kind == "missing"
 
 
 class Strict(BaseModel):

@@ -35,7 +35,7 @@ import yaml
 from zsmon.app import build_registry, build_service
 from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.core.lifecycle import LifecycleError
-from zsmon.core.logging import configure_logging
+from zsmon.core.logging import configure_logging, redactor
 from zsmon.core.results import describe_violation
 from zsmon.demo import schema_sql
 
@@ -554,5 +554,5 @@ def main(options: Options) -> int:
     try:
         return run_demo(options)
     except DemoError as exc:
-        print(f"zsmon: error: {exc}", file=sys.stderr)
+        print(f"zsmon: error: {redactor.scrub(str(exc))}", file=sys.stderr)
         return 2
