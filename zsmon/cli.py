@@ -27,7 +27,7 @@ from zsmon.core.lifecycle import Lifecycle, LifecycleError, parse_duration, vali
 from zsmon.core.logging import configure_logging
 from zsmon.core.redis import make_redis, ping
 from zsmon.core.registry import Registry
-from zsmon.core.service import build_runner
+from zsmon.core.service import BusyListener, ListenError, build_runner
 from zsmon.demo.run import Options, main as demo_main
 
 EXIT_VIOLATIONS = 1
@@ -39,18 +39,18 @@ def _fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
-def _load(ctx: click.Context) -> Config:
+def _load(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:
     try:
-        config = load_config(ctx.obj.get("config_path"))
+        config = load_config(ctx.obj.get("config_path"), overrides=overrides)
     except ConfigError as exc:
         _fail(str(exc))
     configure_logging(config.logging.level, config.logging.format, config.secrets())
     return config
 
 
-def _registry(ctx: click.Context) -> Registry:
+def _registry(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Registry:
     """The config and the registry it selects (checker settings validated): a mistake is one line, exit 2."""
-    config = _load(ctx)
+    config = _load(ctx, overrides)
     try:
         return build_registry(config)
     except ConfigError as exc:
@@ -80,14 +80,31 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj["config_path"] = config_path
 
 
+def _listen_fix(config: Config, busy: BusyListener) -> str:
+    """One listener that could not bind, and how to move it: the flag, the variable, the key, who set it."""
+    key = f"{busy.listener}_listen"
+    label = "API" if busy.listener == "api" else busy.listener
+    return (f"{busy.reason} (the {label} listener {busy.address}, set by {config.origin('http', key)}): pick "
+            f"another with --{busy.listener}-listen HOST:PORT, ZSMON_{busy.listener.upper()}_LISTEN or http.{key} "
+            "(port 0: any free one)")
+
+
 @cli.command()
+@click.option("--metrics-listen", metavar="HOST:PORT", default=None,
+              help="Metrics listener (/metrics, /health, /ready); overrides ZSMON_METRICS_LISTEN and "
+                   "http.metrics_listen [default: 0.0.0.0:9090].")
+@click.option("--api-listen", metavar="HOST:PORT", default=None,
+              help="API and status page listener; overrides ZSMON_API_LISTEN and http.api_listen "
+                   "[default: 0.0.0.0:8080].")
 @config_option
 @click.pass_context
-def run(ctx: click.Context) -> None:
+def run(ctx: click.Context, metrics_listen: str | None, api_listen: str | None) -> None:
     """Run the sidecar: scheduled checks and collections, /metrics and the API."""
-    registry = _registry(ctx)
+    registry = _registry(ctx, {"--metrics-listen": metrics_listen, "--api-listen": api_listen})
     try:
         build_service(registry.config, registry).run_forever()
+    except ListenError as exc:
+        _fail("; ".join(_listen_fix(registry.config, busy) for busy in exc.failures))
     except ConfigError as exc:
         _fail(str(exc))
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import signal
+import socket
 import sys
 import threading
 import time
@@ -59,6 +61,61 @@ def _split(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+@dataclasses.dataclass(frozen=True)
+class BusyListener:
+    listener: str  # "metrics" or "api"
+    address: str   # HOST:PORT as configured
+    reason: str    # e.g. "port 9090 is already in use by another process"
+
+
+class ListenError(ConfigError):
+    """A listener could not bind. Names only the listeners that failed; callers that know the user's flags
+    (``zsmon run``, ``zsmon demo``) say how to pick another address in their own words."""
+
+    def __init__(self, failures: list[BusyListener]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(f"the {f.listener} listener cannot listen on {f.address}: {f.reason} "
+                                   f"(set http.{f.listener}_listen or ZSMON_{f.listener.upper()}_LISTEN to a free "
+                                   "HOST:PORT)" for f in failures))
+
+
+def bind_listener(listener: str, listen: str) -> socket.socket:
+    """A TCP socket bound to ``listen`` (HOST:PORT; port 0: any free one), not yet listening."""
+    host, port = _split(listen)
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ListenError([BusyListener(listener, listen, f"cannot resolve {host!r} ({exc.strerror})")]) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        reason = {errno.EADDRINUSE: f"port {port} is already in use by another process",
+                  errno.EACCES: f"permission denied (port {port} needs privileges)",
+                  errno.EADDRNOTAVAIL: f"{host} is not an address of this machine"}.get(exc.errno, exc.strerror)
+        raise ListenError([BusyListener(listener, listen, str(reason))]) from None
+    return sock
+
+
+def bind_listeners(listens: dict[str, str]) -> dict[str, socket.socket]:
+    """Every listener bound, or a ``ListenError`` naming each one that could not bind (and only those)."""
+    bound: dict[str, socket.socket] = {}
+    failures: list[BusyListener] = []
+    for listener, listen in listens.items():
+        try:
+            bound[listener] = bind_listener(listener, listen)
+        except ListenError as exc:
+            failures += exc.failures
+    if failures:
+        for sock in bound.values():
+            sock.close()
+        raise ListenError(failures)
+    return bound
+
+
 class Service:
     """The running sidecar. ``start()`` returns once the listeners are bound; ``stop()`` ends everything."""
 
@@ -100,6 +157,7 @@ class Service:
         self._db_reason: str | None = "database not checked yet"
         self._health_at = 0.0
         self._servers: list[_EmbeddedServer] = []
+        self._sockets: list[socket.socket] = []
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ports: dict[str, int] = {}
@@ -274,22 +332,31 @@ class Service:
         return _EmbeddedServer(cfg)
 
     def start(self) -> None:
+        # The listeners first: a busy port is reported at once, before any database probe.
+        http = self.config.http
+        sockets = bind_listeners({"metrics": http.metrics_listen, "api": http.api_listen})
+        self._sockets = list(sockets.values())
+        self.ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
         # The GIL is handed between threads every switch interval: a short one bounds how long a scrape
         # waits behind a checker decoding rows. Process-wide, so only the serving process sets it.
-        sys.setswitchinterval(self.config.http.switch_interval_ms / 1000)
+        sys.setswitchinterval(http.switch_interval_ms / 1000)
+        try:
+            self._servers = [self._server(create_metrics_app(self), http.metrics_listen),
+                             self._server(create_api_app(self), http.api_listen)]
+        except BaseException:
+            for sock in sockets.values():
+                sock.close()
+            raise
         self.health()
-        self._servers = [self._server(create_metrics_app(self), self.config.http.metrics_listen),
-                         self._server(create_api_app(self), self.config.http.api_listen)]
         started = threading.Event()
         failure: list[BaseException] = []
 
         async def serve() -> None:
-            tasks = [asyncio.create_task(s.serve()) for s in self._servers]
+            tasks = [asyncio.create_task(s.serve(sockets=[sock]))
+                     for s, sock in zip(self._servers, (sockets["metrics"], sockets["api"]))]
             while not all(s.started for s in self._servers):
                 if any(t.done() for t in tasks):
-                    failure.append(ConfigError("could not bind the HTTP listeners "
-                                               f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
-                                               "address in use or not permitted"))
+                    failure.append(ConfigError("the HTTP listeners stopped while starting"))
                     for s in self._servers:
                         s.should_exit = True
                     started.set()
@@ -303,11 +370,6 @@ class Service:
             self._loop = asyncio.new_event_loop()
             try:
                 self._loop.run_until_complete(serve())
-            except SystemExit:  # uvicorn exits when it cannot bind
-                failure.append(ConfigError("could not bind the HTTP listeners "
-                                           f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
-                                           "address in use or not permitted"))
-                started.set()
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 failure.append(exc)
                 started.set()
@@ -318,8 +380,6 @@ class Service:
         if failure:
             self.stop()
             raise failure[0] if isinstance(failure[0], ConfigError) else ConfigError(str(failure[0]))
-        for name, server in zip(("metrics", "api"), self._servers):
-            self.ports[name] = server.servers[0].sockets[0].getsockname()[1]
         self._schedule()
         self.scheduler.start()
         if self.coordinator is not None:
@@ -345,6 +405,8 @@ class Service:
             s.should_exit = True
         if self._thread is not None:
             self._thread.join(5)
+        for sock in self._sockets:  # uvicorn closes them; these are the ones it never served
+            sock.close()
         self.runner.db.close()
         if self.runner.redis is not None:
             self.runner.redis.close()

@@ -36,6 +36,7 @@ from zsmon.app import build_registry, build_service
 from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.core.lifecycle import LifecycleError
 from zsmon.core.logging import configure_logging
+from zsmon.core.service import ListenError, bind_listeners
 from zsmon.demo import schema_sql
 
 SIMULATORS = ("payments", "auctions", "reputation")
@@ -166,6 +167,46 @@ def process_gone(pid: int | None) -> bool:
         except ProcessLookupError:
             return True
         return False
+
+
+# ---- the ports, before anything starts -------------------------------------------------
+def _zsmon_answers(host: str, port: int) -> bool:
+    """Whether a zsmon (another demo, or ``zsmon run``) serves on ``host:port``: its metrics name it."""
+    import http.client
+    import urllib.request
+
+    for path, mark in (("/metrics", b"zsmon_build_info"), ("/api/v1/openapi.json", b'"zsmon API"')):
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=1) as reply:
+                if mark in reply.read(1 << 20):
+                    return True
+        except (OSError, http.client.HTTPException):  # not HTTP, or not zsmon: someone else's port
+            pass
+    return False
+
+
+def check_ports(options: Options) -> None:
+    """Fail at once, before PostgreSQL starts, when a port the demo needs is taken; say by whom if it is
+    another zsmon, and name only the busy ports with the flags that move them."""
+    wanted = {"metrics": options.metrics_port, "api": options.api_port}
+    try:
+        for sock in bind_listeners({k: f"{options.host}:{p}" for k, p in wanted.items()}).values():
+            sock.close()
+    except ListenError as exc:
+        raise DemoError(ports_message(options, exc)) from None
+
+
+def ports_message(options: Options, exc: ListenError) -> str:
+    busy = exc.failures
+    flags = " ".join(f"--{f.listener}-port 0" for f in busy)
+    ports = " and ".join(f"{f.address} ({f.listener})" for f in busy)
+    held = [f for f in busy if _zsmon_answers(options.host, int(f.address.rpartition(":")[2]))]
+    if held and len(held) == len(busy):
+        return (f"another zsmon demo (or zsmon run) already listens on {ports}: stop it (Ctrl-C where it runs), "
+                f"or run this one beside it on other ports: zsmon demo {flags} (0: any free port; the demo prints "
+                "where)")
+    reasons = "; ".join(f"{f.reason} ({f.listener}, {f.address})" for f in busy)
+    return f"{reasons}: pick other ports with zsmon demo {flags} (0: any free port; the demo prints where)"
 
 
 # ---- the platform's traffic ------------------------------------------------------------
@@ -454,6 +495,7 @@ class DemoAck:
 # ---- the command -------------------------------------------------------------------------
 def run_demo(options: Options, out: TextIO | None = None) -> int:
     """Run the demo until ``options.duration`` passes or SIGINT/SIGTERM; return the exit code."""
+    check_ports(options)  # at once, not after seconds of starting PostgreSQL
     say = Printer(out or sys.stdout)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -510,6 +552,8 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
     try:
         service = build_service(config)
         service.start()
+    except ListenError as exc:  # taken since check_ports
+        raise DemoError(ports_message(options, exc)) from None
     except ConfigError as exc:
         raise DemoError(str(exc)) from None
     cleanup.append(("the sidecar", service.stop))
