@@ -214,7 +214,8 @@ def render(ctx: click.Context, out: str, fmt: str) -> None:
 
 
 @cli.command()
-@click.option("--duration", type=float, default=None, metavar="SECONDS", help="Stop after this long (default: Ctrl-C).")
+@click.option("--duration", type=float, default=None, metavar="SECONDS",
+              help="Stop this long after starting, warm-up included (default: Ctrl-C).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated traffic and faults.")
 @click.option("--faults/--no-faults", default=True, show_default=True, help="Plant a fault every --fault-every seconds.")
 @click.option("--fault-every", type=click.FloatRange(min=0.5), default=15.0, show_default=True, metavar="SECONDS")
@@ -226,12 +227,18 @@ def render(ctx: click.Context, out: str, fmt: str) -> None:
 @click.option("--api-port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
 @click.option("--check-interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True, metavar="SECONDS",
               help="Seconds between runs of every checker.")
+@click.option("--fault", "only_faults", multiple=True, metavar="NAME",
+              help="Plant only this fault (repeatable; a name as the demo prints it, e.g. "
+                   "inject_stuck_open_auction or payments.one_unit_leak).")
 def demo(duration: float | None, seed: int, faults: bool, fault_every: float, rate: float, database_url: str | None,
-         metrics_port: int, api_port: int, check_interval: float) -> None:
-    """Everything in one command: embedded PostgreSQL and Redis, simulated traffic with faults, the sidecar."""
+         metrics_port: int, api_port: int, check_interval: float, only_faults: tuple[str, ...]) -> None:
+    """Everything in one command: embedded PostgreSQL and Redis, simulated traffic with faults, the sidecar.
+
+    --duration counts from the start (the databases' start-up and the warm-up included).
+    """
     sys.exit(demo_main(Options(duration=duration, seed=seed, faults=faults, fault_every=fault_every, rate=rate,
                                database_url=database_url, metrics_port=metrics_port, api_port=api_port,
-                               check_interval=check_interval)))
+                               check_interval=check_interval, only_faults=only_faults)))
 
 
 @cli.group()
