@@ -96,7 +96,7 @@ def test_every_alert_links_its_runbook_status_and_panel(make_config, db_url, tmp
         # The planted violation's own link shows the violating entity once signed in, and nothing of it before.
         alert = next(r for r in rules if r["alert"] == "SchemaRequiredColumnsPresentViolation")
         shown = requests.get(alert["annotations"]["status_url"], cookies=cookies, timeout=5).text
-        assert f'<td data-label="entity" class="entity">column {PLANTED_ENTITY}</td>' in shown
+        assert f'<td data-label="entity" class="entity">column <span class="entity-id">{PLANTED_ENTITY}</span></td>' in shown
         anonymous = requests.get(alert["annotations"]["status_url"], timeout=5).text
         assert PLANTED_ENTITY not in anonymous and "required_columns_present</code>: 1" in anonymous
         # Signing in from the filtered page comes back to it.

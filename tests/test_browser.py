@@ -150,7 +150,7 @@ def test_status_page_in_chromium(make_config, writer):
             text = browser.eval("document.body.innerText")
             html = browser.eval("document.documentElement.outerHTML")
             assert f"channel {channel}" in text and "channel_conservation" in text
-            assert f'<td data-label="entity" class="entity">channel {channel}</td>' in html
+            assert f'<td data-label="entity" class="entity">channel <span class="entity-id">{channel}</span></td>' in html
             # The session cookie is HttpOnly: the page's scripts cannot read it.
             assert "zsmon_status" not in browser.eval("document.cookie")
             # Readable on a phone: nothing wider than the viewport but the scrollable violations table.
@@ -161,3 +161,75 @@ def test_status_page_in_chromium(make_config, writer):
         finally:
             browser.close()
         assert browser.proc.returncode is not None
+
+
+LAYOUT = """(() => {
+  const box = el => el.getBoundingClientRect();
+  const within = (el, outer) => box(el).left >= box(outer).left - 0.5 && box(el).right <= box(outer).right + 0.5;
+  const one = sel => Array.from(document.querySelectorAll(sel)).map(el => ({
+      text: el.textContent, lines: el.getClientRects().length,
+      inside: within(el, el.closest('td, li')), right: box(el).right}));
+  const scroll = Array.from(document.querySelectorAll('.scroll')).map(s => s.scrollWidth - s.clientWidth);
+  const badges = Array.from(document.querySelectorAll('#state .badge')).map(b => ({
+      cls: b.className, text: b.textContent, left: box(b).left, top: box(b).top, width: box(b).width}));
+  const stale = Array.from(document.querySelectorAll('tr')).find(tr => tr.textContent.includes('stale_open_auction'));
+  return {
+    width: window.innerWidth, pageOverflow: document.documentElement.scrollWidth - window.innerWidth,
+    entities: one('.entity-id'), invariants: one('code.invariant'), scroll, badges,
+    staleLabels: stale ? Array.from(stale.querySelectorAll('.values .label')).map(l => l.textContent) : null,
+    counts: Array.from(document.querySelectorAll('ul.counts li')).map(li => li.textContent.replace(/\\s+/g, ' ').trim()),
+  };
+})()"""
+
+
+def test_status_page_layout_at_desktop_and_phone_widths(make_config, writer):
+    """Boxes measured in Chromium: a UUID entity and every invariant name on one line inside their cells, the
+    worst state first in the header, labelled values for a stale auction, nothing wider than a phone."""
+    import re
+
+    from zsmon.demo.simulator.auctions import AuctionSimulator
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    channel = plant_payment_fault(writer)
+    stuck = AuctionSimulator(writer, seed=7).run_until(auctions=20).inject_stuck_open_auction()
+    assert re.fullmatch(r"[0-9a-f-]{36}", stuck), stuck  # a UUID: the widest entity id the page shows
+    cfg = make_config(http={**LOCAL_HTTP, "admin_token": TOKEN}, scheduler={"health_interval_seconds": 0.5},
+                      checkers={"payments": {"interval_seconds": 0.5}, "auctions": {"interval_seconds": 0.5}})
+    with running_service(cfg) as svc:
+        wait_for(lambda: {r.checker for r in svc.service.latest_results() if r.status == "fail"}
+                 >= {"payments", "auctions"}, timeout=30)
+        browser = DevTools(window="1280,900")
+        try:
+            browser.page("Page.navigate", url=svc.url("api", "/login"))
+            wait_for(lambda: browser.eval("document.readyState === 'complete' && !!document.getElementById('token')"))
+            browser.eval(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+                         "document.querySelector('#login form').submit(); true")
+            wait_for(lambda: browser.eval("location.pathname === '/' && document.readyState === 'complete' "
+                                          "&& document.body.innerText.includes('Sign out')"), timeout=15)
+            for name, width, height, mobile in (("desktop", 1280, 900, False), ("phone", 390, 844, True)):
+                browser.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                             mobile=mobile)
+                browser.page("Page.reload")
+                wait_for(lambda: browser.eval("document.readyState === 'complete' "
+                                              "&& !!document.querySelector('.entity-id')"), timeout=15)
+                m = browser.eval(LAYOUT)
+                browser.screenshot(ARTIFACTS / f"status-page-layout-{name}.png")
+                assert m["width"] == width, m["width"]
+                assert m["pageOverflow"] <= 1, (name, m["pageOverflow"])
+                ids = {e["text"]: e for e in m["entities"]}
+                assert stuck in ids and channel in ids, ids
+                for e in m["entities"] + m["invariants"]:
+                    assert e["lines"] == 1, (name, e)          # never broken mid-word
+                    assert e["inside"], (name, e)              # its cell is wide enough for it
+                    assert e["right"] <= width, (name, e)      # visible without scrolling sideways
+                if name == "desktop":
+                    assert all(extra <= 1 for extra in m["scroll"]), m["scroll"]  # the table fits the page
+                # The worst state first, and nothing reads as all good beside failing checkers.
+                first = m["badges"][0]
+                assert "fail" in first["cls"] and re.fullmatch(r"\d+ checkers failing", first["text"]), m["badges"]
+                assert all(b["left"] >= first["left"] or b["top"] > first["top"] for b in m["badges"][1:])
+                assert not any(b["cls"].split()[-1] == "ready" for b in m["badges"]), m["badges"]
+                assert m["staleLabels"] == ["expected", "actual", "late by"], m["staleLabels"]
+                assert any(c.startswith("stale_open_auction: 1 auction (") for c in m["counts"]), m["counts"]
+        finally:
+            browser.close()

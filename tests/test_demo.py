@@ -88,7 +88,7 @@ def _gone(pids: list[int], timeout: float = 10) -> bool:
 
 
 def test_demo_finds_a_violation_and_leaves_nothing_running():
-    demo = Demo("--duration", "20", "--seed", "1", "--fault-every", "3")
+    demo = Demo("--duration", "40", "--seed", "1", "--fault-every", "3")
     demo.wait_for(r"admin token\s+(\S+)", 30)
     pids = demo.pids()
     assert len(pids) == 2 and not any(process_gone(p) for p in pids), demo.text
@@ -115,7 +115,7 @@ def test_demo_finds_a_violation_and_leaves_nothing_running():
 def test_no_faults_reports_nothing():
     """Without faults every checker passes and judges every invariant: the warm-up gives the drift baseline a
     settled population and the auctions window enough history, and the agents keep sending heartbeats."""
-    demo = Demo("--no-faults", "--duration", "20", "--seed", "1")
+    demo = Demo("--no-faults", "--duration", "35", "--seed", "1")
     token = demo.wait_for(r"\n\s*admin token\s+(\S+)", 40).group(1)
     api = demo.wait_for(r"status page\s+(http://\S+/)", 1).group(1)
     assert re.search(r"warm-up: reputation \d+ steps of history", demo.text), demo.text
@@ -173,3 +173,28 @@ def test_an_existing_database_keeps_its_schema():
     finally:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_every_planted_fault_shows_within_the_run_and_duration_counts_the_warm_up():
+    """Faults that need a full sweep (an auction awarded 20 minutes ago without its channel), an old stale
+    auction and one that needs memory across runs: each shows within the demo's own run; --duration is the
+    whole run, warm-up included."""
+    t0 = time.monotonic()
+    demo = Demo("--duration", "45", "--seed", "4", "--fault-every", "4", "--fault", "inject_awarded_without_channel",
+                "--fault", "inject_stuck_open_auction", "--fault", "sequence_going_back")
+    assert demo.finish(90) == 0, demo.text
+    summary_at = float(re.search(r"\[\s*([\d.]+)s\] summary:", demo.text).group(1))
+    assert 44 <= summary_at <= 48, demo.text  # 45 s from the start, not 45 s after the warm-up
+    assert time.monotonic() - t0 < 45 + 20
+    planted = re.findall(r"FAULT planted: (\S+) -> (\S+)", demo.text)
+    assert len(planted) >= 3 and {name for name, _ in planted} <= {
+        "auctions.inject_awarded_without_channel", "auctions.inject_stuck_open_auction",
+        "payments.sequence_going_back"}, planted
+    shown = dict(re.findall(r"FAULT shown: \S+ as \S+ \((\S+)\) by the run ([\d.]+) s after", demo.text))
+    for name, entity in planted:
+        assert entity in shown, f"{name} -> {entity} never shown:\n{demo.text}"
+        assert float(shown[entity]) < 18, (name, shown[entity])
+    assert "not shown yet" not in demo.text
+    assert re.search(rf"summary: {len(planted)} faults planted, \d+ violations found; {len(planted)} of them shown",
+                     demo.text), demo.text
+    assert "no more faults: one planted now could not show" in demo.text

@@ -456,7 +456,8 @@ def test_run_with_a_port_in_use_is_one_line_and_exit_2(tmp_path):
         proc = subprocess.run([*PY, "--config", str(cfg), "run"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("zsmon: error:")]
-    assert len(errors) == 1 and "could not bind" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and f"port {port} is already in use" in errors[0] and "Traceback" not in proc.stderr, \
+        proc.stderr
 
 
 # ---- sessions, sign-in and limits (#20) -----------------------------------------------------------

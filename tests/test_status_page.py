@@ -74,9 +74,10 @@ def test_without_token_no_details_with_token_the_planted_entity(make_config, db_
         again = requests.post(svc.url("api", "/login"), data={"token": TOKEN}, allow_redirects=False, timeout=5)
         assert again.cookies[COOKIE] != ok.cookies[COOKIE]
         detailed = requests.get(svc.url("api", "/"), cookies=ok.cookies, timeout=5).text
-        assert f'<td data-label="entity" class="entity">column {PLANTED_ENTITY}</td>' in detailed
-        assert 'data-label="expected" class="num">present</td>' in detailed
-        assert 'data-label="actual" class="num">missing</td>' in detailed
+        assert f'<td data-label="entity" class="entity">column <span class="entity-id">{PLANTED_ENTITY}</span></td>' in detailed
+        # Not amounts: labelled values, not number columns.
+        assert '<span><span class="label">expected</span> present</span>' in detailed
+        assert '<span><span class="label">actual</span> missing</span>' in detailed
         assert "Sign out" in detailed
         # The login form never refreshes itself (it would wipe a half-typed token).
         form = requests.get(svc.url("api", "/login"), timeout=5).text
@@ -165,3 +166,87 @@ def test_violation_text_is_escaped_and_error_and_skipped_need_the_session(tmp_pa
     assert "acknowledged by oncall: ZS-123 &lt;i&gt;until friday&lt;/i&gt;" in detailed
     assert "<code>ab12cd34</code> payments/channel_conservation: 1 entity, by oncall, until revoked" in detailed
     assert "ab12cd34" not in anonymous
+
+
+def _page(results, readiness=(), details=True, config_env=None):
+    """The page over a stand-in service (zsmon.core.view.ServiceView) holding ``results``."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from zsmon.app import build_registry
+    from zsmon.core.config import load_config
+
+    config = load_config(env={"ADMIN_TOKEN": TOKEN, **(config_env or {})})
+    registry = build_registry(config)
+    checkers = {r.checker: registry.checkers[r.checker] for r in results if r.checker in registry.checkers}
+    sessions = SessionStore(SESSION_SECONDS)
+    service = SimpleNamespace(config=config, dashboard_links=[], checkers=checkers, latest_results=lambda: results,
+                              readiness=lambda: list(readiness), acks=lambda: [], ack_events=lambda: [],
+                              sessions=sessions, conceal=lambda text: text)
+    app = FastAPI()
+    register_status_page(app, service)
+    client = TestClient(app)
+    if details:
+        client.cookies.set(COOKIE, sessions.create())
+    return client.get("/").text
+
+
+def _badges(html: str) -> list[str]:
+    state = re.search(r'<span id="state">(.*?)</span>\s*<span class="meta">', html, re.S).group(1)
+    return re.findall(r'<span class="badge (\w+)">([^<]*)</span>', state)
+
+
+def test_the_header_shows_the_worst_state_first_never_all_good_beside_failures():
+    passing = CheckResult("schema", "pass", "full", 0.1)
+    failing = CheckResult("payments", "fail", "full", 0.2, {"channel_conservation": 1},
+                          [Violation("channel_conservation", "channel", "c1", Decimal("1"), Decimal("2"), Decimal("1"))])
+    erroring = CheckResult("auctions", "error", "full", 0.1, error="database unreachable")
+    assert _badges(_page([passing])) == [("ready", "ready · all passing")]
+    badges = _badges(_page([passing, failing]))
+    assert badges == [("fail", "1 checker failing"), ("muted", "sidecar ready")]
+    assert not any(cls == "ready" for cls, _ in badges)
+    badges = _badges(_page([failing, erroring, passing], readiness=["checker auctions: database unreachable"]))
+    assert badges == [("fail", "1 checker failing"), ("error", "1 checker erroring"), ("notready", "not ready")]
+    assert _badges(_page([erroring], readiness=["x"]))[0] == ("error", "1 checker erroring")
+
+
+def test_counts_are_pluralised_with_the_entity():
+    one = CheckResult("auctions", "fail", "full", 0.1, {"stale_open_auction": 1, "winner_is_top_ranked": 2}, [])
+    html = _page([one])
+    assert '<code class="invariant">stale_open_auction</code>: 1 auction (' in html
+    assert '<code class="invariant">winner_is_top_ranked</code>: 2 auctions (' in html
+    assert "1 checker ·" in html and "1 checkers" not in html
+    from zsmon.core.status import plural
+
+    assert [plural(1, "entity"), plural(2, "entity"), plural(2, "key"), plural(0, "match")] == \
+        ["1 entity", "2 entities", "2 keys", "0 matches"]
+
+
+def test_rows_that_are_not_amounts_show_labelled_values():
+    stale = Violation("stale_open_auction", "auction", "7f0c1c8e-8a0e-4c43-9b8e-0d1f2a3b4c5d", "2026-12-02T09:00:00Z",
+                      "open", Decimal("7384.125"), "still open 2 h after expiry")
+    money = Violation("winner_is_top_ranked", "auction", "a-2", Decimal("40.00000000"), Decimal("60.00000000"),
+                      Decimal("20.00000000"), "")
+    html = _page([CheckResult("auctions", "fail", "full", 0.1, {"stale_open_auction": 1, "winner_is_top_ranked": 1},
+                              [stale, money])])
+    row = html[html.index(stale.entity_id):].split("</tr>")[0]
+    assert '<span class="label">expected</span> 2026-12-02T09:00:00Z' in row
+    assert '<span class="label">actual</span> open' in row
+    assert '<span class="label">late by</span> 2 h 3 min' in row  # an age, said as one (difference_is_age)
+    assert 'class="num"' not in row
+    row = html[html.index(">a-2<"):].split("</tr>")[0]
+    assert 'data-label="expected" class="num">40.00000000</td>' in row and 'class="label"' not in row
+
+
+def test_backticks_render_as_code_and_stay_escaped():
+    from zsmon.core.status import code_spans
+
+    assert str(code_spans("set `grace_period_seconds` or ``x``")) == \
+        "set <code>grace_period_seconds</code> or <code>x</code>"
+    assert str(code_spans("`<script>alert(1)</script>` & <b>")) == \
+        "<code>&lt;script&gt;alert(1)&lt;/script&gt;</code> &amp; &lt;b&gt;"
+    v = Violation("channel_conservation", "channel", "c1", Decimal("1"), Decimal("2"), Decimal("1"),
+                  "see `channel_transactions` <i>now</i>")
+    html = _page([CheckResult("payments", "fail", "full", 0.1, {"channel_conservation": 1}, [v])])
+    assert "see <code>channel_transactions</code> &lt;i&gt;now&lt;/i&gt;" in html
+    assert "`" not in html.split("<main>")[1].split("</main>")[0]

@@ -29,7 +29,7 @@ from zsmon.core.privileges import RoleGuard
 from zsmon.core.redis import make_redis, ping
 from zsmon.core.results import describe_violation
 from zsmon.core.registry import Registry
-from zsmon.core.service import build_runner
+from zsmon.core.service import BusyListener, ListenError, build_runner
 from zsmon.demo.run import Options, main as demo_main
 
 EXIT_VIOLATIONS = 1
@@ -43,18 +43,18 @@ def _fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
-def _load(ctx: click.Context) -> Config:
+def _load(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:
     try:
-        config = load_config(ctx.obj.get("config_path"))
+        config = load_config(ctx.obj.get("config_path"), overrides=overrides)
     except ConfigError as exc:
         _fail(str(exc))
     configure_logging(config.logging.level, config.logging.format, config.secrets())
     return config
 
 
-def _registry(ctx: click.Context) -> Registry:
+def _registry(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Registry:
     """The config and the registry it selects (checker settings validated): a mistake is one line, exit 2."""
-    config = _load(ctx)
+    config = _load(ctx, overrides)
     try:
         return build_registry(config)
     except ConfigError as exc:
@@ -84,14 +84,31 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj["config_path"] = config_path
 
 
+def _listen_fix(config: Config, busy: BusyListener) -> str:
+    """One listener that could not bind, and how to move it: the flag, the variable, the key, who set it."""
+    key = f"{busy.listener}_listen"
+    label = "API" if busy.listener == "api" else busy.listener
+    return (f"{busy.reason} (the {label} listener {busy.address}, set by {config.origin('http', key)}): pick "
+            f"another with --{busy.listener}-listen HOST:PORT, ZSMON_{busy.listener.upper()}_LISTEN or http.{key} "
+            "(port 0: any free one)")
+
+
 @cli.command()
+@click.option("--metrics-listen", metavar="HOST:PORT", default=None,
+              help="Metrics listener (/metrics, /health, /ready); overrides ZSMON_METRICS_LISTEN and "
+                   "http.metrics_listen [default: 0.0.0.0:9090].")
+@click.option("--api-listen", metavar="HOST:PORT", default=None,
+              help="API and status page listener; overrides ZSMON_API_LISTEN and http.api_listen "
+                   "[default: 0.0.0.0:8080].")
 @config_option
 @click.pass_context
-def run(ctx: click.Context) -> None:
+def run(ctx: click.Context, metrics_listen: str | None, api_listen: str | None) -> None:
     """Run the sidecar: scheduled checks and collections, /metrics and the API."""
-    registry = _registry(ctx)
+    registry = _registry(ctx, {"--metrics-listen": metrics_listen, "--api-listen": api_listen})
     try:
         build_service(registry.config, registry).run_forever()
+    except ListenError as exc:
+        _fail("; ".join(_listen_fix(registry.config, busy) for busy in exc.failures))
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -262,7 +279,8 @@ def _origin(cls: Any) -> str:
 
 
 @cli.command()
-@click.option("--duration", type=float, default=None, metavar="SECONDS", help="Stop after this long (default: Ctrl-C).")
+@click.option("--duration", type=float, default=None, metavar="SECONDS",
+              help="Stop this long after starting, warm-up included (default: Ctrl-C).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated traffic and faults.")
 @click.option("--faults/--no-faults", default=True, show_default=True, help="Plant a fault every --fault-every seconds.")
 @click.option("--fault-every", type=click.FloatRange(min=0.5), default=15.0, show_default=True, metavar="SECONDS")
@@ -274,12 +292,18 @@ def _origin(cls: Any) -> str:
 @click.option("--api-port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
 @click.option("--check-interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True, metavar="SECONDS",
               help="Seconds between runs of every checker.")
+@click.option("--fault", "only_faults", multiple=True, metavar="NAME",
+              help="Plant only this fault (repeatable; a name as the demo prints it, e.g. "
+                   "inject_stuck_open_auction or payments.one_unit_leak).")
 def demo(duration: float | None, seed: int, faults: bool, fault_every: float, rate: float, database_url: str | None,
-         metrics_port: int, api_port: int, check_interval: float) -> None:
-    """Everything in one command: embedded PostgreSQL and Redis, simulated traffic with faults, the sidecar."""
+         metrics_port: int, api_port: int, check_interval: float, only_faults: tuple[str, ...]) -> None:
+    """Everything in one command: embedded PostgreSQL and Redis, simulated traffic with faults, the sidecar.
+
+    --duration counts from the start (the databases' start-up and the warm-up included).
+    """
     sys.exit(demo_main(Options(duration=duration, seed=seed, faults=faults, fault_every=fault_every, rate=rate,
                                database_url=database_url, metrics_port=metrics_port, api_port=api_port,
-                               check_interval=check_interval)))
+                               check_interval=check_interval, only_faults=only_faults)))
 
 
 @cli.group()

@@ -1,6 +1,7 @@
 """Configuration: a YAML file overlaid by the platform's environment variables.
 
-Precedence: defaults < YAML file (``--config`` / ``ZSMON_CONFIG``) < environment.
+Precedence: defaults < YAML file (``--config`` / ``ZSMON_CONFIG``) < environment < command-line
+flags (``zsmon run --metrics-listen / --api-listen``, passed as ``overrides``).
 Every mistake becomes one ``ConfigError`` line naming the file (and line) or the
 environment variable, the key, and what was expected. Secrets are ``SecretStr``:
 they print as ``**********`` and their values never appear in an error.
@@ -381,6 +382,21 @@ class Config(Strict):
     source: str | None = Field(None, exclude=True)
     # The parsed file, so later validation (checker settings, in the registry) can name file and line.
     _document: YamlDoc = PrivateAttr(default_factory=lambda: YamlDoc(None, "config file", {}))
+    # Where a key's value came from when not the default: "--api-listen", "ZSMON_API_LISTEN", "FILE line N".
+    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, *key: str) -> str:
+        """Who set ``key`` (e.g. ``"http", "metrics_listen"``): a flag, an environment variable, the config
+        file and line, or ``the default``; for messages that say what to change."""
+        if key in self._origins:
+            return self._origins[key]
+        node: Any = self._document.data
+        for part in key:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            line = self._document.line_of(key)
+            return f"{'.'.join(key)} in {self._document.where(line)}"
+        return f"the default of {'.'.join(key)}"
 
     @property
     def document(self) -> YamlDoc:
@@ -438,6 +454,13 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "ZSMON_HA_IDENTITY": ("ha", "identity"),
     "ZSMON_CHECKERS_PATH": ("checks", "paths"),
     "ZSMON_DEPLOYMENT": ("deployment",),
+    "ZSMON_METRICS_LISTEN": ("http", "metrics_listen"),
+    "ZSMON_API_LISTEN": ("http", "api_listen"),
+}
+# Keys that ``zsmon run`` also takes as flags (they override the environment and the file).
+FLAG_KEYS: dict[str, tuple[str, ...]] = {
+    "--metrics-listen": ("http", "metrics_listen"),
+    "--api-listen": ("http", "api_listen"),
 }
 _UNKNOWN_HINT = " (see docs/configuration.md for the keys this section takes)"
 
@@ -451,8 +474,10 @@ def _set(data: dict, path: tuple[str, ...], value: Any) -> None:
     data[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Defaults < the YAML file < the environment, validated as data.
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < the YAML file < the environment < ``overrides`` (flag -> value, flags of ``FLAG_KEYS``;
+    a None value is not given), validated as data.
 
     Only the config's own shape is checked here; each checker's and exporter's
     ``settings`` stay raw until the registry validates them against their models
@@ -481,17 +506,22 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             if var in ("TLS_CERT_FILE", "TLS_KEY_FILE") and value == "":
                 continue
             _set(data, key, value)
-            from_env[key] = var
+            from_env[key] = f"environment variable {var}"
+    for flag, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, FLAG_KEYS[flag], value)
+            from_env[FLAG_KEYS[flag]] = flag
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         loc, msg, _ = describe(exc, unknown_hint=_UNKNOWN_HINT)
         for key_path, var in from_env.items():
             if loc[: len(key_path)] == key_path:
-                raise ConfigError(f"environment variable {var} ({'.'.join(loc)}): {msg}") from None
+                raise ConfigError(f"{var} ({'.'.join(loc)}): {msg}") from None
         raise ConfigError(explain(exc, doc, unknown_hint=_UNKNOWN_HINT)) from None
     config.source = str(path) if path else None
     config._document = doc
+    config._origins = {key: source.removeprefix("environment variable ") for key, source in from_env.items()}
     if path is not None and ("checks", "paths") not in from_env:
         base = Path(path).parent
         config.checks.paths = [p if p.is_absolute() else base / p for p in config.checks.paths]

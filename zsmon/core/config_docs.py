@@ -9,14 +9,16 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from zsmon.core.config import ENV_KEYS, CheckerConfig, Config, ExporterConfig
+from zsmon.core.config import ENV_KEYS, FLAG_KEYS, CheckerConfig, Config, ExporterConfig
 from zsmon.core.registry import Registry
 
 INTRO = """# Configuration
 
 zsmon reads a YAML file (`--config PATH` or `ZSMON_CONFIG`) and then the platform's
 environment variables, which override the file and work with no file at all.
-Precedence: defaults < YAML file < environment. Unknown keys, wrong types and
+`zsmon run` also takes the listeners as flags (`--metrics-listen HOST:PORT`,
+`--api-listen HOST:PORT`), which override both.
+Precedence: defaults < YAML file < environment < flags. Unknown keys, wrong types and
 unknown checker or exporter names stop zsmon with one line naming the file, the
 line and the key (exit code 2). Check a file without starting anything:
 `zsmon --config zsmon.yml config check`.
@@ -66,14 +68,16 @@ def _section(field: Any) -> bool:
 
 
 def _table(model: type[BaseModel], prefix: str, env: dict[tuple, str], only: Any = None) -> list[str]:
-    rows = ["| key | type | default | env | meaning |", "|---|---|---|---|---|"]
+    rows = ["| key | type | default | env, flag | meaning |", "|---|---|---|---|---|"]
     for name, field in model.model_fields.items():
         if field.exclude or (only is not None and not only(name, field)):
             continue
         key = f"{prefix}{name}"
         var = env.get(tuple(key.split(".")), "")
+        flags = [f"`zsmon run {flag}`" for flag, at in FLAG_KEYS.items() if at == tuple(key.split("."))]
+        where = ", ".join([f"`{var}`"] * bool(var) + flags)
         desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{key}` | {_type(field.annotation)} | {_default(field)} | {f'`{var}`' if var else ''} | {desc} |")
+        rows.append(f"| `{key}` | {_type(field.annotation)} | {_default(field)} | {where} | {desc} |")
     return rows
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -137,6 +139,61 @@ def _database_names(config: Any) -> list[tuple[str, str]]:
     return sorted({(v, label) for v, label in found if len(v) >= 2}, key=lambda p: -len(p[0]))
 
 
+@dataclasses.dataclass(frozen=True)
+class BusyListener:
+    listener: str  # "metrics" or "api"
+    address: str   # HOST:PORT as configured
+    reason: str    # e.g. "port 9090 is already in use by another process"
+
+
+class ListenError(ConfigError):
+    """A listener could not bind. Names only the listeners that failed; callers that know the user's flags
+    (``zsmon run``, ``zsmon demo``) say how to pick another address in their own words."""
+
+    def __init__(self, failures: list[BusyListener]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(f"the {f.listener} listener cannot listen on {f.address}: {f.reason} "
+                                   f"(set http.{f.listener}_listen or ZSMON_{f.listener.upper()}_LISTEN to a free "
+                                   "HOST:PORT)" for f in failures))
+
+
+def bind_listener(listener: str, listen: str) -> socket.socket:
+    """A TCP socket bound to ``listen`` (HOST:PORT; port 0: any free one), not yet listening."""
+    host, port = _split(listen)
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ListenError([BusyListener(listener, listen, f"cannot resolve {host!r} ({exc.strerror})")]) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        reason = {errno.EADDRINUSE: f"port {port} is already in use by another process",
+                  errno.EACCES: f"permission denied (port {port} needs privileges)",
+                  errno.EADDRNOTAVAIL: f"{host} is not an address of this machine"}.get(exc.errno, exc.strerror)
+        raise ListenError([BusyListener(listener, listen, str(reason))]) from None
+    return sock
+
+
+def bind_listeners(listens: dict[str, str]) -> dict[str, socket.socket]:
+    """Every listener bound, or a ``ListenError`` naming each one that could not bind (and only those)."""
+    bound: dict[str, socket.socket] = {}
+    failures: list[BusyListener] = []
+    for listener, listen in listens.items():
+        try:
+            bound[listener] = bind_listener(listener, listen)
+        except ListenError as exc:
+            failures += exc.failures
+    if failures:
+        for sock in bound.values():
+            sock.close()
+        raise ListenError(failures)
+    return bound
+
+
 class Service:
     """The running sidecar. ``start()`` returns once the listeners are bound; ``stop()`` ends everything."""
 
@@ -198,6 +255,7 @@ class Service:
         self._health_at = 0.0
         self._servers: list[_EmbeddedServer] = []
         self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
         self.ports: dict[str, int] = {}
 
     def _register_leader_only(self, name: str, bound: BoundChecker) -> None:
@@ -411,37 +469,38 @@ class Service:
         return _EmbeddedServer(cfg)
 
     def start(self) -> None:
+        # The listeners first: a busy port is reported at once, before any database probe.
+        http = self.config.http
+        sockets = bind_listeners({"metrics": http.metrics_listen, "api": http.api_listen})
+        self._sockets = list(sockets.values())
+        self.ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
         # The GIL is handed between threads every switch interval: a short one bounds how long a scrape
         # waits behind a checker decoding rows. Process-wide, so only the serving process sets it.
-        sys.setswitchinterval(self.config.http.switch_interval_ms / 1000)
+        sys.setswitchinterval(http.switch_interval_ms / 1000)
+        try:
+            self._servers = [self._server(create_metrics_app(self), http.metrics_listen),
+                             self._server(create_api_app(self), http.api_listen)]
+        except BaseException:
+            for sock in sockets.values():
+                sock.close()
+            raise
         self.health()
-        if self.refused:  # database.require_minimal_role: no listener, no job
+        if self.refused:  # database.require_minimal_role: no listener serves, no job runs
             self.stop()
             raise PrivilegedRole(self.refused)
-        self._servers = [self._server(create_metrics_app(self), self.config.http.metrics_listen),
-                         self._server(create_api_app(self), self.config.http.api_listen)]
         # One thread and event loop per listener: a burst on the API (on-demand runs, a scan) never delays
         # the probes and scrapes the metrics listener answers.
-        bind_error = ConfigError("could not bind the HTTP listeners "
-                                 f"({self.config.http.metrics_listen}, {self.config.http.api_listen}): "
-                                 "address in use or not permitted")
         failure: list[BaseException] = []
         events = []
 
-        def thread_main(server: _EmbeddedServer, started: threading.Event) -> None:
-            async def guarded() -> None:
-                try:
-                    await server.serve()
-                except SystemExit:  # uvicorn exits when it cannot bind
-                    failure.append(bind_error)
-
+        def thread_main(server: _EmbeddedServer, sock: socket.socket, started: threading.Event) -> None:
             async def serve() -> None:
-                task = asyncio.create_task(guarded())
+                task = asyncio.create_task(server.serve(sockets=[sock]))
                 while not server.started:
                     if task.done():
-                        if not failure:
-                            failure.append(bind_error)
+                        failure.append(ConfigError("the HTTP listeners stopped while starting"))
                         started.set()
+                        await asyncio.gather(task, return_exceptions=True)
                         return
                     await asyncio.sleep(0.01)
                 started.set()
@@ -450,8 +509,6 @@ class Service:
             loop = asyncio.new_event_loop()
             try:
                 loop.run_until_complete(serve())
-            except SystemExit:  # uvicorn exits when it cannot bind
-                failure.append(bind_error)
             except BaseException as exc:  # noqa: BLE001 - reported to start()
                 failure.append(exc)
             finally:
@@ -459,9 +516,9 @@ class Service:
                 loop.close()
 
         self._threads = []
-        for name, server in zip(("metrics", "api"), self._servers):
+        for (name, sock), server in zip(sockets.items(), self._servers):
             started = threading.Event()
-            thread = threading.Thread(target=thread_main, args=(server, started), name=f"zsmon-http-{name}",
+            thread = threading.Thread(target=thread_main, args=(server, sock, started), name=f"zsmon-http-{name}",
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -471,8 +528,6 @@ class Service:
         if failure:
             self.stop()
             raise failure[0] if isinstance(failure[0], ConfigError) else ConfigError(str(failure[0]))
-        for name, server in zip(("metrics", "api"), self._servers):
-            self.ports[name] = server.servers[0].sockets[0].getsockname()[1]
         self._schedule()
         self.scheduler.start()
         if self.coordinator is not None:
@@ -498,6 +553,8 @@ class Service:
             s.should_exit = True
         for thread in self._threads:
             thread.join(5)
+        for sock in self._sockets:  # uvicorn closes them; these are the ones it never served
+            sock.close()
         self.runner.db.close()
         if self.runner.redis is not None:
             self.runner.redis.close()

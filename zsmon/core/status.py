@@ -23,13 +23,16 @@ malformed form is a 400, never an error page.
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
 from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
+import markupsafe
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -73,6 +76,81 @@ def signed_in(service: ServiceView, request: Request) -> bool:
     if not (http.admin_token and http.admin_token.get_secret_value()):
         return False
     return service.sessions.valid(request.cookies.get(cookie_name(service)))
+
+
+_CODE = re.compile(r"`+([^`]+?)`+")
+
+
+def code_spans(text: str | None) -> markupsafe.Markup:
+    """Text with its `backticked` (or ``double``) spans as <code>, everything escaped first."""
+    escaped = str(markupsafe.escape(text or ""))
+    return markupsafe.Markup(_CODE.sub(lambda m: f"<code>{m.group(1)}</code>", escaped))
+
+
+def plural(n: int, word: str) -> str:
+    """``1 auction``, ``2 auctions``, ``3 entities``, ``2 matches``."""
+    if n == 1 or not word:
+        return f"{n} {word}".rstrip()
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return f"{n} {word[:-1]}ies"
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return f"{n} {word}es"
+    return f"{n} {word}s"
+
+
+_env.filters["code"] = code_spans
+_env.filters["plural"] = lambda word, n: plural(n, word)
+
+
+def _is_amount(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return False
+    return True
+
+
+def _labelled(d: dict[str, Any], age: bool) -> list[dict[str, str]]:
+    """The values of a violation that are not amounts (a deadline and a state, an age), each with its label;
+    empty when expected, actual and difference are plain amounts (the table's number columns show them)."""
+    if not age and all(_is_amount(d[k]) for k in ("expected", "actual")):
+        return []
+    out = []
+    if d["expected"] is not None:
+        out.append({"label": "expected", "value": str(d["expected"])})
+    if d["actual"] is not None:
+        out.append({"label": "actual", "value": str(d["actual"])})
+    if d["difference"] is not None:
+        if age:
+            out.append({"label": "late by", "value": _since(float(d["difference"]))})
+        else:
+            out.append({"label": "difference", "value": str(d["difference"])})
+    return out
+
+
+def _overall(rows: list[dict[str, Any]], reasons: list[str]) -> list[dict[str, str]]:
+    """The header's badges, worst first: failing, erroring, not ready, pending; all good only when nothing
+    is worse. The readiness of the sidecar itself shows muted beside failing checkers, never as all good."""
+    failing = sum(1 for c in rows if c["status"] == "fail")
+    erroring = sum(1 for c in rows if c["status"] == "error")
+    pending = sum(1 for c in rows if c["status"] == "pending")
+    badges = []
+    if failing:
+        badges.append({"class": "fail", "text": f"{plural(failing, 'checker')} failing"})
+    if erroring:
+        badges.append({"class": "error", "text": f"{plural(erroring, 'checker')} erroring"})
+    if reasons:
+        badges.append({"class": "notready", "text": "not ready"})
+    if pending:
+        badges.append({"class": "pending", "text": f"{pending} pending"})
+    if not badges:
+        badges.append({"class": "ready", "text": "ready · all passing" if rows else "ready"})
+    elif not reasons:
+        badges.append({"class": "muted", "text": "sidecar ready"})
+    return badges
+
 
 
 def _age(seconds: float | None) -> str:
@@ -134,6 +212,8 @@ def _view(service: ServiceView, details: bool, links: list[dict[str, str]],
         checker = checkers.get(name)
         r = results.get(name)
         severities = {i.id: i.severity for i in checker.invariants} if checker is not None else {}
+        entities = {i.id: i.entity_type for i in checker.invariants} if checker is not None else {}
+        ages = {i.id for i in checker.invariants if i.difference_is_age} if checker is not None else set()
         finished = r.started_at + r.duration_seconds if r is not None else None
         counts = dict(r.violation_counts) if r is not None and r.status != "error" else {}
         if "invariant" in only:
@@ -150,6 +230,7 @@ def _view(service: ServiceView, details: bool, links: list[dict[str, str]],
                 ack = d["acknowledgement"]
                 d["ack"] = (f"acknowledged by {ack['author']}: {ack['reason']}"
                             + (f" (until {_utc(ack['expires_at'])})" if ack["expires_at"] else "")) if ack else ""
+                d["labelled"] = _labelled(d, d["invariant"] in ages)
                 shown.append(d)
             shown.sort(key=lambda d: (order.get(d["invariant"], len(order)), d["invariant"],
                                       d["first_seen"] if d["first_seen"] is not None else now, d["entity_id"]))
@@ -163,6 +244,7 @@ def _view(service: ServiceView, details: bool, links: list[dict[str, str]],
             "duration": f"{r.duration_seconds:.3f} s" if r is not None else "-",
             "total": sum(counts.values()),
             "counts": [{"invariant": k, "count": v, "severity": severities.get(k, ""), "acknowledged": acked.get(k, 0),
+                        "entity_type": entities.get(k, ""),
                         "oldest": _since(now - r.oldest_unacknowledged[k]) if k in r.oldest_unacknowledged else ""}
                        for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if v],
             "invariants": len(severities) or len(counts),
@@ -199,6 +281,7 @@ def _view(service: ServiceView, details: bool, links: list[dict[str, str]],
         "refresh": REFRESH_SECONDS,
         "details": details,
         "ready": not reasons,
+        "badges": _overall(rows, reasons),
         "reasons": reasons,
         "checkers": rows,
         "failing": sum(1 for c in rows if c["status"] == "fail"),

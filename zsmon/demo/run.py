@@ -7,7 +7,10 @@ reputation: whichever are installed) so the checkers first see a platform that h
 been running for a while, then drives them with steady traffic from a background
 thread (the agents' heartbeats included), plants a fault every so often, runs the
 sidecar against it all and prints each violation as the checkers find it (with
-``--no-faults``, none). Ctrl-C (or ``--duration``) stops everything in reverse order:
+``--no-faults``, none), and says for each planted fault which run showed it, or why it has not shown
+yet: grace periods and full sweeps are scaled to the demo so that every fault can show within its run,
+and no fault is planted too close to the end to show. Ctrl-C (or ``--duration``, counted from the start,
+warm-up included) stops everything in reverse order:
 traffic, sidecar, Redis, PostgreSQL, then the temporary folder is removed. Nothing
 keeps running after the command returns.
 """
@@ -37,12 +40,19 @@ from zsmon.core.config import Config, ConfigError, load_config
 from zsmon.core.lifecycle import LifecycleError
 from zsmon.core.logging import configure_logging, redactor
 from zsmon.core.results import describe_violation
+from zsmon.core.service import ListenError, bind_listeners
 from zsmon.demo import schema_sql
 
 SIMULATORS = ("payments", "auctions", "reputation")
-# Faults that need more than one checker run to show (memory across runs) or hours of data are still
-# planted; they simply may not show within a short demo.
 MAX_CONSECUTIVE_ERRORS = 25
+# Grace periods scaled to the demo (seconds of the checker's setting, when the checker has it): the demo's
+# traffic closes an expired auction and funds its channel within a step, so a short grace has no false
+# alarm, and a planted fault shows within the demo's run rather than after the production default.
+DEMO_GRACE: dict[str, dict[str, float]] = {"auctions": {"grace_period_seconds": 15},
+                                           "reputation": {"settle_seconds": 5}}
+# A full sweep of the incremental checkers this many check intervals apart: a fault planted in the past
+# (an auction awarded 20 minutes ago without its channel) is beyond an incremental run's watermark.
+FULL_SWEEP_EVERY_RUNS = 2
 # Constructor arguments of the demo's simulators (those their signature accepts). 200 agents: the
 # population's score distribution is then steady enough for distribution_drift (a two-sample KS statistic
 # over 40 agents moves past 0.25 by chance alone within minutes).
@@ -78,6 +88,7 @@ class Options:
     host: str = "127.0.0.1"
     check_interval: float = 5.0
     log_level: str = "error"
+    only_faults: tuple[str, ...] = ()  # plant only these (names as printed, e.g. inject_stuck_open_auction)
 
 
 @dataclass
@@ -86,6 +97,8 @@ class _Sim:
     obj: Any
     conn: psycopg.Connection
     faults: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+    # The invariant a fault breaks, when the simulator's fault catalogue says (payments' FAULTS).
+    breaks: dict[str, str] = field(default_factory=dict)
     errors: int = 0
     steps: int = 0
     disabled: str | None = None
@@ -169,6 +182,46 @@ def process_gone(pid: int | None) -> bool:
         return False
 
 
+# ---- the ports, before anything starts -------------------------------------------------
+def _zsmon_answers(host: str, port: int) -> bool:
+    """Whether a zsmon (another demo, or ``zsmon run``) serves on ``host:port``: its metrics name it."""
+    import http.client
+    import urllib.request
+
+    for path, mark in (("/metrics", b"zsmon_build_info"), ("/api/v1/openapi.json", b'"zsmon API"')):
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=1) as reply:
+                if mark in reply.read(1 << 20):
+                    return True
+        except (OSError, http.client.HTTPException):  # not HTTP, or not zsmon: someone else's port
+            pass
+    return False
+
+
+def check_ports(options: Options) -> None:
+    """Fail at once, before PostgreSQL starts, when a port the demo needs is taken; say by whom if it is
+    another zsmon, and name only the busy ports with the flags that move them."""
+    wanted = {"metrics": options.metrics_port, "api": options.api_port}
+    try:
+        for sock in bind_listeners({k: f"{options.host}:{p}" for k, p in wanted.items()}).values():
+            sock.close()
+    except ListenError as exc:
+        raise DemoError(ports_message(options, exc)) from None
+
+
+def ports_message(options: Options, exc: ListenError) -> str:
+    busy = exc.failures
+    flags = " ".join(f"--{f.listener}-port 0" for f in busy)
+    ports = " and ".join(f"{f.address} ({f.listener})" for f in busy)
+    held = [f for f in busy if _zsmon_answers(options.host, int(f.address.rpartition(":")[2]))]
+    if held and len(held) == len(busy):
+        return (f"another zsmon demo (or zsmon run) already listens on {ports}: stop it (Ctrl-C where it runs), "
+                f"or run this one beside it on other ports: zsmon demo {flags} (0: any free port; the demo prints "
+                "where)")
+    reasons = "; ".join(f"{f.reason} ({f.listener}, {f.address})" for f in busy)
+    return f"{reasons}: pick other ports with zsmon demo {flags} (0: any free port; the demo prints where)"
+
+
 # ---- the platform's traffic ------------------------------------------------------------
 def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
     sims: list[_Sim] = []
@@ -206,6 +259,8 @@ def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
         if isinstance(catalogue, dict) and callable(inject):
             for fault in catalogue:
                 sim.faults.append((fault, lambda f=fault, c=conn, i=inject: i(c, f)))
+                if isinstance(getattr(catalogue[fault], "invariant", None), str):
+                    sim.breaks[fault] = catalogue[fault].invariant
         sims.append(sim)
     return sims
 
@@ -261,11 +316,31 @@ class Heartbeats:
         self.conn.close()
 
 
+@dataclass
+class Planted:
+    """A fault the demo planted, and whether (and how soon) a checker showed it."""
+
+    sim: str
+    name: str
+    entity: str | None
+    breaks: str | None           # the invariant it breaks, when the simulator says
+    at: float                    # time.time() when planted (results carry wall-clock start times)
+    shown_as: str | None = None  # checker/invariant
+    after: float | None = None   # seconds from planting to the result that showed it
+    told: bool = False           # "not shown yet" said once
+
+    @property
+    def label(self) -> str:
+        return f"{self.sim}.{self.name}"
+
+
 class Traffic(threading.Thread):
-    """Steady traffic from every simulator, and a fault every ``fault_every`` seconds."""
+    """Steady traffic from every simulator, and a fault every ``fault_every`` seconds (none in the last
+    ``quiet_for`` seconds before ``deadline``: a fault planted then could not show within the run)."""
 
     def __init__(self, sims: list[_Sim], options: Options, say: Printer,
-                 heartbeats: Heartbeats | None = None) -> None:
+                 heartbeats: Heartbeats | None = None, deadline: float | None = None,
+                 quiet_for: float = 0.0) -> None:
         super().__init__(name="zsmon-demo-traffic", daemon=True)
         self.sims = sims
         self.heartbeats = heartbeats
@@ -273,7 +348,10 @@ class Traffic(threading.Thread):
         self.say = say
         self.rng = random.Random(options.seed)
         self.stop_event = threading.Event()
-        self.planted: list[tuple[str, str, Any]] = []
+        self.planted: list[Planted] = []
+        self.deadline = deadline
+        self.quiet_for = quiet_for
+        self.quiet_said = False
 
     def run(self) -> None:
         period = 1.0 / self.options.rate if self.options.rate > 0 else 1.0
@@ -300,12 +378,20 @@ class Traffic(threading.Thread):
                     self.say(f"traffic: agents' heartbeats stopped ({type(exc).__name__}: {exc})")
                     self.heartbeats = None
             if self.options.faults and time.monotonic() >= next_fault:
-                self.plant()
+                if self.deadline is not None and self.deadline - time.monotonic() < self.quiet_for:
+                    if not self.quiet_said:
+                        self.say(f"no more faults: one planted now could not show in the {self.quiet_for:.0f} s "
+                                 "left (checkers need that long to find it)")
+                        self.quiet_said = True
+                else:
+                    self.plant()
                 next_fault = time.monotonic() + self.options.fault_every
             self.stop_event.wait(max(0.0, period - (time.monotonic() - t0)))
 
     def plant(self) -> None:
-        choices = [(sim, name, fn) for sim in self.sims if not sim.disabled for name, fn in sim.faults]
+        only = set(self.options.only_faults)
+        choices = [(sim, name, fn) for sim in self.sims if not sim.disabled for name, fn in sim.faults
+                   if not only or name in only or f"{sim.name}.{name}" in only]
         self.rng.shuffle(choices)
         for sim, name, fn in choices[:5]:
             try:
@@ -313,12 +399,14 @@ class Traffic(threading.Thread):
             except Exception as exc:
                 self.say(f"fault {sim.name}.{name} could not be planted now ({type(exc).__name__}: {exc})")
                 continue
-            self.planted.append((sim.name, name, entity))
+            self.planted.append(Planted(sim.name, name, None if entity is None else str(entity),
+                                        sim.breaks.get(name), time.time()))
             shown = f" -> {entity}" if entity is not None else ""
             self.say(f"FAULT planted: {sim.name}.{name}{shown}")
             return
         if not choices:
-            self.say("no fault to plant: no simulator with inject_* methods is running")
+            self.say("no fault to plant: no simulator with inject_* methods is running"
+                     + (f" (or none named {', '.join(sorted(only))})" if only else ""))
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -368,10 +456,16 @@ def demo_config(base: str, database_url: str, redis_port: int, token: str, optio
         # There is no platform API in the demo to probe.
         "exporters": {name: {"enabled": False} for name in builtin.exporters if name == "api_probe"},
     }
-    if "reputation" in data["checkers"]:
-        # The simulator's two writes are microseconds apart, and every demo agent works every few seconds:
-        # with the default 60 s settle window a planted crash between them would wait minutes to show.
-        data["checkers"]["reputation"]["settings"] = {"settle_seconds": 5}
+    for name, cls in builtin.checker_classes.items():
+        if name not in data["checkers"]:
+            continue
+        # Grace periods on the demo's scale (only the settings this checker really has): e.g. reputation's
+        # settle window, 60 s by default, would hold a planted crash between two writes for minutes.
+        scaled = {k: v for k, v in DEMO_GRACE.get(name, {}).items() if k in cls.Settings.model_fields}
+        if scaled:
+            data["checkers"][name]["settings"] = scaled
+        if cls.supports_incremental:
+            data["checkers"][name]["full_interval_seconds"] = FULL_SWEEP_EVERY_RUNS * options.check_interval
     path = os.path.join(base, "zsmon-demo.yml")
     with open(path, "w") as f:
         yaml.safe_dump(data, f)
@@ -415,6 +509,93 @@ class ViolationPrinter:
                              f"(of {r.violation_counts.get(inv, n)} in all)")
 
 
+def show_within(options: Options) -> float:
+    """How long a checker may take to show a planted fault in the demo: a full sweep of an incremental
+    checker (FULL_SWEEP_EVERY_RUNS intervals), a second run for invariants that compare with memory, slack."""
+    return (FULL_SWEEP_EVERY_RUNS + 1) * options.check_interval + 3
+
+
+class FaultTracker:
+    """Matches each planted fault with the first result that shows it (its entity, the invariant it breaks,
+    or else a violation of its simulator's checker first seen after it was planted); says once when one
+    has not shown within ``show_within``, and why when the results tell."""
+
+    def __init__(self, service: Any, traffic: Traffic, say: Printer, within: float) -> None:
+        self.service = service
+        self.traffic = traffic
+        self.say = say
+        self.within = within
+        self.claimed: set[tuple[str, str, str]] = set()
+
+    def poll(self) -> None:
+        results = [r for r in self.service.latest_results() if r.status != "error"]
+        now = time.time()
+        for p in self.traffic.planted:
+            if p.shown_as is not None:
+                continue
+            found = self._match(p, results)
+            if found is not None:
+                (checker, invariant, entity), started = found
+                self.claimed.add((checker, invariant, entity))
+                p.shown_as, p.after = f"{checker}/{invariant}", max(0.0, started - p.at)
+                self.say(f"FAULT shown: {p.label} as {p.shown_as} ({entity}) by the run {p.after:.1f} s after it "
+                         "was planted")
+            elif not p.told and now - p.at > self.within:
+                p.told = True
+                self.say(f"FAULT not shown yet: {p.label} planted {now - p.at:.0f} s ago: {self.why(p)}")
+
+    def _match(self, p: Planted, results: list[Any]) -> tuple[tuple[str, str, str], float] | None:
+        later = [r for r in results if r.started_at >= p.at]
+        own = [r for r in later if r.checker == p.sim]
+        for r in own + [r for r in later if r.checker != p.sim]:  # its entity: its own checker's first
+            for v in r.violations:
+                if p.entity is not None and v.entity_id == p.entity and (r.checker == p.sim or p.entity != "global"):
+                    return (r.checker, v.invariant, v.entity_id), r.started_at
+        for r in later:  # the invariant it breaks
+            if p.breaks and r.violation_counts.get(p.breaks):
+                entity = next((v.entity_id for v in r.violations if v.invariant == p.breaks), "")
+                return (r.checker, p.breaks, entity), r.started_at
+        for r in later:  # a violation of its simulator's checker not there before it was planted
+            if r.checker != p.sim:
+                continue
+            for v in r.violations:
+                key = (r.checker, v.invariant, v.entity_id)
+                first = (v.lifecycle or {}).get("first_seen")
+                if key not in self.claimed and first is not None and first >= p.at - 1:
+                    return key, r.started_at
+        return None
+
+    def why(self, p: Planted) -> str:
+        latest = {r.checker: r for r in self.service.latest_results()}
+        r = latest.get(p.sim)
+        if r is None:
+            return f"no result of a checker named {p.sim} yet"
+        if r.status == "error":
+            return f"{p.sim}'s latest run failed: {r.error}"
+        if p.breaks and p.breaks in r.skipped:
+            return f"{p.sim}/{p.breaks} is skipped: {r.skipped[p.breaks]}"
+        if r.skipped:
+            inv, reason = min(r.skipped.items())
+            return f"not found by {p.sim}'s runs so far ({p.sim}/{inv} is skipped: {reason})"
+        return (f"not found by {p.sim}'s runs so far (latest {r.mode}, {r.status}); it may need more data or "
+                "a longer window than the demo gives it")
+
+    def summary(self, ended: float) -> str:
+        planted = self.traffic.planted
+        shown = [p for p in planted if p.shown_as is not None]
+        if not planted:
+            return ""
+        out = f"; {len(shown)} of them shown"
+        if shown:
+            out += f" (within {max(p.after or 0.0 for p in shown):.1f} s)"
+        missing = [p for p in planted if p.shown_as is None]
+        if missing:
+            out += "; not shown: " + ", ".join(
+                f"{p.label} ({'planted ' + format(ended - p.at, '.0f') + ' s before the end: too late to show' if ended - p.at < self.within else self.why(p)})"
+                for p in missing)
+        return out
+
+
 class DemoAck:
     """Once two invariants page, acknowledges the current violations of the one paging longest, as on-call
     would for a known gap, and prints that its page stopped while the others still page."""
@@ -454,6 +635,7 @@ class DemoAck:
 # ---- the command -------------------------------------------------------------------------
 def run_demo(options: Options, out: TextIO | None = None) -> int:
     """Run the demo until ``options.duration`` passes or SIGINT/SIGTERM; return the exit code."""
+    check_ports(options)  # at once, not after seconds of starting PostgreSQL
     say = Printer(out or sys.stdout)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -476,6 +658,8 @@ def run_demo(options: Options, out: TextIO | None = None) -> int:
 
 def _run(options: Options, say: Printer, stop: threading.Event, base: str,
          cleanup: list[tuple[str, Callable[[], None]]]) -> int:
+    # --duration counts from here: starting the databases and the warm-up are part of the demo's time.
+    deadline = time.monotonic() + options.duration if options.duration else None
     say("zsmon demo: starting", stamp=False)
     if options.database_url:
         url = options.database_url
@@ -507,17 +691,24 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
         say("interrupted during the warm-up")
         return 0
     say(f"warm-up: done in {time.monotonic() - t0:.1f} s", stamp=False)
+    if deadline is not None and time.monotonic() >= deadline:
+        say(f"--duration {options.duration:g} s ended during the start-up and warm-up "
+            f"({time.monotonic() - deadline + options.duration:.0f} s): nothing was checked; give it at least "
+            f"{time.monotonic() - deadline + options.duration + 2 * show_within(options):.0f} s")
+        return 0
 
     try:
         # The demo's simulators write, so it connects as its database's superuser: fine for a demo, said so.
         service = build_service(config, privileged_role_expected="zsmon demo connects as the superuser of its "
                                 "own database (the simulators write to it)")
         service.start()
+    except ListenError as exc:  # taken since check_ports
+        raise DemoError(ports_message(options, exc)) from None
     except ConfigError as exc:
         raise DemoError(str(exc)) from None
     cleanup.append(("the sidecar", service.stop))
 
-    traffic = Traffic(sims, options, say, heartbeats)
+    traffic = Traffic(sims, options, say, heartbeats, deadline=deadline, quiet_for=show_within(options))
     cleanup.append(("the traffic", traffic.stop))
     traffic.start()
 
@@ -531,22 +722,31 @@ def _run(options: Options, say: Printer, stop: threading.Event, base: str,
     say(f"  admin token   {token}", stamp=False)
     say(f"  traffic       {', '.join(s.name for s in sims) or 'none'} at {options.rate:g} steps/s each; {every}; "
         f"seed {options.seed}", stamp=False)
-    say(f"  checkers      {', '.join(service.runner.checkers)} every {options.check_interval:g} s", stamp=False)
-    stop_how = f"stops after {options.duration:g} s or on Ctrl-C" if options.duration else "Ctrl-C stops it"
+    incremental = [n for n, b in service.runner.checkers.items() if b.full_interval_seconds is not None]
+    sweeps = (f" (full sweep of {', '.join(incremental)} every {FULL_SWEEP_EVERY_RUNS * options.check_interval:g} s)"
+              if incremental else "")
+    say(f"  checkers      {', '.join(service.runner.checkers)} every {options.check_interval:g} s{sweeps}; a "
+        f"planted fault shows within {show_within(options):.0f} s", stamp=False)
+    left = f" ({deadline - time.monotonic():.0f} s from now)" if deadline is not None else ""
+    stop_how = (f"stops {options.duration:g} s after it started{left} or on Ctrl-C" if options.duration
+                else "Ctrl-C stops it")
     say(f"  {stop_how}", stamp=False)
     say("", stamp=False)
 
     printer = ViolationPrinter(service, say)
     acker = DemoAck(service, say)
-    deadline = time.monotonic() + options.duration if options.duration else None
+    tracker = FaultTracker(service, traffic, say, show_within(options))
     while not stop.wait(0.5):
         printer.poll()
+        tracker.poll()
         acker.poll()
         if deadline is not None and time.monotonic() >= deadline:
             break
     printer.poll()
+    tracker.poll()
     steps = ", ".join(f"{s.name} {s.steps}" for s in sims)
-    say(f"summary: {len(traffic.planted)} faults planted, {printer.found} violations found; steps: {steps or '-'}")
+    say(f"summary: {len(traffic.planted)} faults planted, {printer.found} violations found"
+        f"{tracker.summary(time.time())}; steps: {steps or '-'}")
     return 0
 
 
