@@ -13,7 +13,12 @@ drops packets still accepts TCP and acknowledges data, so neither
 round trip on a zsmon connection is therefore also bounded on the client: a
 wait longer than the statement timeout plus ``connect_timeout`` drops the
 connection and raises ``DatabaseUnresponsive`` (the run is ``error``; the pool
-opens a fresh connection once the server answers again).
+opens a fresh connection once the server answers again). Before it is dropped, the
+query is cancelled on the server (a cancel request on a side connection), which would
+otherwise keep running it.
+
+A run leaves nothing on its pooled connection: the pool's reset runs ``DISCARD ALL``
+when the connection comes back (advisory locks, session settings, prepared statements).
 """
 from __future__ import annotations
 

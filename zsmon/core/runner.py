@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -71,6 +73,10 @@ class Runner:
         # Every Redis key lives under the monitored database's identity (zsmon.core.deployment).
         self.deployment = Deployment(config, db)
         self._lifecycle: Lifecycle | None = None
+        # Shutdown: no run starts once set; runs in progress are counted so the service can wait for them.
+        self.stopping = False
+        self._busy = 0
+        self._idle = threading.Condition()
 
     @property
     def lifecycle(self) -> Lifecycle | None:
@@ -94,16 +100,37 @@ class Runner:
         return "incremental"
 
     def run_check(self, name: str, mode: str | None = None, *, publish: bool = True) -> CheckResult | None:
-        """Run one checker now. Returns None when another replica holds this checker's lease."""
+        """Run one checker now. Returns None when another replica holds this checker's lease (or the
+        process is shutting down)."""
         bound = self.checkers[name]
-        token = self.coordinator.acquire(f"check:{name}")
-        if not token:
-            return None
-        with self._locks[name]:
-            result, ctx = self._execute(bound, mode or self.choose_mode(name))
-            if publish:
-                return self._publish(bound.checker, result, ctx, token)
-            return result
+        with self._running():
+            token = None if self.stopping else self.coordinator.acquire(f"check:{name}")
+            if not token:
+                # Another replica runs it: an error of this replica's own last run describes nothing now.
+                self.database_errors.pop(name, None)
+                return None
+            with self._locks[name]:
+                result, ctx = self._execute(bound, mode or self.choose_mode(name))
+                if publish:
+                    return self._publish(bound.checker, result, ctx, token)
+                return result
+
+    # ---- shutdown ----------------------------------------------------------------
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no run of this process is in progress (so none can still publish); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout=max(0.0, timeout))
 
     def run_checks(self, names: list[str] | None = None, mode: str | None = None) -> list[CheckResult]:
         """Run these checkers (all by default) one after another, as the command line does.
@@ -183,9 +210,13 @@ class Runner:
         """Publish a finished run (fenced); returns it as published, with its violations' lifecycle."""
         if ctx is not None and result.status != "error":
             result = self._with_lifecycle(result, ctx)
-        # Fencing: a replica that lost its lease while it ran (paused, partitioned) publishes nothing.
+        if self.stopping and result.status == "error":
+            # Cancelled by the shutdown (or failed during it): not a finding about the database.
+            log.info("result_discarded_shutdown", checker=checker.name, error=result.error)
+            return result
+        # Fencing: a replica that lost its lease while it ran (paused, partitioned) publishes nothing; the
+        # coordinator logs why (lease lost, Redis gone under stand_by).
         if not self.coordinator.publish(f"check:{checker.name}", token, result):
-            log.warning("result_discarded_lost_lease", checker=checker.name)
             return result
         self.store.put(result)
         if self.metrics is not None:
@@ -223,6 +254,11 @@ class Runner:
 
     # ---- exporters -----------------------------------------------------------
     def collect(self, name: str) -> None:
+        with self._running():
+            if not self.stopping:
+                self._collect_one(name)
+
+    def _collect_one(self, name: str) -> None:
         exporter = self.exporters[name].exporter
         if not self.coordinator.acquire(f"export:{name}"):
             # Another replica collects and exports these families (HA); this one's own gauges go away.
