@@ -99,6 +99,45 @@ def test_a_paused_runner_discards_its_result(make_config, private_redis, redis_p
         runner.db.close()
 
 
+def test_fencing_tokens_keep_growing_across_a_redis_restart(private_redis):
+    """Redis restarts empty (no persistence): the fence counters are gone, yet the next token is larger
+    than every one handed out before (seeded from Redis' clock, not from 1)."""
+    a = coordinator(private_redis, "t5:", "a", lease=5)
+    first = int(a.acquire("check:x").rsplit("|", 1)[1])
+    a.publish("check:x", a.acquire("check:x"), CheckResult("x", "pass", producer="a"))
+    b = coordinator(private_redis, "t5:", "b", lease=5)
+    private_redis.client().delete("t5:ha:lease:check:x")  # a lets go; b takes over: the next token
+    second = int(b.acquire("check:x").rsplit("|", 1)[1])
+    assert second == first + 1
+    private_redis.stop()
+    private_redis.start()
+    b.tick()  # b notices the restart (its lease is gone) and takes the lease again
+    third = int(b.acquire("check:x").rsplit("|", 1)[1])
+    assert third > second
+
+
+def test_a_new_leader_ages_the_old_leaders_result_on_redis_clock(private_redis):
+    """The old leader's clock runs 10 s ahead: its result's started_at lies in the new leader's future. Judged
+    by wall clocks it would look fresh for 10 s more and the takeover run would wait; aged on Redis' clock it
+    is due as soon as one interval has passed since it was published."""
+    every = 0.5
+    old = coordinator(private_redis, "t6:", "old", lease=5)
+    skewed = CheckResult("x", "pass", duration_seconds=0.1, started_at=time.time() + 10, producer="old")
+    assert old.publish("check:x", old.acquire("check:x"), skewed)
+    new = coordinator(private_redis, "t6:", "new", lease=5, store=ResultStore())
+    new.watch(["check:x"])
+    new.sync()
+    assert new.store.state("x").latest.producer == "old"
+    assert not new.result_due("x", every)  # just published: fresh
+    time.sleep(every)
+    assert new.result_due("x", every)
+    # Its own result is aged on its own clock; an error is always due.
+    new.store.put(CheckResult("x", "pass", started_at=time.time(), producer="new"))
+    assert not new.result_due("x", every)
+    new.store.put(CheckResult("x", "error", started_at=time.time() + 1, producer="new", error="boom"))
+    assert new.result_due("x", every)
+
+
 @pytest.mark.parametrize("policy, runs", [("run_locally", True), ("stand_by", False)])
 def test_without_redis_the_policy_decides(private_redis, policy, runs):
     a = coordinator(private_redis, "t3:", "a", lease=1.0, on_redis_down=policy)

@@ -6,7 +6,9 @@ Leases
   instance token is new for every process, so a second live process with the same
   identity is noticed and takes no lease), set with
   ``NX PX lease_ms``. The token comes from ``INCR <prefix>ha:fence:<job>``, so every
-  new holder gets a larger one. Leadership is sticky: the holder renews all its
+  new holder gets a larger one; a counter lost with Redis' data is seeded again from
+  Redis' clock (microseconds), so tokens stay monotonic across a restart. Leadership
+  is sticky: the holder renews all its
   leases every third of ``lease_seconds`` from a background thread (so a run longer
   than the lease keeps it), and a replica whose turn comes while another holds the
   lease skips the run. The same thread acquires free leases, so when a holder dies
@@ -81,8 +83,15 @@ if cur then
   end
   return cur
 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  -- A fence counter that is gone (Redis restarted empty) starts again above every token handed out before:
+  -- at Redis' clock in microseconds, which no count of takeovers since an earlier seed can have reached.
+  if redis.replicate_commands then redis.replicate_commands() end
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[2], string.format('%d', tonumber(now[1]) * 1000000 + tonumber(now[2])))
+end
 local token = redis.call('INCR', KEYS[2])
-local value = ARGV[1] .. '|' .. token
+local value = ARGV[1] .. '|' .. string.format('%d', token)
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
 """
@@ -357,6 +366,23 @@ class RedisCoordinator:
                                "(this replica was paused, partitioned or gave the lease up)")
             self._changed()
         return ok
+
+    def result_due(self, checker: str, every: float) -> bool:
+        """Whether a replica taking ``checker`` over should run it at once: no good result started within
+        the last ``every`` seconds. Another replica's result is aged on Redis' clock (its key's TTL counts
+        down from publishing), never by comparing two machines' wall clocks."""
+        latest = self.store.state(checker).latest if self.store is not None else None
+        if latest is None or latest.status == "error":
+            return True
+        started_ago = time.time() - latest.started_at
+        if latest.producer != self.identity and self.prefix is not None:
+            try:
+                ttl = self.redis.pttl(self._result_key(checker))
+            except redis.RedisError:
+                ttl = None
+            if isinstance(ttl, int) and ttl >= 0:
+                started_ago = (RESULT_TTL_MS - ttl) / 1000 + latest.duration_seconds
+        return started_ago >= every
 
     def leads(self, job: str) -> bool:
         """Whether this replica exports ``job``'s series now (local view, no Redis round trip)."""

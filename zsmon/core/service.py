@@ -115,9 +115,7 @@ class Service:
         (an error, e.g. from a leader that lost its database, is re-run at once)."""
         kind, _, name = job.partition(":")
         if kind == "check" and name in self.runner.checkers:
-            every = self.runner.checkers[name].interval_seconds
-            latest = self.store.state(name).latest
-            if latest is not None and latest.status != "error" and time.time() - latest.started_at < every:
+            if not self.coordinator.result_due(name, self.runner.checkers[name].interval_seconds):
                 return
         self.scheduler.run_now(job)
 
