@@ -138,6 +138,37 @@ def test_a_new_leader_ages_the_old_leaders_result_on_redis_clock(private_redis):
     assert new.result_due("x", every)
 
 
+def test_a_run_whose_lease_is_lost_is_abandoned_early(make_config, private_redis, redis_prefix):
+    """The lease is taken over 1 s into a 6 s run: the run stops within a renewal tick (its query cancelled on
+    the server), publishes nothing, and does not count as a database failure."""
+    import threading
+
+    cfg = make_config(redis=True, env=private_redis.env())
+    a = coordinator(private_redis, redis_prefix, "a", lease=0.6)
+    b = coordinator(private_redis, redis_prefix, "b", lease=5)
+    runner = build_runner(build_registry(cfg), only=["schema"], coordinator=a)
+    runner.checkers["slow"] = bind_checker(SlowChecker(sleep=6), cfg)
+    a.on_lost = runner.abandon
+    a.watch(["check:slow"])
+    try:
+        out: list = []
+        worker = threading.Thread(target=lambda: out.append(runner.run_check("slow")))
+        worker.start()
+        wait_for(lambda: a.leads("check:slow"), timeout=3)
+        a.start()  # renewals: a keeps the lease while it runs ...
+        time.sleep(1.0)
+        private_redis.client().delete(f"{redis_prefix}ha:lease:check:slow")  # ... until b takes it over
+        assert b.acquire("check:slow")
+        taken = time.monotonic()
+        worker.join(10)
+        assert time.monotonic() - taken < 1.5
+        assert out[0].status == "error" and "lost the lease" in out[0].error
+        assert runner.store.state("slow").latest is None and "slow" not in runner.database_errors
+    finally:
+        a.stop(release=False)
+        runner.db.close()
+
+
 @pytest.mark.parametrize("policy, runs", [("run_locally", True), ("stand_by", False)])
 def test_without_redis_the_policy_decides(private_redis, policy, runs):
     a = coordinator(private_redis, "t3:", "a", lease=1.0, on_redis_down=policy)

@@ -159,6 +159,9 @@ class RedisCoordinator:
         # Called when what this replica exports changes (a lease taken or lost, Redis lost or back):
         # the service re-renders /metrics, which is otherwise rendered only after jobs.
         self.on_change: Callable[[], None] | None = None
+        # Called with a job whose lease this replica found lost (lapsed or taken over) while it may still be
+        # running it: the runner abandons that run rather than finishing work nobody will see.
+        self.on_lost: Callable[[str], None] | None = None
         self.tick_seconds = max(0.1, lease_seconds / 3)
         self._lock = threading.Lock()
         self._held: dict[str, tuple[str, float]] = {}  # job -> (lease value, valid until on the monotonic clock)
@@ -470,6 +473,11 @@ class RedisCoordinator:
                         self._held.pop(job, None)
                     log.warning("ha_lease_lost", job=job, detail="lease expired or taken over (paused?)")
                     self._changed()
+                    if self.on_lost is not None:
+                        try:
+                            self.on_lost(job)
+                        except Exception:
+                            log.exception("ha_on_lost_failed", job=job)
                 if self.acquire(job) and job not in held and self.on_acquired is not None:
                     try:
                         self.on_acquired(job)

@@ -18,7 +18,7 @@ from redis import RedisError
 
 from zsmon.core.checker import Checker, CheckContext
 from zsmon.core.config import Config
-from zsmon.core.db import Database, DatabaseUnavailable, explain
+from zsmon.core.db import Database, DatabaseUnavailable, cancel_on_server, explain
 from zsmon.core.deployment import Deployment
 from zsmon.core.lifecycle import Lifecycle, Observed
 from zsmon.core.logging import get_logger, redactor
@@ -77,6 +77,9 @@ class Runner:
         self.stopping = False
         self._busy = 0
         self._idle = threading.Condition()
+        # A checker's run in progress: its connection, and whether it was abandoned (its lease lost).
+        self._running_on: dict[str, Any] = {}
+        self._abandoned: set[str] = set()
 
     @property
     def lifecycle(self) -> Lifecycle | None:
@@ -127,6 +130,17 @@ class Runner:
                 self._busy -= 1
                 self._idle.notify_all()
 
+    def abandon(self, job: str) -> None:
+        """This replica lost ``job``'s lease mid-run: cancel the run's query on the server now. The run ends
+        as an error that is never published (fenced), instead of running to completion for nobody."""
+        kind, _, name = job.partition(":")
+        conn = self._running_on.get(name) if kind == "check" else None
+        if conn is None:
+            return
+        self._abandoned.add(name)
+        log.warning("run_abandoned_lease_lost", checker=name)
+        cancel_on_server(conn, 1.0)
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no run of this process is in progress (so none can still publish); False on timeout."""
         with self._idle:
@@ -170,6 +184,8 @@ class Runner:
         error = db_error = None
         try:
             with self.db.snapshot(bound.statement_timeout_seconds) as conn:
+                self._abandoned.discard(checker.name)
+                self._running_on[checker.name] = conn
                 ctx = CheckContext(checker, conn, mode=mode, sample_limit=self.config.checks.sample_limit,
                                    redis=redis, redis_reason=redis_reason, key_prefix=prefix or self.config.redis.key_prefix,
                                    log=log.bind(checker=checker.name), track_limit=self.config.checks.track_limit,
@@ -184,6 +200,11 @@ class Runner:
         except Exception as exc:  # a bug in a checker is an error result, not a dead scheduler
             error = f"checker raised {type(exc).__name__}: {redactor.scrub(str(exc))}"
             log.exception("checker_crashed", checker=checker.name)
+        finally:
+            self._running_on.pop(checker.name, None)
+        if checker.name in self._abandoned:
+            self._abandoned.discard(checker.name)
+            error, db_error = "abandoned: this replica lost the lease mid-run (another replica runs it)", None
         duration = time.perf_counter() - t0
         # What /ready reports while it lasts: the database failed this checker (not the checker's own bug).
         if db_error is not None:

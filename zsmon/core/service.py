@@ -96,6 +96,8 @@ class Service:
                 self._register_leader_only(name, bound)
         self.runner = build_runner(registry, exporters=exporters, metrics=self.metrics, store=self.store,
                                    coordinator=self.coordinator)
+        if self.coordinator is not None:
+            self.coordinator.on_lost = self.runner.abandon  # a run whose lease lapsed stops early
         self.scheduler = Scheduler(config.scheduler.max_workers, config.scheduler.jitter_ratio,
                                    config.scheduler.misfire_grace_seconds, self.metrics)
         self._db_reason: str | None = "database not checked yet"
