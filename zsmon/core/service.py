@@ -116,9 +116,9 @@ class Service:
         """This replica just took a job over: run it now unless its latest shared result is fresh and good
         (an error, e.g. from a leader that lost its database, is re-run at once)."""
         kind, _, name = job.partition(":")
-        if kind == "check" and name in self.runner.checkers:
-            if not self.coordinator.result_due(name, self.runner.checkers[name].interval_seconds):
-                return
+        if kind == "check" and name in self.runner.checkers and not self.coordinator.result_due(
+                name, self.runner.checkers[name].interval_seconds):
+            return
         self.scheduler.run_now(job)
 
     # ---- what the HTTP layer reads (zsmon.core.view.ServiceView) ------------------
