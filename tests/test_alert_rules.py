@@ -235,13 +235,46 @@ def test_the_guides_three_alerts_done_right(alerts, model):
     assert re.search(r'up\{job=~"[^"]*\bpostgres\b', exporter_down["expr"]), "ExporterDown covers postgres-exporter"
     # ApiDown: one rule per branch, each with its own sentence.
     api = {r["expr"]: r["annotations"]["description"] for r in by["ApiDown"]}
-    assert set(api) == {'up{job="zerostate-api"} == 0', "zerostate_api_up == 0"}
-    assert "target" not in api['up{job="zerostate-api"} == 0'] and "$labels.target" in api["zerostate_api_up == 0"]
+    probe = "max without (instance, pod) (zerostate_api_up) == 0"
+    assert set(api) == {'up{job="zerostate-api"} == 0', probe}
+    assert "target" not in api['up{job="zerostate-api"} == 0'] and "$labels.target" in api[probe]
     money = by["BalanceInvariantViolation"][0]
     # Pages on money violations nobody acknowledged, never on the passage of time (a counter's window).
     assert money["expr"].strip() == 'max(zerostate_invariant_violations_unacknowledged{checker="payments"}) > 0'
     assert "increase(" not in money["expr"]
     assert money["labels"]["severity"] == "critical" and seconds_of(money["for"]) <= 60
+
+
+def _grouped_without_instance(node, inside: bool = False) -> list[str]:
+    """Names of the zsmon leader-only series (``zerostate_*``, ``zsmon_exporter_*``) read by ``node`` outside
+    any aggregation that drops ``instance`` (``without (instance, ...)``, or ``by`` not naming it)."""
+    node = _strip(node)
+    if isinstance(node, promql_parser.VectorSelector):
+        name = node.name or ""
+        leader_only = name.startswith(("zerostate_", "zsmon_exporter_", "zsmon_ha_leader"))
+        return [name] if leader_only and not inside else []
+    if isinstance(node, promql_parser.AggregateExpr):
+        labels = set(node.modifier.labels) if node.modifier is not None else set()
+        without = node.modifier is not None and "without" in str(node.modifier.type).lower()
+        drops = ("instance" in labels) if without else ("instance" not in labels)
+        return _grouped_without_instance(node.expr, inside or drops)
+    if isinstance(node, promql_parser.BinaryExpr):
+        return _grouped_without_instance(node.lhs, inside) + _grouped_without_instance(node.rhs, inside)
+    if isinstance(node, promql_parser.Call):  # absent() keeps only its selector's equality labels
+        inside = inside or node.func.name in ("absent", "absent_over_time")
+        return [n for a in node.args for n in _grouped_without_instance(a, inside)]
+    if isinstance(node, promql_parser.MatrixSelector):
+        return _grouped_without_instance(node.vector_selector, inside)
+    return []
+
+
+def test_rules_on_leader_only_series_survive_a_takeover(alerts):
+    """With HA, a job's series come from whichever replica holds its lease: a takeover moves them to another
+    `instance`. A rule that kept `instance` would resolve and fire again, restarting its `for`; every rule
+    reading such series aggregates `instance` away (the promtool cases include takeovers)."""
+    offenders = {r["alert"]: names for r in alerts
+                 if (names := _grouped_without_instance(promql_parser.parse(r["expr"])))}
+    assert offenders == {}
 
 
 def test_per_invariant_alerts_follow_each_invariants_severity(alerts):

@@ -199,6 +199,16 @@ class Model:
         """`for` of absent() alerts: at least two scrapes, and never under a minute."""
         return duration(max(2 * self.scrape, 60))
 
+    @property
+    def ha_for_seconds(self) -> int:
+        """`for` of ZsmonChecksNotRunning: longer than a takeover (a lease, a third of it to be taken, a
+        scrape on each side), never under two minutes."""
+        return max(120, math.ceil(4 * self.config.ha.lease_seconds + 2 * self.scrape))
+
+    @property
+    def ha_for(self) -> str:
+        return duration(self.ha_for_seconds)
+
     def slo_windows(self) -> list[str]:
         """Every window a recording rule must provide, shortest first."""
         names = {"5m"} | {b.long for b in self.burn_rates} | {b.short for b in self.burn_rates}
@@ -236,6 +246,7 @@ class Model:
             "dur": duration,
             "scrape": self.scrape,
             "absent_for": self.absent_for,
+            "ha_for": self.ha_for,
         }
 
 

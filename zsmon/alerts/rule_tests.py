@@ -16,6 +16,11 @@ from typing import Any
 from zsmon.alerts.model import API_JOB, POSTGRES_JOB, REDIS_JOB, ZSMON_JOB, Model, duration, CheckerView
 
 ZSMON = f'job="{ZSMON_JOB}", instance="zsmon:9090"'
+
+
+def _replica(name: str) -> str:
+    """Labels of one of several zsmon replicas (HA): a takeover moves a series from one to another."""
+    return f'job="{ZSMON_JOB}", instance="zsmon-{name}:9090", pod="zsmon-{name}"'
 _TEMPLATE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
 
 
@@ -223,7 +228,7 @@ def self_cases(model: Model) -> list[Case]:
     absent_for = max(2 * step, 60)
     t = absent_for + 3 * step
     n = _steps(t, step)
-    return [
+    return ha_cases(model) + [
         Case("Watchdog always fires", "Watchdog", [(f"zsmon_up{{{ZSMON}}}", f"1x{n}")], 2 * step, [Fire({}, "1")]),
         Case("ZsmonDown fires when zsmon is gone", "ZsmonDown", [(f'up{{job="{ZSMON_JOB}", instance="zsmon:9090"}}',
                                                                   f"0x{n}")], t, [Fire({"job": ZSMON_JOB}, "1")]),
@@ -244,6 +249,35 @@ def self_cases(model: Model) -> list[Case]:
     ]
 
 
+def ha_cases(model: Model) -> list[Case]:
+    """Replicas' own HA series: leases moving between replicas are no alert; no replica leading is."""
+    step = model.scrape
+    hold = model.ha_for_seconds
+    n = _steps(2 * hold + 600, step)
+    k = _steps(hold, step)  # the leader's samples before it goes
+    job = 'scheduler_job="check:payments"'
+    a, b = (f"zsmon_ha_leader{{{_replica(x)}, {job}}}" for x in ("a", "b"))
+    degraded_a, degraded_b = (f"zsmon_ha_degraded{{{_replica(x)}}}" for x in ("a", "b"))
+    return [
+        # a leads, then dies (its series end); b takes the lease two scrapes later and leads from then on.
+        Case("ZsmonChecksNotRunning stays quiet through a takeover", "ZsmonChecksNotRunning",
+             [(a, f"1x{k} stale"), (b, f"0x{k + 2} 1x{n}")], (k + 2) * step + hold,
+             later=[((k + 1) * step, []), (n * step, [])]),
+        # Redis down under ha.on_redis_down stand_by (or no replica reaching the database): nobody leads.
+        Case("ZsmonChecksNotRunning fires when no replica leads a job", "ZsmonChecksNotRunning",
+             [(a, f"1x{k} 0x{n}"), (b, f"0x{n + k}")], (k + 1) * step + hold + 2 * step,
+             [Fire({"job": ZSMON_JOB, "scheduler_job": "check:payments"}, "0")],
+             later=[((k + 1) * step + hold // 2, [])]),
+        Case("ZsmonChecksNotRunning fires through a takeover that never completes", "ZsmonChecksNotRunning",
+             [(a, f"1x{k} 0x{k} stale"), (b, f"0x{n}")], (k + 1) * step + hold + 2 * step,
+             [Fire({"job": ZSMON_JOB, "scheduler_job": "check:payments"}, "0")]),
+        Case("ZsmonHaDegraded fires when a replica cannot reach Redis", "ZsmonHaDegraded",
+             [(degraded_a, f"0 1x{n}"), (degraded_b, f"0x{n}")], 120 + 3 * step, [Fire({"job": ZSMON_JOB}, "1")]),
+        Case("ZsmonHaDegraded stays quiet on a short Redis blip and without HA trouble", "ZsmonHaDegraded",
+             [(degraded_a, f"0 1x{60 // step} 0x{n}"), (degraded_b, f"0x{n}")], 120 + 3 * step),
+    ]
+
+
 def platform_cases(model: Model) -> list[Case]:
     step = model.scrape
     r = model.config.render
@@ -255,6 +289,7 @@ def platform_cases(model: Model) -> list[Case]:
     pg = f'job="{POSTGRES_JOB}", instance="postgres-exporter:9187"'
     rd = f'job="{REDIS_JOB}", instance="redis-exporter:9121"'
     n10, n15 = _steps(600, step), _steps(900, step)
+    half, t3, t10 = 60 // step, 180 // step, 300 // step  # samples before a takeover, mid-`for`
     threshold = r.high_error_rate_ratio
     # HighErrorRate: per step, `fail` failed and `100 - fail` good requests, so the ratio is fail %.
     fail_hi = min(99, int(threshold * 100) * 2 or 1)
@@ -270,14 +305,19 @@ def platform_cases(model: Model) -> list[Case]:
         Case("ApiDown fires when zsmon's probe fails", "ApiDown",
              [(f"up{{{api}}}", f"1x{n10}"),
               (f'zerostate_api_up{{{ZSMON}, target="http://api:8080/health"}}', f"0x{n10}")], 180,
-             [Fire({"job": ZSMON_JOB, "instance": "zsmon:9090", "target": "http://api:8080/health"}, "0",
-                   rule="zerostate_api_up")]),
+             [Fire({"job": ZSMON_JOB, "target": "http://api:8080/health"}, "0", rule="zerostate_api_up")]),
+        # The probe's series moves to another replica mid-`for` (a takeover): the alert keeps its timer.
+        Case("ApiDown fires on time through a takeover of zsmon's probe", "ApiDown",
+             [(f"up{{{api}}}", f"1x{n10}"),
+              (f'zerostate_api_up{{{_replica("a")}, target="http://api:8080/health"}}', f"0x{half} stale"),
+              (f'zerostate_api_up{{{_replica("b")}, target="http://api:8080/health"}}', f"_x{half + 1} 0x{n10}")],
+             120 + 2 * step,
+             [Fire({"job": ZSMON_JOB, "target": "http://api:8080/health"}, "0", rule="zerostate_api_up")]),
         Case("ApiDown fires once per branch when the scrape and the probe both fail", "ApiDown",
              [(f"up{{{api}}}", f"0x{n10}"),
               (f'zerostate_api_up{{{ZSMON}, target="http://api:8080/health"}}', f"0x{n10}")], 180,
              [Fire({"job": API_JOB, "instance": "api:9090"}, "0", rule="up{"),
-              Fire({"job": ZSMON_JOB, "instance": "zsmon:9090", "target": "http://api:8080/health"}, "0",
-                   rule="zerostate_api_up")]),
+              Fire({"job": ZSMON_JOB, "target": "http://api:8080/health"}, "0", rule="zerostate_api_up")]),
         Case("ApiDown stays quiet while the API answers", "ApiDown",
              [(f"up{{{api}}}", f"1x{n10}"), (f'zerostate_api_up{{{ZSMON}, target="http://api:8080/health"}}',
                                               f"1x{n10}")], 180),
@@ -309,27 +349,40 @@ def platform_cases(model: Model) -> list[Case]:
              [(f'zerostate_postgres_connections{{{ZSMON}, state="active"}}', f"90x{n15}"),
               (f'zerostate_postgres_connections{{{ZSMON}, state="idle"}}', f"5x{n15}"),
               (f"zerostate_postgres_max_connections{{{ZSMON}}}", f"100x{n15}")], 660,
-             [Fire({"job": ZSMON_JOB, "instance": "zsmon:9090"}, "95%")]),
+             [Fire({"job": ZSMON_JOB}, "95%")]),
+        Case("PostgresConnectionsNearLimit fires on time through a takeover of the postgres exporter",
+             "PostgresConnectionsNearLimit",
+             [(f'zerostate_postgres_connections{{{_replica("a")}, state="active"}}', f"90x{t10} stale"),
+              (f'zerostate_postgres_max_connections{{{_replica("a")}}}', f"100x{t10} stale"),
+              (f'zerostate_postgres_connections{{{_replica("b")}, state="active"}}', f"_x{t10 + 1} 90x{n15}"),
+              (f'zerostate_postgres_max_connections{{{_replica("b")}}}', f"_x{t10 + 1} 100x{n15}")],
+             600 + 3 * step, [Fire({"job": ZSMON_JOB}, "90%")]),
         Case("PostgresConnectionsNearLimit stays quiet at half", "PostgresConnectionsNearLimit",
              [(f'zerostate_postgres_connections{{{ZSMON}, state="active"}}', f"50x{n15}"),
               (f"zerostate_postgres_max_connections{{{ZSMON}}}", f"100x{n15}")], 660),
         Case("PostgresLongRunningTransaction fires on a 10-minute transaction", "PostgresLongRunningTransaction",
              [(f"zerostate_postgres_longest_transaction_seconds{{{ZSMON}}}", f"600x{n10}")], 360,
-             [Fire({"job": ZSMON_JOB, "instance": "zsmon:9090"}, "10m 0s")]),
+             [Fire({"job": ZSMON_JOB}, "10m 0s")]),
+        # Half-way through its `for`, the series moves from replica a to replica b: grouped by instance, the
+        # timer would restart and the page come 3 minutes late.
+        Case("PostgresLongRunningTransaction fires on time through a takeover of the postgres exporter",
+             "PostgresLongRunningTransaction",
+             [(f"zerostate_postgres_longest_transaction_seconds{{{_replica('a')}}}", f"600x{t3} stale"),
+              (f"zerostate_postgres_longest_transaction_seconds{{{_replica('b')}}}", f"_x{t3 + 1} 600x{n10}")],
+             300 + 3 * step, [Fire({"job": ZSMON_JOB}, "10m 0s")]),
         Case("PostgresLongRunningTransaction stays quiet on short transactions", "PostgresLongRunningTransaction",
              [(f"zerostate_postgres_longest_transaction_seconds{{{ZSMON}}}", f"20x{n10}")], 360),
         Case("RedisDown fires when redis-exporter reports it down", "RedisDown",
              [(f"redis_up{{{rd}}}", f"0x{n10}")], 180, [Fire({"job": REDIS_JOB,
                                                                "instance": "redis-exporter:9121"}, "0")]),
         Case("RedisDown fires when zsmon cannot reach it", "RedisDown",
-             [(f"zerostate_redis_up{{{ZSMON}}}", f"0x{n10}")], 180, [Fire({"job": ZSMON_JOB,
-                                                                          "instance": "zsmon:9090"}, "0")]),
+             [(f"zerostate_redis_up{{{ZSMON}}}", f"0x{n10}")], 180, [Fire({"job": ZSMON_JOB}, "0")]),
         Case("RedisDown stays quiet while Redis answers", "RedisDown",
              [(f"redis_up{{{rd}}}", f"1x{n10}"), (f"zerostate_redis_up{{{ZSMON}}}", f"1x{n10}")], 180),
         Case("RedisMemoryNearLimit fires above 90% of maxmemory", "RedisMemoryNearLimit",
              [(f"zerostate_redis_memory_used_bytes{{{ZSMON}}}", f"95x{n15}"),
               (f"zerostate_redis_memory_max_bytes{{{ZSMON}}}", f"100x{n15}")], 660,
-             [Fire({"job": ZSMON_JOB, "instance": "zsmon:9090"}, "95%")]),
+             [Fire({"job": ZSMON_JOB}, "95%")]),
         Case("RedisMemoryNearLimit stays quiet without maxmemory", "RedisMemoryNearLimit",
              [(f"zerostate_redis_memory_used_bytes{{{ZSMON}}}", f"95x{n15}"),
               (f"zerostate_redis_memory_max_bytes{{{ZSMON}}}", f"0x{n15}")], 660),

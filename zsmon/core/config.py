@@ -182,6 +182,10 @@ class SchedulerConfig(Strict):
     health_interval_seconds: float = Field(5.0, gt=0, description="How often database and Redis health is probed "
                                            "(drives /ready).")
     misfire_grace_seconds: float = Field(30.0, gt=0, description="A run later than this is skipped, not run late.")
+    shutdown_grace_seconds: float = Field(10.0, ge=1, le=300, description="On SIGTERM/SIGINT zsmon stops scheduling, "
+                                          "cancels its running queries on the server and exits within this long "
+                                          "(HA leases are handed over at once when no run is left, else they "
+                                          "lapse). Keep it below Kubernetes' terminationGracePeriodSeconds (30).")
 
 
 class HaConfig(Strict):

@@ -13,11 +13,17 @@ drops packets still accepts TCP and acknowledges data, so neither
 round trip on a zsmon connection is therefore also bounded on the client: a
 wait longer than the statement timeout plus ``connect_timeout`` drops the
 connection and raises ``DatabaseUnresponsive`` (the run is ``error``; the pool
-opens a fresh connection once the server answers again).
+opens a fresh connection once the server answers again). Before it is dropped, the
+query is cancelled on the server (a cancel request on a side connection), which would
+otherwise keep running it.
+
+A run leaves nothing on its pooled connection: the pool's reset runs ``DISCARD ALL``
+when the connection comes back (advisory locks, session settings, prepared statements).
 """
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import contextmanager, suppress
 from typing import Any, Iterator
 
@@ -50,11 +56,24 @@ class BoundedConnection(psycopg.Connection):
         try:
             return super().wait(gen, interval=interval, timeout=self.op_timeout)
         except psycopg.errors._WaitTimeout:  # noqa: SLF001 - psycopg's own signal for an expired wait
+            # Dropping the socket alone leaves the query running in its backend: cancel it on the server
+            # first (a cancel request on a side connection; bounded, as the server may not answer at all).
+            cancel_on_server(self, min(1.0, self.op_timeout))
             # The protocol state is unknown now: the connection cannot be reused.
             with suppress(Exception):
                 self.pgconn.finish()
             raise DatabaseUnresponsive(f"no answer from the database within {self.op_timeout:g}s "
                                        "(server paused, overloaded or unreachable)") from None
+
+
+def cancel_on_server(conn: psycopg.Connection, timeout: float) -> bool:
+    """Ask the server to cancel the statement running on ``conn``; False when that could not be sent in
+    ``timeout`` seconds (server paused or unreachable)."""
+    try:
+        conn.cancel_safe(timeout=timeout)
+    except Exception:  # noqa: BLE001 - best effort: the caller drops the connection either way
+        return False
+    return True
 
 
 class SingleStatementCursor(psycopg.Cursor):
@@ -136,6 +155,9 @@ class Database:
         # Why no snapshot may be taken now (zsmon.core.privileges.RoleGuard: a role not yet proven
         # read-only under database.require_minimal_role); None when runs may go ahead.
         self.blocked: str | None = None
+        # Connections inside a snapshot now: what a shutdown cancels on the server.
+        self._busy: set[psycopg.Connection] = set()
+        self._busy_lock = threading.Lock()
         self.pool = ConnectionPool(
             self._conninfo,
             min_size=1,
@@ -148,6 +170,7 @@ class Database:
             # so zsmon reconnects within one interval of the database coming back.
             reconnect_timeout=0,
             configure=self._configure,
+            reset=self._reset,
             check=self._check,
             connection_class=_recording(self),
             max_idle=300,
@@ -158,6 +181,18 @@ class Database:
         # Round trips outside a snapshot (pool check, rollback on return) get the connect timeout.
         conn.op_timeout = self.cfg.connect_timeout_seconds  # type: ignore[attr-defined]
 
+    def _reset(self, conn: psycopg.Connection) -> None:
+        """A run leaves nothing behind on its pooled connection: session settings, advisory locks (which could
+        block a platform migration), prepared statements, LISTENs all go (``DISCARD ALL``). The settings zsmon
+        connects with (read-only, timeouts) are the session's defaults, so they stay. If this fails, the pool
+        discards the connection."""
+        with _bounded(conn, self.cfg.connect_timeout_seconds):
+            conn.autocommit = True  # DISCARD ALL cannot run inside a transaction block
+            try:
+                conn.execute("DISCARD ALL")
+            finally:
+                conn.autocommit = False
+
     def _check(self, conn: psycopg.Connection) -> None:
         # A pooled connection to a paused server would hang its check forever: bound it.
         with _bounded(conn, self.cfg.connect_timeout_seconds):
@@ -166,8 +201,8 @@ class Database:
     def open(self) -> None:
         self.pool.open(wait=False)
 
-    def close(self) -> None:
-        self.pool.close(timeout=2)
+    def close(self, timeout: float = 2.0) -> None:
+        self.pool.close(timeout=timeout)
 
     @contextmanager
     def snapshot(self, statement_timeout_seconds: float | None = None) -> Iterator[psycopg.Connection]:
@@ -179,12 +214,30 @@ class Database:
             with self.pool.connection(timeout=self.cfg.connect_timeout_seconds) as conn:
                 # The server cancels a statement at statement_timeout; if it does not answer by then
                 # plus connect_timeout, it is not answering at all.
-                with _bounded(conn, timeout + self.cfg.connect_timeout_seconds):
-                    with conn.transaction(force_rollback=True):
-                        conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{_ms(timeout)}ms",))
-                        yield conn
+                with self._busy_lock:
+                    self._busy.add(conn)
+                try:
+                    with _bounded(conn, timeout + self.cfg.connect_timeout_seconds):
+                        with conn.transaction(force_rollback=True):
+                            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{_ms(timeout)}ms",))
+                            yield conn
+                finally:
+                    with self._busy_lock:
+                        self._busy.discard(conn)
         except PoolTimeout:
             raise DatabaseUnavailable(self._timed_out(self.cfg.connect_timeout_seconds)) from None
+
+    def cancel_running(self, timeout: float) -> int:
+        """Cancel on the server every query a snapshot of this process is running (shutdown); waits at most
+        ``timeout`` seconds. Returns how many were asked to stop."""
+        with self._busy_lock:
+            busy = list(self._busy)
+        threads = [threading.Thread(target=cancel_on_server, args=(c, timeout), daemon=True) for c in busy]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+        return len(busy)
 
     def identity(self, timeout: float = 5.0) -> tuple[str, str]:
         """(system identifier, database name): who this database is, whatever address reaches it."""

@@ -6,8 +6,10 @@ monitored database is.
 """
 from __future__ import annotations
 
+import math
 import platform
 import threading
+import time
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -104,7 +106,8 @@ class CachedFamilies:
 class Metrics:
     def __init__(self, store: ResultStore, checker_names: Iterable[str] = (), job_names: Iterable[str] = (),
                  exporter_names: Iterable[str] = (), leads: Callable[[str], bool] | None = None,
-                 invariants: Iterable[tuple[str, str]] = ()) -> None:
+                 invariants: Iterable[tuple[str, str]] = (),
+                 valid_until: Callable[[], float] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.check_runs = Counter("zerostate_invariant_check_runs", "Checker runs by outcome.",
@@ -150,6 +153,10 @@ class Metrics:
         self._role_lock = threading.Lock()
         self._store = store
         self._rendered: tuple[int, dict[str, bytes]] = (-1, {})  # (store generation, body per content type)
+        # HA: the monotonic time the first lease held at the last render lapses; past it, the cached bytes may
+        # hold series this replica no longer leads (it was paused, say) and a scrape renders afresh.
+        self._valid_until = valid_until
+        self._rendered_until = math.inf
         self.families = CachedFamilies()
         r.register(ResultsCollector(store, leads))
         r.register(self.families)
@@ -178,16 +185,23 @@ class Metrics:
         call this when they finish; a scrape then returns ready bytes.
         """
         generation = self._store.generation  # read first: a result stored meanwhile marks these bytes stale
+        until = self._valid_until() if self._valid_until is not None else math.inf  # idem, before rendering
         rendered = {}
         for accept in _FORMATS:
             encoder, content_type = choose_encoder(accept)
             rendered[content_type] = encoder(self.registry)
         self._rendered = (generation, rendered)
+        self._rendered_until = until
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
         generation, rendered = self._rendered
         cached = rendered.get(content_type)
+        if time.monotonic() >= self._rendered_until:
+            # A lease held when these bytes were rendered has lapsed since (nobody renewed it: the process
+            # was paused, say): render now, never serving another replica's series as ours.
+            self.refresh()
+            return self._rendered[1][content_type], content_type
         if cached is None or generation != self._store.generation:
             # A result was stored after the last render (the job's refresh is a moment away): render
             # now, so /metrics never shows an older run than the API already does.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -17,7 +18,7 @@ from redis import RedisError
 
 from zsmon.core.checker import Checker, CheckContext
 from zsmon.core.config import Config
-from zsmon.core.db import Database, DatabaseUnavailable, explain
+from zsmon.core.db import Database, DatabaseUnavailable, cancel_on_server, explain
 from zsmon.core.deployment import Deployment
 from zsmon.core.lifecycle import Lifecycle, Observed
 from zsmon.core.logging import get_logger, redactor
@@ -72,6 +73,13 @@ class Runner:
         # Every Redis key lives under the monitored database's identity (zsmon.core.deployment).
         self.deployment = Deployment(config, db)
         self._lifecycle: Lifecycle | None = None
+        # Shutdown: no run starts once set; runs in progress are counted so the service can wait for them.
+        self.stopping = False
+        self._busy = 0
+        self._idle = threading.Condition()
+        # A checker's run in progress: its connection, and whether it was abandoned (its lease lost).
+        self._running_on: dict[str, Any] = {}
+        self._abandoned: set[str] = set()
 
     @property
     def lifecycle(self) -> Lifecycle | None:
@@ -95,16 +103,48 @@ class Runner:
         return "incremental"
 
     def run_check(self, name: str, mode: str | None = None, *, publish: bool = True) -> CheckResult | None:
-        """Run one checker now. Returns None when another replica holds this checker's lease."""
+        """Run one checker now. Returns None when another replica holds this checker's lease (or the
+        process is shutting down)."""
         bound = self.checkers[name]
-        token = self.coordinator.acquire(f"check:{name}")
-        if not token:
-            return None
-        with self._locks[name]:
-            result, ctx = self._execute(bound, mode or self.choose_mode(name))
-            if publish:
-                return self._publish(bound.checker, result, ctx, token)
-            return result
+        with self._running():
+            token = None if self.stopping else self.coordinator.acquire(f"check:{name}")
+            if not token:
+                # Another replica runs it: an error of this replica's own last run describes nothing now.
+                self.database_errors.pop(name, None)
+                return None
+            with self._locks[name]:
+                result, ctx = self._execute(bound, mode or self.choose_mode(name))
+                if publish:
+                    return self._publish(bound.checker, result, ctx, token)
+                return result
+
+    # ---- shutdown ----------------------------------------------------------------
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def abandon(self, job: str) -> None:
+        """This replica lost ``job``'s lease mid-run: cancel the run's query on the server now. The run ends
+        as an error that is never published (fenced), instead of running to completion for nobody."""
+        kind, _, name = job.partition(":")
+        conn = self._running_on.get(name) if kind == "check" else None
+        if conn is None:
+            return
+        self._abandoned.add(name)
+        log.warning("run_abandoned_lease_lost", checker=name)
+        cancel_on_server(conn, 1.0)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no run of this process is in progress (so none can still publish); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout=max(0.0, timeout))
 
     def run_checks(self, names: list[str] | None = None, mode: str | None = None,
                    on_reachable: Callable[[], Any] | None = None) -> list[CheckResult]:
@@ -148,6 +188,8 @@ class Runner:
         error = db_error = None
         try:
             with self.db.snapshot(bound.statement_timeout_seconds) as conn:
+                self._abandoned.discard(checker.name)
+                self._running_on[checker.name] = conn
                 ctx = CheckContext(checker, conn, mode=mode, sample_limit=self.config.checks.sample_limit,
                                    redis=redis, redis_reason=redis_reason, key_prefix=prefix or self.config.redis.key_prefix,
                                    log=log.bind(checker=checker.name), track_limit=self.config.checks.track_limit,
@@ -163,6 +205,11 @@ class Runner:
         except Exception as exc:  # a bug in a checker is an error result, not a dead scheduler
             error = f"checker raised {type(exc).__name__}: {redactor.scrub(str(exc))}"
             log.exception("checker_crashed", checker=checker.name)
+        finally:
+            self._running_on.pop(checker.name, None)
+        if checker.name in self._abandoned:
+            self._abandoned.discard(checker.name)
+            error, db_error = "abandoned: this replica lost the lease mid-run (another replica runs it)", None
         duration = time.perf_counter() - t0
         # What /ready reports while it lasts: the database failed this checker (not the checker's own bug).
         if db_error is not None:
@@ -191,9 +238,13 @@ class Runner:
         """Publish a finished run (fenced); returns it as published, with its violations' lifecycle."""
         if ctx is not None and result.status != "error":
             result = self._with_lifecycle(result, ctx)
-        # Fencing: a replica that lost its lease while it ran (paused, partitioned) publishes nothing.
+        if self.stopping and result.status == "error":
+            # Cancelled by the shutdown (or failed during it): not a finding about the database.
+            log.info("result_discarded_shutdown", checker=checker.name, error=result.error)
+            return result
+        # Fencing: a replica that lost its lease while it ran (paused, partitioned) publishes nothing; the
+        # coordinator logs why (lease lost, Redis gone under stand_by).
         if not self.coordinator.publish(f"check:{checker.name}", token, result):
-            log.warning("result_discarded_lost_lease", checker=checker.name)
             return result
         self.store.put(result)
         if self.metrics is not None:
@@ -231,6 +282,11 @@ class Runner:
 
     # ---- exporters -----------------------------------------------------------
     def collect(self, name: str) -> None:
+        with self._running():
+            if not self.stopping:
+                self._collect_one(name)
+
+    def _collect_one(self, name: str) -> None:
         exporter = self.exporters[name].exporter
         if not self.coordinator.acquire(f"export:{name}"):
             # Another replica collects and exports these families (HA); this one's own gauges go away.

@@ -227,7 +227,8 @@ class Service:
         self.metrics = Metrics(self.store, checkers, [f"check:{n}" for n in checkers]
                                + [f"export:{n}" for n in exporters] + ["health"], exporter_names=exporters,
                                leads=self.coordinator.leads if self.coordinator is not None else None,
-                               invariants=[(n, inv.id) for n, b in checkers.items() for inv in b.invariants])
+                               invariants=[(n, inv.id) for n, b in checkers.items() for inv in b.invariants],
+                               valid_until=self.coordinator.valid_until if self.coordinator is not None else None)
         if self.coordinator is not None:
             self.coordinator.on_change = self.metrics.refresh
 
@@ -243,6 +244,8 @@ class Service:
                 self._register_leader_only(name, bound)
         self.runner = build_runner(registry, exporters=exporters, metrics=self.metrics, store=self.store,
                                    coordinator=self.coordinator)
+        if self.coordinator is not None:
+            self.coordinator.on_lost = self.runner.abandon  # a run whose lease lapsed stops early
         self.scheduler = Scheduler(config.scheduler.max_workers, config.scheduler.jitter_ratio,
                                    config.scheduler.misfire_grace_seconds, self.metrics)
         # The role is inspected whenever the database (again) answers: a failover may land on another server.
@@ -264,13 +267,12 @@ class Service:
         self.metrics.registry.register(LeaderOnly(own, lambda: self.coordinator.leads(f"check:{name}")))
 
     def _on_acquired(self, job: str) -> None:
-        """This replica just took a job over: run it now unless its latest shared result is still fresh."""
+        """This replica just took a job over: run it now unless its latest shared result is fresh and good
+        (an error, e.g. from a leader that lost its database, is re-run at once)."""
         kind, _, name = job.partition(":")
-        if kind == "check" and name in self.runner.checkers:
-            every = self.runner.checkers[name].interval_seconds
-            latest = self.store.state(name).latest
-            if latest is not None and time.time() - latest.started_at < every:
-                return
+        if kind == "check" and name in self.runner.checkers and not self.coordinator.result_due(
+                name, self.runner.checkers[name].interval_seconds):
+            return
         self.scheduler.run_now(job)
 
     # ---- what the HTTP layer reads (zsmon.core.view.ServiceView) ------------------
@@ -354,8 +356,12 @@ class Service:
 
     def readiness(self) -> list[str]:
         reasons = []
+        if self.runner.stopping:
+            reasons.append("shutting down")
         if not self.scheduler.running:
             reasons.append("scheduler is not running")
+        if self.coordinator is not None and self.coordinator.problem:
+            reasons.append(self.coordinator.problem)
         stale_after = 3 * self.config.scheduler.health_interval_seconds + 5
         if self._db_reason:
             reasons.append(self._db_reason)
@@ -398,6 +404,8 @@ class Service:
                 log.info("deployment_identity", deployment=deployment.name, key_prefix=deployment.prefix,
                          source=deployment.source, detail="memory, acknowledgements and HA leases in Redis "
                          "belong to this deployment only")
+            if self.coordinator is not None:
+                self.coordinator.database_up()
             if was_down:
                 self._advise_indexes()
                 self._recover()
@@ -405,6 +413,8 @@ class Service:
             if self._db_reason is None or self._db_reason.startswith("database not checked"):
                 log.warning("database_down", error=str(exc))
             self._db_reason = str(exc)
+            if self.coordinator is not None:  # leases go to a replica that can reach the database
+                self.coordinator.database_down(str(exc))
         self._health_at = time.time()
         self.metrics.database_up.set(0 if self._db_reason else 1)
         self.metrics.redis_up.set(0 if redis_ping(self.runner.redis) else 1)
@@ -531,8 +541,16 @@ class Service:
         self._schedule()
         self.scheduler.start()
         if self.coordinator is not None:
-            self.coordinator.watch(j for j in self.scheduler.intervals if j != "health")
+            jobs = {j: every for j, every in self.scheduler.intervals.items() if j != "health"}
+            self.coordinator.watch(jobs)
             self.coordinator.start()
+            shortest = min(jobs.items(), key=lambda kv: kv[1], default=None)
+            if shortest is not None and self.config.ha.lease_seconds > shortest[1]:
+                log.warning("ha_lease_longer_than_interval", lease_seconds=self.config.ha.lease_seconds,
+                            job=shortest[0], interval_seconds=shortest[1],
+                            detail="a dead leader's jobs wait up to a lease before another replica runs them, "
+                                   "so takeover takes more than one interval of this job: set ha.lease_seconds "
+                                   "to at most the shortest interval")
         log.info("zsmon_started", database=self.runner.db.where, checkers=list(self.runner.checkers),
                  exporters=list(self.runner.exporters), metrics_port=self.ports["metrics"],
                  api_port=self.ports["api"], redis="on" if self.runner.redis is not None else "off",
@@ -546,19 +564,43 @@ class Service:
                                "have no lifecycle and cannot be acknowledged: every one pages")
 
     def stop(self) -> None:
-        self.scheduler.shutdown()
+        """Stop within ``scheduler.shutdown_grace_seconds``: no new run, the running queries cancelled on the
+        server, the leases released only once no run of this process can still publish (else they lapse),
+        then the listeners and pools closed."""
+        grace = self.config.scheduler.shutdown_grace_seconds
+        began = time.monotonic()
+        deadline = began + grace
+        runs_deadline = deadline - min(2.0, grace / 3)  # what is left is for the listeners and the pools
+
+        def left(until: float = deadline) -> float:
+            return max(0.0, until - time.monotonic())
+
+        log.info("zsmon_stopping", grace_seconds=grace)
+        self.scheduler.shutdown()  # no new scheduled run
+        self.runner.stopping = True  # no run starts (on demand either); one cut short publishes nothing
         if self.coordinator is not None:
-            self.coordinator.stop()  # releases the leases: another replica takes over at once
+            self.coordinator.close()  # no new lease; the held ones are still renewed while runs end
+        cancelled = 0
+        idle = self.runner.wait_idle(0)
+        while not idle and left(runs_deadline) > 0:
+            # Again each round: a run between two queries starts its next one after a cancel.
+            cancelled += self.runner.db.cancel_running(min(1.0, left(runs_deadline)))
+            idle = self.runner.wait_idle(min(0.25, left(runs_deadline)))
+        if self.coordinator is not None:
+            # Released only when nothing can publish any more: otherwise the next holder's run would overlap
+            # this one's; a lease left to lapse hands over after lease_seconds.
+            self.coordinator.stop(release=idle)
         for s in self._servers:
             s.should_exit = True
         for thread in self._threads:
-            thread.join(5)
+            thread.join(min(2.0, left()))
         for sock in self._sockets:  # uvicorn closes them; these are the ones it never served
             sock.close()
-        self.runner.db.close()
+        self.runner.db.close(timeout=min(1.0, left()))
         if self.runner.redis is not None:
             self.runner.redis.close()
-        log.info("zsmon_stopped")
+        log.info("zsmon_stopped", seconds=round(time.monotonic() - began, 2), queries_cancelled=cancelled,
+                 runs_finished=idle)
 
     def run_forever(self) -> None:
         """Start, then block until SIGINT/SIGTERM; stop cleanly."""
