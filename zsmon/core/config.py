@@ -42,6 +42,11 @@ class DatabaseConfig(Strict):
     lock_timeout_seconds: float = Field(5.0, gt=0, description="lock_timeout of every session.")
     connect_timeout_seconds: float = Field(5.0, gt=0, description="How long to wait for a connection before the "
                                            "run is an error.")
+    recovery_conflict_retries: int = Field(
+        2, ge=0, le=10, description="On a hot standby: how many times a checker run cancelled by a conflict with "
+        "recovery (replay removing rows its snapshot still reads) is retried at once with a fresh snapshot before "
+        "the run is an error that says so and names the standby setting to raise (docs/deployment.md, Hot "
+        "standby).")
     require_minimal_role: bool = Field(False, description="Refuse to start (exit 2) when the role can do more than "
                                        "read: superuser, CREATEROLE, pg_execute_server_program, "
                                        "pg_write_server_files, pg_read_server_files, pg_signal_backend, "

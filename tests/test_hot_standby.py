@@ -1,0 +1,156 @@
+"""zsmon reading a hot standby: a real primary and a real streaming replica (pg_basebackup -R), private ports.
+
+A fault written on the primary is found by zsmon connected to the standby once the standby replayed it;
+a sweep cancelled by a real recovery conflict is retried on a fresh snapshot, and one that keeps being
+cancelled is an error that says so and names the standby setting to raise; replication lag is exported.
+"""
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from zsmon.app import build_registry
+from zsmon.core.checker import CheckContext, Checker, Invariant
+from zsmon.core.service import build_runner
+from zsmon.demo.simulator.payments import FAULTS, PaymentSimulator, inject_fault
+from zsmon.testing import PrivatePostgres, bind_checker
+
+pytestmark = pytest.mark.slow
+
+
+def _collect_postgres(make_config, dsn: str) -> dict[str, float]:
+    runner = build_runner(build_registry(make_config(redis=False, env={"ZSMON_DATABASE_URL": dsn})),
+                          only=[], exporters=["postgres"])
+    try:
+        families = runner._collect(runner.exporters["postgres"].exporter)
+    finally:
+        runner.db.close()
+    return {s.name: s.value for f in families for s in f.samples if not s.labels}
+
+
+def test_zsmon_on_a_standby_finds_a_fault_planted_on_the_primary(hot_standby, make_config, run_check):
+    primary, standby = hot_standby()
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        PaymentSimulator(conn, seed=7).run(200)
+    standby.wait_for_replay()
+    cfg = make_config(redis=False, env={"ZSMON_DATABASE_URL": standby.dsn})
+    with psycopg.connect(standby.dsn) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+        assert conn.execute("SELECT count(*) FROM channel_transactions").fetchone()[0] > 0
+
+    # zsmon's REPEATABLE READ READ ONLY snapshots work on the standby as they are.
+    clean = run_check("payments", mode="full", config=cfg)
+    assert clean.status == "pass", clean.to_dict()
+
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        channel = inject_fault(conn, "one_unit_leak")
+    standby.wait_for_replay()
+    found = run_check("payments", mode="full", config=cfg)
+    assert found.status == "fail", found.to_dict()
+    assert {(v.invariant, v.entity_id) for v in found.violations} == {(FAULTS["one_unit_leak"].invariant, channel)}
+
+    # Lag is exported when zsmon reads the standby, never on the primary.
+    on_standby = _collect_postgres(make_config, standby.dsn)
+    assert 0 <= on_standby["zsmon_database_replication_lag_seconds"] < 60
+    on_primary = _collect_postgres(make_config, primary.dsn)
+    assert on_primary["zerostate_postgres_up"] == 1
+    assert "zsmon_database_replication_lag_seconds" not in on_primary
+
+
+def test_lag_grows_while_the_standby_stops_replaying(hot_standby, make_config):
+    primary, standby = hot_standby()
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE lagprobe (x int)")
+        conn.execute("INSERT INTO lagprobe VALUES (1)")
+    standby.wait_for_replay()
+    assert _collect_postgres(make_config, standby.dsn)["zsmon_database_replication_lag_seconds"] == 0  # caught up
+    with psycopg.connect(standby.dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO lagprobe VALUES (2)")
+        conn.execute("SELECT pg_sleep(1.2)")
+        conn.execute("INSERT INTO lagprobe VALUES (3)")
+    with psycopg.connect(standby.dsn, autocommit=True) as conn:
+        # Received but not replayed: the last replayed commit (the first INSERT) is over a second old.
+        conn.execute("SELECT pg_sleep(0.3)")
+        lag = _collect_postgres(make_config, standby.dsn)["zsmon_database_replication_lag_seconds"]
+        assert lag >= 1.2
+        conn.execute("SELECT pg_wal_replay_resume()")
+    standby.wait_for_replay()
+    assert _collect_postgres(make_config, standby.dsn)["zsmon_database_replication_lag_seconds"] == 0
+
+
+class ConflictedChecker(Checker):
+    """Test-only: reads a table, then makes the primary VACUUM away rows its snapshot may still see.
+
+    With ``max_standby_streaming_delay=0`` on the standby (and no ``hot_standby_feedback``), replaying that
+    VACUUM cancels this run's session at once: its next query fails with a real recovery conflict. It does
+    so on its first ``conflicts`` runs, then reads quietly."""
+
+    name = "conflicted"
+    description = "test-only: a sweep a hot standby's replay cancels"
+    invariants = (Invariant("conflicted_reads", "the sweep reads its table", "system"),)
+
+    def __init__(self, primary: PrivatePostgres, standby: PrivatePostgres, conflicts: int) -> None:
+        super().__init__()
+        self.primary, self.standby, self.conflicts, self.runs = primary, standby, conflicts, 0
+
+    def run(self, ctx: CheckContext) -> None:
+        self.runs += 1
+        before = ctx.scalar("SELECT count(*) FROM conflict_rows")
+        if self.conflicts > 0:
+            self.conflicts -= 1
+            with psycopg.connect(self.primary.dsn, autocommit=True) as conn:
+                conn.execute("DELETE FROM conflict_rows")
+                conn.execute("VACUUM conflict_rows")  # removes rows this run's snapshot still sees
+                conn.execute("INSERT INTO conflict_rows SELECT generate_series(1, 100)")
+            self.standby.wait_for_replay()
+        after = ctx.scalar("SELECT count(*) FROM conflict_rows")
+        assert before == after  # one snapshot
+        ctx.report("conflicted_reads", [])
+
+
+@pytest.fixture
+def conflicting(hot_standby, make_config):
+    # No autovacuum on the primary: the only VACUUM replayed is the checker's own.
+    primary, standby = hot_standby(primary={"autovacuum": "off"},
+                                   standby={"max_standby_streaming_delay": "0", "hot_standby_feedback": "off"})
+    with psycopg.connect(primary.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE conflict_rows (x int)")
+        conn.execute("INSERT INTO conflict_rows SELECT generate_series(1, 100)")
+    standby.wait_for_replay()
+
+    def make(conflicts: int, **database):
+        cfg = make_config(redis=False, env={"ZSMON_DATABASE_URL": standby.dsn}, database=database)
+        runner = build_runner(build_registry(cfg), only=[])
+        checker = ConflictedChecker(primary, standby, conflicts)
+        runner.checkers["conflicted"] = bind_checker(checker, cfg)
+        made.append(runner)
+        return runner, checker
+
+    made: list = []
+    yield make
+    for runner in made:
+        runner.db.close()
+
+
+def test_a_recovery_conflict_is_retried_on_a_fresh_snapshot(conflicting):
+    runner, checker = conflicting(conflicts=2)  # the default allows 2 retries
+    result = runner.run_check("conflicted")
+    assert result.status == "pass", result.to_dict()
+    assert checker.runs == 3 and checker.conflicts == 0
+    assert "conflicted" not in runner.database_errors
+
+
+def test_a_sweep_that_keeps_conflicting_is_an_error_naming_the_standby_setting(conflicting):
+    runner, checker = conflicting(conflicts=10, recovery_conflict_retries=1)
+    result = runner.run_check("conflicted")
+    assert checker.runs == 2  # the run and its one retry, no more
+    assert result.status == "error"
+    assert "conflict with recovery" in result.error and "[2 attempts]" in result.error
+    assert "hot_standby_feedback=on" in result.error and "max_standby_streaming_delay" in result.error
+    assert "\n" not in result.error
+    # Not the database being down: /ready is not turned away by it, and the next run is fine.
+    assert "conflicted" not in runner.database_errors
+    checker.conflicts = 0
+    assert runner.run_check("conflicted").status == "pass"
