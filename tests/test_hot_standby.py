@@ -6,8 +6,14 @@ cancelled is an error that says so and names the standby setting to raise; repli
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import psycopg
 import pytest
+import yaml
 
 from zsmon.app import build_registry
 from zsmon.core.checker import CheckContext, Checker, Invariant
@@ -28,7 +34,8 @@ def _collect_postgres(make_config, dsn: str) -> dict[str, float]:
     return {s.name: s.value for f in families for s in f.samples if not s.labels}
 
 
-def test_zsmon_on_a_standby_finds_a_fault_planted_on_the_primary(hot_standby, make_config, run_check):
+def test_zsmon_on_a_standby_finds_a_fault_planted_on_the_primary(hot_standby, make_config, run_check,
+                                                                 redis_prefix, tmp_path):
     primary, standby = hot_standby()
     with psycopg.connect(primary.dsn, autocommit=True) as conn:
         PaymentSimulator(conn, seed=7).run(200)
@@ -48,6 +55,19 @@ def test_zsmon_on_a_standby_finds_a_fault_planted_on_the_primary(hot_standby, ma
     found = run_check("payments", mode="full", config=cfg)
     assert found.status == "fail", found.to_dict()
     assert {(v.invariant, v.entity_id) for v in found.violations} == {(FAULTS["one_unit_leak"].invariant, channel)}
+
+    # The command line too (role inspection, deployment identity, Redis memory) against the standby.
+    conf = tmp_path / "zsmon.yml"
+    conf.write_text(yaml.safe_dump({"redis": {"key_prefix": redis_prefix}}))
+    env = {**os.environ, "ZSMON_DATABASE_URL": standby.dsn, "REDIS_HOST": "127.0.0.1", "LOG_FORMAT": "json"}
+    cli = subprocess.run([sys.executable, "-m", "zsmon.cli", "--config", str(conf), "check", "--once",
+                          "--only", "payments", "--format", "json"], check=False, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    (check,) = json.loads(cli.stdout)["checks"]
+    assert check["status"] == "fail" and check["error"] is None
+    assert {(v["invariant"], v["entity_id"]) for v in check["violations"]} == {(FAULTS["one_unit_leak"].invariant,
+                                                                                channel)}
 
     # Lag is exported when zsmon reads the standby, never on the primary.
     on_standby = _collect_postgres(make_config, standby.dsn)

@@ -180,7 +180,7 @@ class PrivatePostgres:
 
     BIN = os.environ.get("ZSMON_PG_BIN", "/usr/lib/postgresql/15/bin")
 
-    def __init__(self, settings: dict[str, str] | None = None, *, primary: "PrivatePostgres | None" = None) -> None:
+    def __init__(self, settings: dict[str, str] | None = None, *, primary: PrivatePostgres | None = None) -> None:
         import tempfile
 
         self.dir = tempfile.mkdtemp(prefix="zsmon-pg-")
@@ -209,7 +209,7 @@ class PrivatePostgres:
             self.destroy()
             raise
 
-    def standby(self, **settings: str) -> "PrivatePostgres":
+    def standby(self, **settings: str) -> PrivatePostgres:
         """A hot standby streaming from this cluster, answering read-only queries once this returns."""
         return PrivatePostgres({"hot_standby": "on", **settings}, primary=self)
 
@@ -233,7 +233,7 @@ class PrivatePostgres:
         cmd = [os.path.join(self.BIN, tool), *args]
         if self._as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
 

@@ -211,6 +211,9 @@ class RenderConfig(Strict):
                                                  "and never more than 10 minutes).")
     staleness_factor: float = Field(3.0, ge=1.5, le=100, description="A checker or exporter with no successful "
                                     "run for this many of its intervals alerts as stale.")
+    replication_lag_seconds: int = Field(60, ge=1, le=86400, description="ZsmonReplicationLag warns when zsmon "
+                                         "reads a hot standby this many seconds behind the primary (for 2 "
+                                         "minutes): its checks see the platform that late.")
     critical_invariant_for_seconds: int = Field(0, ge=0, description="`for` of alerts on critical (money) "
                                                 "invariants: a violation seen in one snapshot is real.")
     warning_invariant_for_seconds: int = Field(300, ge=0, description="`for` of alerts on warning and info "
