@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import psycopg
 import pytest
@@ -19,7 +21,7 @@ from zsmon.app import build_registry
 from zsmon.core.checker import CheckContext, Checker, Invariant
 from zsmon.core.service import build_runner
 from zsmon.demo.simulator.payments import FAULTS, PaymentSimulator, inject_fault
-from zsmon.testing import PrivatePostgres, bind_checker
+from zsmon.testing import PrivatePostgres, bind_checker, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -111,19 +113,39 @@ class ConflictedChecker(Checker):
     description = "test-only: a sweep a hot standby's replay cancels"
     invariants = (Invariant("conflicted_reads", "the sweep reads its table", "system"),)
 
-    def __init__(self, primary: PrivatePostgres, standby: PrivatePostgres, conflicts: int) -> None:
+    def __init__(self, primary: PrivatePostgres, standby: PrivatePostgres, conflicts: int,
+                 mid_query: bool = False) -> None:
         super().__init__()
         self.primary, self.standby, self.conflicts, self.runs = primary, standby, conflicts, 0
+        self.mid_query = mid_query  # provoke it while a long statement runs, not between statements
+
+    def vacuum_on_primary(self) -> None:
+        with psycopg.connect(self.primary.dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM conflict_rows")
+            conn.execute("VACUUM conflict_rows")  # removes rows this run's snapshot still sees
+            conn.execute("INSERT INTO conflict_rows SELECT generate_series(1, 100)")
+
+    def vacuum_once_the_sweep_runs(self) -> None:
+        with psycopg.connect(self.standby.dsn, autocommit=True) as conn:
+            wait_for(lambda: conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'zsmon' AND state = 'active' "
+                "AND query LIKE '%pg_sleep%'").fetchone(), timeout=10, interval=0.02)
+        self.vacuum_on_primary()
 
     def run(self, ctx: CheckContext) -> None:
         self.runs += 1
         before = ctx.scalar("SELECT count(*) FROM conflict_rows")
-        if self.conflicts > 0:
-            self.conflicts -= 1
-            with psycopg.connect(self.primary.dsn, autocommit=True) as conn:
-                conn.execute("DELETE FROM conflict_rows")
-                conn.execute("VACUUM conflict_rows")  # removes rows this run's snapshot still sees
-                conn.execute("INSERT INTO conflict_rows SELECT generate_series(1, 100)")
+        conflict, self.conflicts = self.conflicts > 0, max(0, self.conflicts - 1)
+        if conflict and self.mid_query:
+            # A long statement (5 s) that replay cancels as soon as the VACUUM arrives.
+            provoker = threading.Thread(target=self.vacuum_once_the_sweep_runs, daemon=True)
+            provoker.start()
+            try:
+                ctx.scalar("SELECT count(*) FROM conflict_rows, pg_sleep(5)")
+            finally:
+                provoker.join(15)
+        elif conflict:
+            self.vacuum_on_primary()
             self.standby.wait_for_replay()
         after = ctx.scalar("SELECT count(*) FROM conflict_rows")
         assert before == after  # one snapshot
@@ -140,10 +162,10 @@ def conflicting(hot_standby, make_config):
         conn.execute("INSERT INTO conflict_rows SELECT generate_series(1, 100)")
     standby.wait_for_replay()
 
-    def make(conflicts: int, **database):
+    def make(conflicts: int, mid_query: bool = False, **database):
         cfg = make_config(redis=False, env={"ZSMON_DATABASE_URL": standby.dsn}, database=database)
         runner = build_runner(build_registry(cfg), only=[])
-        checker = ConflictedChecker(primary, standby, conflicts)
+        checker = ConflictedChecker(primary, standby, conflicts, mid_query)
         runner.checkers["conflicted"] = bind_checker(checker, cfg)
         made.append(runner)
         return runner, checker
@@ -174,3 +196,14 @@ def test_a_sweep_that_keeps_conflicting_is_an_error_naming_the_standby_setting(c
     assert "conflicted" not in runner.database_errors
     checker.conflicts = 0
     assert runner.run_check("conflicted").status == "pass"
+
+
+def test_a_long_statement_cancelled_by_replay_is_retried(conflicting):
+    """The long-sweep case: replay cancels a running statement ("canceling statement due to conflict with
+    recovery"), not an idle transaction."""
+    runner, checker = conflicting(conflicts=1, mid_query=True)
+    t0 = time.monotonic()
+    result = runner.run_check("conflicted")
+    assert result.status == "pass", result.to_dict()
+    assert checker.runs == 2
+    assert time.monotonic() - t0 < 4.5  # cancelled, not waited out: the statement would sleep 5 s
