@@ -118,6 +118,7 @@ class ConflictedChecker(Checker):
         super().__init__()
         self.primary, self.standby, self.conflicts, self.runs = primary, standby, conflicts, 0
         self.mid_query = mid_query  # provoke it while a long statement runs, not between statements
+        self.cancelled_after = 0.0  # how long the cancelled statement ran
 
     def vacuum_on_primary(self) -> None:
         with psycopg.connect(self.primary.dsn, autocommit=True) as conn:
@@ -140,9 +141,11 @@ class ConflictedChecker(Checker):
             # A long statement (5 s) that replay cancels as soon as the VACUUM arrives.
             provoker = threading.Thread(target=self.vacuum_once_the_sweep_runs, daemon=True)
             provoker.start()
+            t0 = time.perf_counter()
             try:
                 ctx.scalar("SELECT count(*) FROM conflict_rows, pg_sleep(5)")
             finally:
+                self.cancelled_after = time.perf_counter() - t0
                 provoker.join(15)
         elif conflict:
             self.vacuum_on_primary()
@@ -206,4 +209,8 @@ def test_a_long_statement_cancelled_by_replay_is_retried(conflicting):
     result = runner.run_check("conflicted")
     assert result.status == "pass", result.to_dict()
     assert checker.runs == 2
-    assert time.monotonic() - t0 < 4.5  # cancelled, not waited out: the statement would sleep 5 s
+    elapsed = time.monotonic() - t0
+    assert elapsed < 4.5  # cancelled, not waited out: the statement would sleep 5 s
+    # The run's duration counts the cancelled try too (it waited for the standby to show the statement).
+    assert 0 < result.duration_seconds <= elapsed
+    assert result.duration_seconds > checker.cancelled_after

@@ -163,7 +163,11 @@ class Runner:
                 # A hot standby cancelled the sweep so that replay could go on: again, on a fresh snapshot.
                 log.warning("check_retry_recovery_conflict", checker=checker.name, attempt=attempt,
                             error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
-                return self._execute(bound, mode, attempt + 1)
+                spent = time.perf_counter() - t0
+                result, ctx = self._execute(bound, mode, attempt + 1)
+                result.duration_seconds += spent  # the run's time and start include the cancelled tries
+                result.started_at = started
+                return result, ctx
             else:  # not the database's fault: /ready stays up, the reason names the standby setting
                 error = f"{explain(exc)} [{attempt} attempts]"
         except psycopg.Error as exc:
