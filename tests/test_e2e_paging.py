@@ -15,8 +15,9 @@ DatabaseDown's ``for`` from 1m to 2s, and Prometheus runs with ``--rules.alert.r
 resent only a minute later); expressions, labels, routing and inhibition are
 as rendered. ``bench/detection_latency.py`` measures the shipped defaults.
 
-Dashboard queries that cannot have data here (``EXEMPT``): the replication lag panel (only a
-replica reports it; ``tests/test_exporters.py`` covers it with a streaming replica) and the
+Dashboard queries that cannot have data here (``EXEMPT``): the replication lag panels (only a
+replica reports them; ``tests/test_exporters.py`` and ``tests/test_hot_standby.py`` cover them with a
+streaming replica) and the
 "Skipped invariants" table, which by design lists nothing while every invariant is judged.
 """
 from __future__ import annotations
@@ -50,8 +51,10 @@ def _queried(expr: str) -> str:
 
 
 EXEMPT = {_queried(e) for e in (
-    # Only a replica reports it; tests/test_exporters.py covers it with a streaming replica.
+    # Only a replica reports them; tests/test_exporters.py and tests/test_hot_standby.py cover them with a
+    # streaming replica.
     "max(zerostate_postgres_replication_lag_seconds)",
+    "max(zsmon_database_replication_lag_seconds)",
     # Lists only the invariants being skipped (`> 0`): empty while every invariant is judged, as here.
     "max by (checker, invariant) (zerostate_invariant_skipped) > 0",
 )}

@@ -172,26 +172,60 @@ def free_port() -> int:
 
 
 class PrivatePostgres:
-    """A throw-away cluster (initdb + pg_ctl from Debian's PostgreSQL) on its own port."""
+    """A throw-away cluster (initdb + pg_ctl from Debian's PostgreSQL) on its own port.
+
+    ``settings`` are extra server settings (``-c name=value``). ``primary.standby()`` makes a hot standby
+    of it (``pg_basebackup -R``, streaming), another ``PrivatePostgres`` on a port and directory of its own.
+    """
 
     BIN = os.environ.get("ZSMON_PG_BIN", "/usr/lib/postgresql/15/bin")
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None, *, primary: PrivatePostgres | None = None) -> None:
         import tempfile
 
         self.dir = tempfile.mkdtemp(prefix="zsmon-pg-")
         self.data = os.path.join(self.dir, "data")
         self.port = free_port()
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self._as_postgres = os.geteuid() == 0
+        self.settings = dict(settings or {})
+        self.primary = primary
+        self._as_postgres = os.geteuid() == 0  # initdb and postgres refuse to run as root
         if self._as_postgres:
             import shutil
 
             shutil.chown(self.dir, "postgres", "postgres")
-        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
-        self.start()
+        try:
+            if primary is None:
+                self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+                self.start()
+                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                    conn.execute(schema_sql())
+            else:
+                # -R writes standby.signal and primary_conninfo; -X stream copies the WAL the backup needs.
+                self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+                          "-D", self.data, "-R", "-X", "stream", "--checkpoint=fast", "--no-sync")
+                self.start()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def standby(self, **settings: str) -> PrivatePostgres:
+        """A hot standby streaming from this cluster, answering read-only queries once this returns."""
+        return PrivatePostgres({"hot_standby": "on", **settings}, primary=self)
+
+    def wait_for_replay(self, timeout: float = 30.0) -> None:
+        """On a standby: wait until it has replayed everything its primary has written so far."""
+        import time
+
+        assert self.primary is not None, "wait_for_replay is for a standby"
+        with psycopg.connect(self.primary.dsn, autocommit=True) as conn:
+            target = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        deadline = time.monotonic() + timeout
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(schema_sql())
+            while not conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)).fetchone()[0]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"standby on port {self.port} did not replay up to {target} in {timeout:g}s")
+                time.sleep(0.02)
 
     def _run(self, tool: str, *args: str) -> None:
         import subprocess
@@ -199,11 +233,14 @@ class PrivatePostgres:
         cmd = [os.path.join(self.BIN, tool), *args]
         if self._as_postgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
 
     def start(self) -> None:
+        extra = "".join(f" -c {k}={v}" for k, v in self.settings.items())
         self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off{extra}", "start")
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
@@ -269,6 +306,25 @@ def private_pg() -> Iterator[PrivatePostgres]:
     try:
         yield pg
     finally:
+        pg.destroy()
+
+
+@pytest.fixture
+def hot_standby() -> Iterator[Callable[..., tuple[PrivatePostgres, PrivatePostgres]]]:
+    """``primary, standby = hot_standby(primary={...settings}, standby={...settings})``: a private primary
+    holding the platform schema and a streaming hot standby of it, both destroyed after the test."""
+    made: list[PrivatePostgres] = []
+
+    def make(primary: dict[str, str] | None = None,
+             standby: dict[str, str] | None = None) -> tuple[PrivatePostgres, PrivatePostgres]:
+        p = PrivatePostgres(primary)
+        made.append(p)
+        s = p.standby(**(standby or {}))
+        made.append(s)
+        return p, s
+
+    yield make
+    for pg in reversed(made):  # standbys first
         pg.destroy()
 
 

@@ -246,6 +246,30 @@ def self_cases(model: Model) -> list[Case]:
         Case("ZsmonDatabaseRolePrivileged resolves once zsmon connects as the minimal role",
              "ZsmonDatabaseRolePrivileged", [(f"zsmon_database_role_privileged{{{ZSMON}}}", f"1x{n} 0x{n}")],
              step, [Fire({"job": ZSMON_JOB}, "1")], later=[((n + 3) * step, [])]),
+        *replication_lag_cases(model),
+    ]
+
+
+def replication_lag_cases(model: Model) -> list[Case]:
+    """ZsmonReplicationLag: fires after 2 minutes over the limit, once for all replicas; quiet under it, and on a
+    primary (no series)."""
+    step, limit = model.scrape, model.config.render.replication_lag_seconds
+    t = 120 + 3 * step
+    n = _steps(2 * t, step)
+    over = limit + 15 * step  # constant: the value the description shows is known
+    lag = "zsmon_database_replication_lag_seconds"
+    return [
+        Case("ZsmonReplicationLag fires when zsmon's standby stays behind the primary, once for all replicas",
+             "ZsmonReplicationLag",
+             [(f'{lag}{{job="{ZSMON_JOB}", instance="10.0.0.1:9090", pod="zsmon-0"}}', f"{over}x{n}"),
+              (f'{lag}{{job="{ZSMON_JOB}", instance="10.0.0.2:9090", pod="zsmon-1"}}', f"{limit}x{n}")],
+             60, later=[(t, [Fire({"job": ZSMON_JOB}, humanize_duration(over))])]),
+        Case("ZsmonReplicationLag stays quiet at the limit, and on a primary (no series)", "ZsmonReplicationLag",
+             [(f"{lag}{{{ZSMON}}}", f"{limit}x{n} _x{n}"), (f"zsmon_up{{{ZSMON}}}", f"1x{2 * n}")],
+             t, later=[(n * step + t, [])]),
+        Case("ZsmonReplicationLag resolves when the standby catches up", "ZsmonReplicationLag",
+             [(f"{lag}{{{ZSMON}}}", f"{over}x{n} 0x{n}")], t,
+             [Fire({"job": ZSMON_JOB}, humanize_duration(over))], later=[((n + 2) * step, [])]),
     ]
 
 

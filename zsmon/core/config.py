@@ -49,6 +49,11 @@ class DatabaseConfig(Strict):
     lock_timeout_seconds: float = Field(5.0, gt=0, description="lock_timeout of every session.")
     connect_timeout_seconds: float = Field(5.0, gt=0, description="How long to wait for a connection before the "
                                            "run is an error.")
+    recovery_conflict_retries: int = Field(
+        2, ge=0, le=10, description="On a hot standby: how many times a checker run cancelled by a conflict with "
+        "recovery (replay removing rows its snapshot still reads) is retried at once with a fresh snapshot before "
+        "the run is an error that says so and names the standby setting to raise (docs/deployment.md, Hot "
+        "standby).")
     require_minimal_role: bool = Field(False, description="Refuse to start (exit 2) when the role can do more than "
                                        "read: superuser, CREATEROLE, pg_execute_server_program, "
                                        "pg_write_server_files, pg_read_server_files, pg_signal_backend, "
@@ -288,6 +293,9 @@ class RenderConfig(Strict):
                                                  "and never more than 10 minutes).")
     staleness_factor: float = Field(3.0, ge=1.5, le=100, description="A checker or exporter with no successful "
                                     "run for this many of its intervals alerts as stale.")
+    replication_lag_seconds: int = Field(60, ge=1, le=86400, description="ZsmonReplicationLag warns when zsmon "
+                                         "reads a hot standby this many seconds behind the primary (for 2 "
+                                         "minutes): its checks see the platform that late.")
     critical_invariant_for_seconds: int = Field(0, ge=0, description="`for` of alerts on critical (money) "
                                                 "invariants: a violation seen in one snapshot is real.")
     warning_invariant_for_seconds: int = Field(300, ge=0, description="`for` of alerts on warning and info "

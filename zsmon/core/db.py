@@ -384,10 +384,30 @@ def connect_reason(exc: BaseException, cfg: DatabaseConfig) -> str:
     return f"{text} ({hint})"
 
 
+RECOVERY_CONFLICT = ("cancelled by a conflict with recovery on the hot standby: replaying the primary's changes "
+                     "(VACUUM removing rows this snapshot still reads) could not wait for it; on the standby set "
+                     "hot_standby_feedback=on or raise max_standby_streaming_delay above the longest sweep "
+                     "(docs/deployment.md, Hot standby)")
+
+
+def recovery_conflict(exc: BaseException) -> bool:
+    """A hot standby cancelled the statement (or ended the session) so that replay could go on.
+
+    PostgreSQL reports it as SQLSTATE 40001 ("canceling statement due to conflict with recovery", or
+    "terminating connection ..." when the transaction was idle), 40P01 for a buffer-pin deadlock with
+    recovery. zsmon's transactions are REPEATABLE READ READ ONLY, which never fail serialization
+    otherwise: on them, 40001 is a recovery conflict whatever the server's message language."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    return getattr(exc, "sqlstate", None) == "40001" or "conflict with recovery" in str(exc)
+
+
 def explain(exc: BaseException) -> str:
     """A one-line reason for a database error, suitable for results, logs and the API."""
     if isinstance(exc, DatabaseUnresponsive):
         return str(exc)
+    if recovery_conflict(exc):
+        return RECOVERY_CONFLICT
     if isinstance(exc, psycopg.errors.AdminShutdown):
         return "connection terminated by the server mid-query (pg_terminate_backend, restart or shutdown)"
     if isinstance(exc, psycopg.errors.QueryCanceled):

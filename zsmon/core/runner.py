@@ -18,7 +18,7 @@ from redis import RedisError
 
 from zsmon.core.checker import Checker, CheckContext
 from zsmon.core.config import Config
-from zsmon.core.db import Database, DatabaseUnavailable, cancel_on_server, explain
+from zsmon.core.db import Database, DatabaseUnavailable, cancel_on_server, explain, recovery_conflict
 from zsmon.core.deployment import Deployment
 from zsmon.core.lifecycle import Lifecycle, Observed
 from zsmon.core.logging import get_logger, redactor
@@ -173,7 +173,7 @@ class Runner:
             results.append(self._publish(bound.checker, result, None, token))
         return results
 
-    def _execute(self, bound: BoundChecker, mode: str) -> tuple[CheckResult, CheckContext | None]:
+    def _execute(self, bound: BoundChecker, mode: str, attempt: int = 1) -> tuple[CheckResult, CheckContext | None]:
         checker = bound.checker
         started = time.time()
         t0 = time.perf_counter()
@@ -199,7 +199,19 @@ class Runner:
         except DatabaseUnavailable as exc:
             error = db_error = str(exc)
         except psycopg.OperationalError as exc:  # timeout, killed backend, unresponsive server
-            error = db_error = explain(exc)
+            if not recovery_conflict(exc):
+                error = db_error = explain(exc)
+            elif attempt <= self.config.database.recovery_conflict_retries:
+                # A hot standby cancelled the sweep so that replay could go on: again, on a fresh snapshot.
+                log.warning("check_retry_recovery_conflict", checker=checker.name, attempt=attempt,
+                            error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+                spent = time.perf_counter() - t0
+                result, ctx = self._execute(bound, mode, attempt + 1)
+                result.duration_seconds += spent  # the run's time and start include the cancelled tries
+                result.started_at = started
+                return result, ctx
+            else:  # not the database's fault: /ready stays up, the reason names the standby setting
+                error = f"{explain(exc)} [{attempt} attempts]"
         except psycopg.Error as exc:
             error = explain(exc)
         except Exception as exc:  # a bug in a checker is an error result, not a dead scheduler

@@ -8,7 +8,8 @@ platform's tables, inside the runner's one read-only transaction:
 - ``pg_locks``: lock requests waiting;
 - ``pg_stat_database`` of the current database: commits, rollbacks, deadlocks,
   cache hits and reads;
-- on a replica (``pg_is_in_recovery()``): replication lag;
+- on a replica (``pg_is_in_recovery()``): replication lag, also as
+  ``zsmon_database_replication_lag_seconds`` (how far behind the primary zsmon's checks read);
 - with ``pg_stat_statements`` installed: the top N statements by mean execution
   time, labelled by ``queryid`` (never by query text, which is unbounded and may
   carry literals).
@@ -56,11 +57,14 @@ WHERE backend_type = 'client backend'
 GROUP BY 1
 """
 
-# Caught up (everything received is replayed) means no lag, however old the last replayed commit is.
+# On a standby: how old the newest replayed commit is. Caught up (a WAL receiver streaming and everything it
+# received replayed) means no lag, however long ago the primary last committed; a standby whose WAL receiver
+# is gone is judged by its last replayed commit alone, so a broken stream shows as growing lag.
 _REPLICATION_SQL = """
-SELECT CASE WHEN pg_last_wal_receive_lsn() IS NOT NULL
+SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_stat_wal_receiver)
+             AND pg_last_wal_receive_lsn() IS NOT NULL
              AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-            ELSE coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), 0)
+            ELSE greatest(0, coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), 0))
        END AS lag_seconds
 """
 
@@ -175,12 +179,19 @@ class PostgresExporter(Exporter):
         ):
             out.append(CounterMetricFamily(metric, help_text, value=float(db[column] or 0)))
 
-        if db["in_recovery"]:
+        if db["in_recovery"]:  # absent on a primary: no series rather than a reassuring 0
             [lag] = ctx.query(_REPLICATION_SQL)
+            seconds = float(lag["lag_seconds"] or 0)
             out.append(GaugeMetricFamily(
                 "zerostate_postgres_replication_lag_seconds",
                 "On a replica: time since the last replayed transaction, 0 when all received WAL is replayed.",
-                value=float(lag["lag_seconds"] or 0)))
+                value=seconds))
+            # The same figure as zsmon's own: its checks read this standby, so they see the primary this late.
+            out.append(GaugeMetricFamily(
+                "zsmon_database_replication_lag_seconds",
+                "zsmon reads a hot standby: how far behind the primary its checks read (now() minus the last "
+                "replayed commit; 0 when all received WAL is replayed). Absent on a primary.",
+                value=seconds))
 
         if self.settings.top_statements > 0:
             out.extend(self._statements(ctx))
