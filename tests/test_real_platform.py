@@ -225,6 +225,32 @@ def test_auctions_with_unset_reserve_reputation_and_scores_stay_clean(writer, ru
     assert_true_story(broken)
 
 
+def test_time_to_award_skips_auctions_without_a_creation_time(writer, make_config):
+    """created_at is nullable on the real schema: such an auction's time to award is unknown, not 0 s."""
+    from zsmon.core.db import Database
+    from zsmon.core.exporter import CollectContext
+    from zsmon.exporters.auctions import AuctionsExporter
+
+    for created in ("now() - interval '30 seconds'", "NULL"):
+        writer.execute("INSERT INTO auctions (task_id, user_id, auction_type, status, duration_seconds, expires_at, "
+                       f"created_at, updated_at) VALUES ('t', 'user_id', 'first_price', 'awarded', 30, now(), "
+                       f"{created}, now() - interval '1 second')")
+    cfg = make_config(redis=False)
+    db = Database(cfg.database)
+    db.open()
+    exporter = AuctionsExporter()
+    try:
+        with db.snapshot() as conn:
+            families = {f.name: f for f in exporter.collect(CollectContext(exporter, conn, None, cfg, None))}
+    finally:
+        db.close()
+    samples = {s.name: s.value for s in families["zerostate_auction_time_to_award_seconds"].samples
+               if not s.labels.get("le")}
+    count = next(v for k, v in samples.items() if k.endswith("_gcount"))
+    total = next(v for k, v in samples.items() if k.endswith("_gsum"))
+    assert count == 1 and 28 <= total <= 32
+
+
 # ---- YAML examples on the platform's own data ------------------------------------------------------
 
 def test_yaml_examples_say_something_useful_on_real_data(writer, make_config, run_check):

@@ -105,6 +105,7 @@ class AuctionsExporter(Exporter):
                 FROM auctions a
                 WHERE a.status = 'awarded' AND a.updated_at > now() - make_interval(secs => %(window)s)
                   AND a.updated_at <= now()
+                  AND a.created_at IS NOT NULL  -- nullable on the real schema: unknown, not 0 s
             ) t
             """,
             {"window": float(s.success_window_seconds)},
