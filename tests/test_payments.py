@@ -19,7 +19,7 @@ from prometheus_client.exposition import generate_latest
 from zsmon.checkers.payments import PaymentsChecker
 from zsmon.core.results import CheckResult
 from zsmon.demo.simulator.payments import FAULTS, UNIT, PaymentSimulator, inject_fault
-from zsmon.core.exporter import CollectContext
+from zsmon.testing import collect_families
 from zsmon.exporters.payments import PaymentsExporter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,17 +243,7 @@ def test_failure_counter_counts_runs_with_violations():
 def test_exporter_families(writer, db_url, make_config):
     sim = world(writer, steps=120)
     sim.withdraw(sim.users[0], Decimal("1.5"))
-    from zsmon.core.db import Database
-
-    cfg = make_config()
-    db = Database(cfg.database)
-    db.open()
-    exporter = PaymentsExporter()
-    try:
-        with db.snapshot() as conn:
-            families = {f.name: f for f in exporter.collect(CollectContext(exporter, conn, None, cfg, None))}
-    finally:
-        db.close()
+    families = collect_families(PaymentsExporter(), make_config())
 
     def samples(name):
         return {tuple(sorted(s.labels.items())): s.value for s in families[name].samples}

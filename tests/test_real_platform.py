@@ -20,6 +20,7 @@ from zsmon.core.results import describe_violation
 from zsmon.demo.simulator.auctions import AuctionSimulator
 from zsmon.demo.simulator.payments import DeployedPayments
 from zsmon.demo.simulator.reputation import ReputationSimulator
+from zsmon.testing import collect_families
 
 ROOT = Path(__file__).resolve().parents[1]
 ZSMON = str(Path(sys.executable).with_name("zsmon"))
@@ -141,8 +142,6 @@ def test_the_command_line_on_the_deployed_platform(writer, db_url, redis_prefix,
 def test_money_buckets_tell_the_truth_on_the_deployed_platform(writer, make_config):
     """Spendable money excludes closed channels; what closed channels still hold is "stranded"; a settle
     above the deposit shows as "overdrawn", never netted into another bucket."""
-    from zsmon.core.db import Database
-    from zsmon.core.exporter import CollectContext
     from zsmon.exporters.payments import PaymentsExporter
 
     platform = DeployedPayments(writer)
@@ -153,15 +152,7 @@ def test_money_buckets_tell_the_truth_on_the_deployed_platform(writer, make_conf
     above = platform.open_channel("did:agent:3", 10)
     platform.settle(above, 15)                                                        # -5 overdrawn
     assert len(open_ids) == 3
-    cfg = make_config(redis=False)
-    db = Database(cfg.database)
-    db.open()
-    exporter = PaymentsExporter()
-    try:
-        with db.snapshot() as conn:
-            families = {f.name: f for f in exporter.collect(CollectContext(exporter, conn, None, cfg, None))}
-    finally:
-        db.close()
+    families = collect_families(PaymentsExporter(), make_config(redis=False))
     money = {s.labels["bucket"]: s.value for s in families["zerostate_payment_money"].samples}
     assert money == {"current": 30.0, "escrowed": 0.0, "stranded": 12.0, "overdrawn": 5.0, "settled": 23.0,
                      "refunded": 0.0, "available": 0.0}
@@ -227,23 +218,13 @@ def test_auctions_with_unset_reserve_reputation_and_scores_stay_clean(writer, ru
 
 def test_time_to_award_skips_auctions_without_a_creation_time(writer, make_config):
     """created_at is nullable on the real schema: such an auction's time to award is unknown, not 0 s."""
-    from zsmon.core.db import Database
-    from zsmon.core.exporter import CollectContext
     from zsmon.exporters.auctions import AuctionsExporter
 
     for created in ("now() - interval '30 seconds'", "NULL"):
         writer.execute("INSERT INTO auctions (task_id, user_id, auction_type, status, duration_seconds, expires_at, "
                        f"created_at, updated_at) VALUES ('t', 'user_id', 'first_price', 'awarded', 30, now(), "
                        f"{created}, now() - interval '1 second')")
-    cfg = make_config(redis=False)
-    db = Database(cfg.database)
-    db.open()
-    exporter = AuctionsExporter()
-    try:
-        with db.snapshot() as conn:
-            families = {f.name: f for f in exporter.collect(CollectContext(exporter, conn, None, cfg, None))}
-    finally:
-        db.close()
+    families = collect_families(AuctionsExporter(), make_config(redis=False))
     samples = {s.name: s.value for s in families["zerostate_auction_time_to_award_seconds"].samples
                if not s.labels.get("le")}
     count = next(v for k, v in samples.items() if k.endswith("_gcount"))

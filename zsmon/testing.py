@@ -163,6 +163,21 @@ def bind_checker(checker: Any, config: Any) -> BoundChecker:
 
 
 # ---- a private PostgreSQL cluster a test may stop, pause and restart -------------------
+def collect_families(exporter: Any, config: Any) -> dict[str, Any]:
+    """One collection of ``exporter`` against ``config``'s database in a read-only snapshot, as the runner
+    does it: its metric families by name."""
+    from zsmon.core.db import Database
+    from zsmon.core.exporter import CollectContext
+
+    db = Database(config.database)
+    db.open()
+    try:
+        with db.snapshot() as conn:
+            return {f.name: f for f in exporter.collect(CollectContext(exporter, conn, None, config, None))}
+    finally:
+        db.close()
+
+
 def free_port() -> int:
     import socket
 
