@@ -55,6 +55,9 @@ EXEMPT = {_queried(e) for e in (
     # streaming replica.
     "max(zerostate_postgres_replication_lag_seconds)",
     "max(zsmon_database_replication_lag_seconds)",
+    # Only replicas with ha.enabled report them; tests/test_ha.py runs replicas with HA.
+    "sum by (scheduler_job) (zsmon_ha_leader)",
+    "max(zsmon_ha_degraded)",
     # Lists only the invariants being skipped (`> 0`): empty while every invariant is judged, as here.
     "max by (checker, invariant) (zerostate_invariant_skipped) > 0",
 )}
