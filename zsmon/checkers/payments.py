@@ -42,21 +42,36 @@ sort spills once. Incremental runs turn JIT off. See docs/performance.md.
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
-from dataclasses import replace
-from decimal import Decimal
+from dataclasses import dataclass, replace
+from decimal import Context, Decimal, Inexact, InvalidOperation, Rounded, localcontext
 from typing import Any, Iterator
 
+import redis
 from prometheus_client import Counter
 from pydantic import Field
 
 from zsmon.checkers.platform import COLUMNS, reads
 from zsmon.core.checker import Checker, CheckContext, CheckerSettings, IndexAdvice, Invariant
+from zsmon.core.memory import AnchoredMemory
+from zsmon.core.redis import redis_error
 from zsmon.core.results import Violation
 
 SETTLE_TYPES = ("settlement", "settle")  # the settle endpoint writes 'settlement', older rows 'settle'
 
 SEQUENCE_KEY = "sequence"      # hash: channel id -> highest sequence_number observed
+# The remembered sums (zsmon.core.memory.AnchoredMemory): a header (anchor, as_of, the global totals) and
+# two parts: channel id -> JSON [payer_did, payee_did, total_deposit, pending_refund, total_settled,
+# current_balance + escrowed_amount]; DID -> JSON [has an account row, balance, total_deposited,
+# total_withdrawn, sum of total_deposit of the channels it pays, of their pending_refund, sum of
+# total_settled of the channels it is paid by]. Money as numeric text, never floats.
+SUMS_KEY = "sums"
+SUMS_PARTS = ("channels", "dids")
+TOTALS = ("deposited", "withdrawn", "balance", "held")
+# Sums are exact or not used: any rounding raises (and the run judges with the exact SQL instead).
+_EXACT = Context(prec=100, traps=[Inexact, Rounded, InvalidOperation])
+_ZERO = Decimal(0)
 
 # ledger_reconciliation's kinds (the ``tag`` of its rows): only the deposit row is missing (the deployed
 # platform opens channels without one: systemic), the deposit row is missing and the ledger disagrees
@@ -334,6 +349,71 @@ FROM (SELECT coalesce(sum(total_deposited), 0) AS deposited, coalesce(sum(total_
              coalesce(sum(total_settled), 0) AS settled FROM {payment_channels}) AS c
 """
 
+# ---- remembered sums (exact deltas) --------------------------------------------------------------
+# A full sweep re-anchors them (same snapshot as its judgements): every channel's contribution, and per DID
+# its account row and its channels' sums (the ``a`` relation of _ACCOUNTS_SQL).
+_ANCHOR_CHANNELS_SQL = """
+SELECT c.id::text,
+       json_build_array(c.payer_did, c.payee_did, coalesce(c.total_deposit, 0)::text,
+                        coalesce(c.pending_refund, 0)::text, coalesce(c.total_settled, 0)::text,
+                        coalesce(c.current_balance + c.escrowed_amount, 0)::text)::text
+FROM {payment_channels} c
+"""
+
+_ANCHOR_DIDS_SQL = f"""
+WITH ch AS (
+    SELECT v.did, sum(v.paid) AS paid, sum(v.refunded) AS refunded, sum(v.earned) AS earned
+    FROM ({_ALL_CHANNEL_ROWS}) AS v(did, paid, refunded, earned)
+    GROUP BY v.did
+)
+SELECT coalesce(acc.did, ch.did) AS did,
+       json_build_array(acc.did IS NOT NULL, coalesce(acc.balance, 0)::text,
+                        coalesce(acc.total_deposited, 0)::text, coalesce(acc.total_withdrawn, 0)::text,
+                        coalesce(ch.paid, 0)::text, coalesce(ch.refunded, 0)::text,
+                        coalesce(ch.earned, 0)::text)::text
+FROM {{accounts}} acc
+FULL JOIN ch ON ch.did = acc.did
+"""
+
+# An incremental run: the touched channels' contributions and the judged DIDs' accounts, by index.
+_TOUCHED_SUMS_SQL = """
+SELECT c.id::text AS id, c.payer_did, c.payee_did, coalesce(c.total_deposit, 0) AS td,
+       coalesce(c.pending_refund, 0) AS pr, coalesce(c.total_settled, 0) AS ts,
+       coalesce(c.current_balance + c.escrowed_amount, 0) AS held
+FROM unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id
+"""
+
+_DID_ACCOUNTS_SQL = """
+SELECT acc.did, coalesce(acc.balance, 0) AS bal, coalesce(acc.total_deposited, 0) AS dep,
+       coalesce(acc.total_withdrawn, 0) AS wd
+FROM unnest(%(dids)s::text[]) AS k(did) JOIN {accounts} acc ON acc.did = k.did
+"""
+
+# The judged DIDs' channel sums, computed from the remembered sums plus the touched channels' deltas.
+_GIVEN_CHANNEL_ROWS = """
+    SELECT * FROM unnest(%(dids)s::text[], %(paid)s::numeric[], %(refunded)s::numeric[], %(earned)s::numeric[])
+"""
+
+_SUMS_COLUMNS = frozenset(
+    [f"accounts.{c}" for c in ("did", "balance", "total_deposited", "total_withdrawn")]
+    + [f"payment_channels.{c}" for c in ("id", "payer_did", "payee_did", *_MONEY)])
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """An incremental run's exact sums: per judged DID its channels' sums, and the global totals."""
+
+    dids: list[str]
+    paid: list[Decimal]
+    refunded: list[Decimal]
+    earned: list[Decimal]
+    totals: dict[str, Decimal]
+
+
+class _Unusable(Exception):
+    """The remembered sums cannot be trusted for this run (the exact SQL judges instead)."""
+
+
 # The columns that tell an incremental run what changed.
 _WATERMARK_COLUMNS = ("channel_transactions.created_at", "payment_channels.updated_at", "accounts.updated_at")
 
@@ -371,6 +451,11 @@ class PaymentsSettings(CheckerSettings):
                                     "numeric sums cost more to combine than they save).")
     work_mem_mb: int | None = Field(
         None, ge=1, description="work_mem for this checker's transaction in MB (unset: the server's default).")
+    incremental_sums: bool = Field(
+        True, description="Remember in Redis each channel's and each DID's contribution to the global and "
+                          "per-DID sums (re-anchored by every full sweep), so incremental runs judge "
+                          "account_reconciliation and global_conservation from exact deltas of the touched "
+                          "rows instead of re-summing the world (about 200 bytes of Redis per channel).")
     sequence_batch: int = Field(
         10_000, ge=100, description="Channels compared with the Redis sequence memory per round trip.")
     summary_examples: int = Field(
@@ -474,20 +559,27 @@ class PaymentsChecker(Checker):
         if s.work_mem_mb:
             ctx.scalar("SELECT set_config('work_mem', %s, true)", (f"{s.work_mem_mb}MB",))
         state = ctx.state()
-        ids, dids = self._touched(ctx, state.resume())
+        previous = state.resume()
+        sums = self._remembered_sums(ctx, previous)
+        ids, dids = self._touched(ctx, previous, None if sums is None else float(sums[1]["as_of"]))
         state.save({"watermark": ctx.snapshot_time})
         self._judge_channels(ctx, ids)
         self._judge_double_release(ctx, ids)
-        self._judge_accounts(ctx, dids)
-        self._judge_global(ctx)
+        delta = self._delta(ctx, sums, ids, dids) if sums is not None and ids is not None else None
+        self._judge_accounts(ctx, dids if delta is None else delta.dids, delta)
+        totals = self._judge_global(ctx, delta)
+        if ids is None:
+            self._anchor_sums(ctx, totals)
         self._judge_sequences(ctx, ids)
 
     # ---- scope --------------------------------------------------------------------------------------
-    def _touched(self, ctx: CheckContext, previous: dict[str, Any] | None
+    def _touched(self, ctx: CheckContext, previous: dict[str, Any] | None, sums_as_of: float | None = None
                  ) -> tuple[list[str] | None, list[str] | None]:
         """Channels and DIDs to judge: those changed since the previous run and those that violated at it
         (so the result stays complete: a violation leaves only when re-judged clean); (None, None): a full
-        sweep."""
+        sweep. ``sums_as_of``: the snapshot time of the remembered sums, when older than the watermark (their
+        update failed after a published run): what changed since then is touched too, so that the deltas
+        cover every change since the sums."""
         if previous is None:
             return None, None
         stamps = sorted(ctx.missing & set(_WATERMARK_COLUMNS))
@@ -499,7 +591,8 @@ class PaymentsChecker(Checker):
         if known_channels is None or known_dids is None:
             ctx.fall_back_to_full("the previous run's violators are not all known (checks.track_limit)")
             return None, None
-        since = previous["watermark"] - self.settings.watermark_safety_seconds
+        since = min(previous["watermark"], sums_as_of if sums_as_of is not None else previous["watermark"])
+        since -= self.settings.watermark_safety_seconds
         cap = self.settings.incremental_max_channels
         ids = [r["id"] for r in ctx.query(_TOUCHED_CHANNELS_SQL, {"since": since, "cap": cap + 1})]
         ids = sorted(set(ids) | known_channels)
@@ -612,27 +705,36 @@ class PaymentsChecker(Checker):
             parts.append(f"{found.count - settled_twice} channels released or refunded one escrow more than once")
         ctx.summarize("double_release", "; ".join(parts) + self._examples(sample))
 
-    def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None) -> None:
+    def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None, delta: _Delta | None = None) -> None:
+        params: dict[str, Any] = {"dids": dids}
+        some_accounts = "unnest(%(dids)s::text[]) AS k(did) JOIN {accounts} acc0 ON acc0.did = k.did"
         if dids is None:
             inner = _ACCOUNTS_SQL.format(channel_rows=_ALL_CHANNEL_ROWS, accounts_from="{accounts} acc0")
-        else:
-            inner = _ACCOUNTS_SQL.format(
-                channel_rows=_DID_CHANNEL_ROWS,
-                accounts_from="unnest(%(dids)s::text[]) AS k(did) JOIN {accounts} acc0 ON acc0.did = k.did")
+        elif delta is None:  # re-sum every channel of each judged DID
+            inner = _ACCOUNTS_SQL.format(channel_rows=_DID_CHANNEL_ROWS, accounts_from=some_accounts)
+        else:  # their channels' sums are known exactly from the remembered sums and the touched rows
+            inner = _ACCOUNTS_SQL.format(channel_rows=_GIVEN_CHANNEL_ROWS, accounts_from=some_accounts)
+            params.update(paid=delta.paid, refunded=delta.refunded, earned=delta.earned)
         with self._sweep_plan(ctx, dids is None):
-            found = ctx.find_many(inner, _ACCOUNT_INVARIANTS, {"dids": dids}, tags=True)["account_reconciliation"]
+            found = ctx.find_many(inner, _ACCOUNT_INVARIANTS, params, tags=True)["account_reconciliation"]
         if found.tagged:
             missing = [v.entity_id for v in found.sample if v.detail.startswith("no account row")]
             ctx.summarize("account_reconciliation",
                           f"{found.tagged} DIDs named by channels have no account row, so money moved for nobody "
                           f"(e.g. a placeholder payer_did){self._examples(found.sample, missing)}")
 
-    def _judge_global(self, ctx: CheckContext) -> None:
-        g = ctx.query(_GLOBAL_SQL)[0]
+    def _judge_global(self, ctx: CheckContext, delta: _Delta | None = None) -> dict[str, Any]:
+        """Judge ``global_conservation``, from the exact SQL aggregate or from ``delta``'s totals; the totals."""
+        if delta is None:
+            g = ctx.query(_GLOBAL_SQL)[0]
+        else:
+            t = delta.totals
+            with localcontext(_EXACT):
+                g = {**t, "expected": t["deposited"] - t["withdrawn"], "actual": t["balance"] + t["held"]}
         expected, actual = g["expected"], g["actual"]
         if expected == actual:
             ctx.report("global_conservation", [], count=0)
-            return
+            return g
         diff = actual - expected
         detail = (f"deposited {g['deposited']} - withdrawn {g['withdrawn']} = {expected}, but accounts hold "
                   f"{g['balance']} and channels {g['held']} = {actual}: {abs(diff)} "
@@ -640,6 +742,126 @@ class PaymentsChecker(Checker):
                   f"violations name where")
         ctx.report("global_conservation",
                    [Violation("global_conservation", "system", "global", expected, actual, diff, detail)], count=1)
+        return g
+
+    # ---- remembered sums: exact deltas ------------------------------------------------------------------
+    def _sums_usable(self, ctx: CheckContext) -> bool:
+        return (self.settings.incremental_sums and ctx.redis is not None and not (ctx.missing & _SUMS_COLUMNS)
+                and not {"account_reconciliation", "global_conservation"} & set(ctx.unavailable))
+
+    def _remembered_sums(self, ctx: CheckContext, previous: dict[str, Any] | None
+                         ) -> tuple[AnchoredMemory, dict[str, str]] | None:
+        """For an incremental run: the remembered sums when whole (None: judge with the exact SQL)."""
+        if previous is None or not self._sums_usable(ctx):
+            return None
+        memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
+        why = None
+        try:
+            header = memory.load()
+            if header is None:
+                why = "no remembered sums (re-anchored by the next full sweep)"
+            else:
+                float(header["as_of"])
+                for k in TOTALS:
+                    Decimal(header[k])
+        except redis.RedisError as exc:
+            why = f"remembered sums unreadable: {redis_error(exc)}"
+        except (KeyError, ValueError, ArithmeticError):
+            why = "remembered sums incomplete"
+        if why is not None:
+            if ctx.log is not None:
+                ctx.log.debug("payments_sums_unused", reason=why)
+            return None
+        return memory, header
+
+    def _delta(self, ctx: CheckContext, sums: tuple[AnchoredMemory, dict[str, str]], ids: list[str],
+               dids: list[str]) -> _Delta | None:
+        """The exact sums of this snapshot, as remembered + (now - remembered) of every touched channel and
+        judged account; the judged DIDs grow by the remembered payers and payees of the touched channels (a
+        channel whose payer_did changed moves its money off the old DID). None: use the exact SQL."""
+        memory, header = sums
+        anchor = header["anchor"]
+        try:
+            with localcontext(_EXACT):
+                totals = {k: Decimal(header[k]) for k in TOTALS}
+                moved: dict[str, list[Decimal]] = {}  # DID -> deltas of [paid, refunded, earned]
+
+                def add(did: str, paid: Decimal, refunded: Decimal, earned: Decimal, sign: int) -> None:
+                    d = moved.setdefault(did, [_ZERO, _ZERO, _ZERO])
+                    d[0] += sign * paid
+                    d[1] += sign * refunded
+                    d[2] += sign * earned
+
+                now = {r["id"]: r for r in ctx.query(_TOUCHED_SUMS_SQL, {"ids": ids})}
+                channels: dict[str, str | None] = {}
+                for cid, raw in zip(ids, memory.get(anchor, "channels", ids)):
+                    if raw is not None:
+                        payer, payee, td, pr, ts, held = json.loads(raw)
+                        add(payer, Decimal(td), Decimal(pr), _ZERO, -1)
+                        add(payee, _ZERO, _ZERO, Decimal(ts), -1)
+                        totals["held"] -= Decimal(held)
+                    row = now.get(cid)
+                    if row is None:  # the channel row is gone: it contributes nothing any more
+                        channels[cid] = None
+                        continue
+                    if row["payer_did"] is None or row["payee_did"] is None:
+                        raise _Unusable(f"channel {cid} has no payer_did or payee_did")
+                    add(row["payer_did"], row["td"], row["pr"], _ZERO, 1)
+                    add(row["payee_did"], _ZERO, _ZERO, row["ts"], 1)
+                    totals["held"] += row["held"]
+                    channels[cid] = json.dumps([row["payer_did"], row["payee_did"], str(row["td"]), str(row["pr"]),
+                                                str(row["ts"]), str(row["held"])])
+                judged = sorted(set(dids) | set(moved))
+                accounts = {r["did"]: r for r in ctx.query(_DID_ACCOUNTS_SQL, {"dids": judged})}
+                paid, refunded, earned, people = [], [], [], {}
+                for did, raw in zip(judged, memory.get(anchor, "dids", judged)):
+                    _has, bal, dep, wd, p, rf, e = json.loads(raw) if raw is not None else (
+                        False, "0", "0", "0", "0", "0", "0")
+                    acc = accounts.get(did)
+                    n_bal, n_dep, n_wd = (acc["bal"], acc["dep"], acc["wd"]) if acc else (_ZERO, _ZERO, _ZERO)
+                    totals["balance"] += n_bal - Decimal(bal)
+                    totals["deposited"] += n_dep - Decimal(dep)
+                    totals["withdrawn"] += n_wd - Decimal(wd)
+                    d = moved.get(did, (_ZERO, _ZERO, _ZERO))
+                    sums_now = (Decimal(p) + d[0], Decimal(rf) + d[1], Decimal(e) + d[2])
+                    paid.append(sums_now[0])
+                    refunded.append(sums_now[1])
+                    earned.append(sums_now[2])
+                    people[did] = json.dumps([acc is not None, str(n_bal), str(n_dep), str(n_wd),
+                                              *(str(x) for x in sums_now)])
+        except (redis.RedisError, ValueError, TypeError, ArithmeticError, _Unusable) as exc:
+            reason = redis_error(exc) if isinstance(exc, redis.RedisError) else str(exc) or type(exc).__name__
+            if ctx.log is not None:
+                ctx.log.warning("payments_sums_unused", reason=reason)
+            return None
+        memory.update(anchor, {"channels": channels, "dids": people},
+                      {"as_of": repr(ctx.snapshot_time), **{k: str(v) for k, v in totals.items()}})
+        if ctx.log is not None:
+            ctx.log.debug("payments_sums_delta", channels=len(ids), dids=len(judged))
+        return _Delta(judged, paid, refunded, earned, totals)
+
+    def _anchor_sums(self, ctx: CheckContext, totals: dict[str, Any]) -> None:
+        """A full sweep: remember every channel's and DID's contribution in this snapshot (a new anchor)."""
+        if not self._sums_usable(ctx):
+            return
+        memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
+        anchor = memory.begin()
+        batch = self.settings.sequence_batch
+        failed = None
+        with self._sweep_plan(ctx, True):
+            try:
+                memory.fill(anchor, "channels", ctx.batches(_ANCHOR_CHANNELS_SQL, None, batch))
+                memory.fill(anchor, "dids", _keyed(ctx.batches(_ANCHOR_DIDS_SQL, None, batch)))
+            except redis.RedisError as exc:
+                failed = redis_error(exc)
+            except _Unusable as exc:
+                failed = str(exc)
+        if failed is not None:
+            memory.abandon(anchor)
+            if ctx.log is not None:
+                ctx.log.warning("payments_sums_not_anchored", reason=failed)
+            return
+        memory.publish(anchor, {"as_of": repr(ctx.snapshot_time), **{k: str(totals[k]) for k in TOTALS}})
 
     # ---- sequence memory ----------------------------------------------------------------------------
     def _judge_sequences(self, ctx: CheckContext, ids: list[str] | None) -> None:
@@ -657,3 +879,11 @@ class PaymentsChecker(Checker):
                       f"sequence_number went back from {prev} (seen before) to {cur}: a stale or replayed "
                       f"write overwrote this channel; compare its row with its latest ledger rows")
             for cid, prev, cur in obs.worst], count=obs.count)
+
+
+def _keyed(batches: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    """Rows keyed by DID; a NULL DID (a channel without payer or payee) cannot be remembered."""
+    for rows in batches:
+        if any(row[0] is None for row in rows):
+            raise _Unusable("a channel has no payer_did or payee_did")
+        yield rows

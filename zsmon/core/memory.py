@@ -197,3 +197,114 @@ def _epoch(value: Any) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None  # an older encoding (an ISO timestamp): when is unknown
+
+
+# Field every part hash of an ``AnchoredMemory`` holds, so an empty part still exists (and its loss is seen).
+ANCHOR_FIELD = "_anchor"
+
+
+class AnchoredMemory:
+    """Values per entity kept in Redis between runs, tied to one *anchor* (the full sweep that wrote them).
+
+    A header hash (``ctx.key(name)``) names the anchor, the snapshot time the values are as of (``as_of``)
+    and whatever totals the checker keeps beside them; each *part* (e.g. ``channels``) is one hash entity
+    id -> value under ``ctx.key(name, anchor, part)``. A full sweep fills fresh parts while it runs (with a
+    TTL, so an abandoned fill goes away by itself) and, once its result is published, points the header at
+    them and drops the previous anchor's parts, in one MULTI: a reader sees a whole anchor or the old one.
+    An incremental run reads only the entities it touched and, once published, writes their new values and
+    the new header in one MULTI, only if the header still names the anchor it read (WATCH). Redis evicts
+    whole keys, so a part that lost anything is missing as a whole and ``load`` says so.
+    """
+
+    def __init__(self, ctx: Any, name: str, parts: tuple[str, ...]) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.parts = parts
+        self.header_key = ctx.key(name)
+
+    def part_key(self, anchor: str, part: str) -> str:
+        return self.ctx.key(self.name, anchor, part)
+
+    def load(self) -> dict[str, str] | None:
+        """The header when the anchor it names is whole, else None. Raises ``redis.RedisError``."""
+        r = self.ctx.redis
+        if r is None:
+            return None
+        header = {_text(k): _text(v) for k, v in r.hgetall(self.header_key).items()}
+        anchor = header.get("anchor")
+        if not anchor or r.exists(*(self.part_key(anchor, p) for p in self.parts)) != len(self.parts):
+            return None
+        return header
+
+    def get(self, anchor: str, part: str, ids: list[str], batch: int = 10_000) -> list[str | None]:
+        """The remembered values of ``ids`` (None: not remembered). Raises ``redis.RedisError``."""
+        key, out = self.part_key(anchor, part), []
+        for i in range(0, len(ids), batch):
+            out.extend(_text(v) if v is not None else None for v in self.ctx.redis.hmget(key, ids[i:i + batch]))
+        return out
+
+    def begin(self) -> str:
+        """A new anchor id for a full sweep to ``fill``."""
+        return uuid.uuid4().hex
+
+    def fill(self, anchor: str, part: str, rows: Any) -> int:
+        """Write batches of (entity id, value) rows to ``part`` of the new ``anchor``; the number written.
+        Raises ``redis.RedisError`` (``abandon`` then removes what was written)."""
+        r, key, n = self.ctx.redis, self.part_key(anchor, part), 0
+        r.hset(key, ANCHOR_FIELD, anchor)
+        r.expire(key, STAGING_TTL_SECONDS)
+        for batch in rows:
+            if batch:
+                r.hset(key, mapping=dict(batch))
+                n += len(batch)
+        return n
+
+    def abandon(self, anchor: str) -> None:
+        try:
+            self.ctx.redis.delete(*(self.part_key(anchor, p) for p in self.parts))
+        except redis.RedisError:
+            pass  # the TTL removes them
+
+    def publish(self, anchor: str, header: dict[str, str]) -> None:
+        """After success: make ``anchor`` (filled) the remembered state, with ``header``; drop the old one."""
+        def commit() -> None:
+            r = self.ctx.redis
+            old = _text(r.hget(self.header_key, "anchor"))
+            pipe = r.pipeline(transaction=True)
+            for p in self.parts:
+                pipe.persist(self.part_key(anchor, p))
+            pipe.delete(self.header_key)
+            pipe.hset(self.header_key, mapping={**header, "anchor": anchor})
+            if old and old != anchor:
+                pipe.unlink(*(self.part_key(old, p) for p in self.parts))
+            pipe.execute()
+        self.ctx.after_success(commit)
+
+    def update(self, anchor: str, changes: dict[str, dict[str, str | None]], header: dict[str, str]) -> None:
+        """After success: write ``changes`` (part -> entity id -> new value, None: forget it) and ``header``,
+        only if the header still names ``anchor`` (else nothing: another sweep re-anchored meanwhile)."""
+        def commit() -> None:
+            r = self.ctx.redis
+            with r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.header_key)
+                    if _text(pipe.hget(self.header_key, "anchor")) != anchor:
+                        return
+                    pipe.multi()
+                    for part, values in changes.items():
+                        key = self.part_key(anchor, part)
+                        gone = [k for k, v in values.items() if v is None]
+                        kept = {k: v for k, v in values.items() if v is not None}
+                        if kept:
+                            pipe.hset(key, mapping=kept)
+                        if gone:
+                            pipe.hdel(key, *gone)
+                    pipe.hset(self.header_key, mapping={**header, "anchor": anchor})
+                    pipe.execute()
+                except redis.WatchError:
+                    return  # re-anchored between the read and the write: the new anchor stands
+        self.ctx.after_success(commit)
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
