@@ -83,6 +83,10 @@ NO_DEPOSIT, NO_DEPOSIT_AND_MORE, MISMATCH = "no_deposit", "no_deposit_and_more",
 # (incremental), joined as a relation (unnest) so that the planner sizes them and probes the indexes.
 _ALL_LEDGER = "{channel_transactions} t"
 _TOUCHED_LEDGER = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {channel_transactions} t ON t.channel_id = k.id"
+# Incremental double_release: the touched channels' rows through the channel_id index, one probe per channel
+# (joined plainly, the planner reads every release/refund row of the ledger through the type index instead).
+_PROBED_LEDGER = ("unnest(%(ids)s::uuid[]) AS k(id) CROSS JOIN LATERAL "
+                  "(SELECT * FROM {channel_transactions} t0 WHERE t0.channel_id = k.id OFFSET 0) AS t")
 _ALL_CHANNELS = "{payment_channels} c"
 _TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id"
 
@@ -672,7 +676,7 @@ class PaymentsChecker(Checker):
                           f"without draining, as the deployed settle endpoint does){self._examples(drained.sample)}")
 
     def _judge_double_release(self, ctx: CheckContext, ids: list[str] | None) -> None:
-        inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
+        inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _PROBED_LEDGER)
         with self._sweep_plan(ctx, ids is None, sort=True):
             found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
         if not found.count:
