@@ -355,12 +355,13 @@ FROM (SELECT coalesce(sum(total_deposited), 0) AS deposited, coalesce(sum(total_
 
 # ---- remembered sums (exact deltas) --------------------------------------------------------------
 # A full sweep re-anchors them (same snapshot as its judgements): every channel's contribution, and per DID
-# its account row and its channels' sums (the ``a`` relation of _ACCOUNTS_SQL).
+# its account row and its channels' sums (the ``a`` relation of _ACCOUNTS_SQL). trim_scale: "100", not
+# "100.00000000" (the same number, a third less Redis).
 _ANCHOR_CHANNELS_SQL = """
 SELECT c.id::text,
-       json_build_array(c.payer_did, c.payee_did, coalesce(c.total_deposit, 0)::text,
-                        coalesce(c.pending_refund, 0)::text, coalesce(c.total_settled, 0)::text,
-                        coalesce(c.current_balance + c.escrowed_amount, 0)::text)::text
+       json_build_array(c.payer_did, c.payee_did, trim_scale(coalesce(c.total_deposit, 0))::text,
+                        trim_scale(coalesce(c.pending_refund, 0))::text, trim_scale(coalesce(c.total_settled, 0))::text,
+                        trim_scale(coalesce(c.current_balance + c.escrowed_amount, 0))::text)::text
 FROM {payment_channels} c
 """
 
@@ -371,10 +372,10 @@ WITH ch AS (
     GROUP BY v.did
 )
 SELECT coalesce(acc.did, ch.did) AS did,
-       json_build_array(acc.did IS NOT NULL, coalesce(acc.balance, 0)::text,
-                        coalesce(acc.total_deposited, 0)::text, coalesce(acc.total_withdrawn, 0)::text,
-                        coalesce(ch.paid, 0)::text, coalesce(ch.refunded, 0)::text,
-                        coalesce(ch.earned, 0)::text)::text
+       json_build_array(acc.did IS NOT NULL, trim_scale(coalesce(acc.balance, 0))::text,
+                        trim_scale(coalesce(acc.total_deposited, 0))::text, trim_scale(coalesce(acc.total_withdrawn, 0))::text,
+                        trim_scale(coalesce(ch.paid, 0))::text, trim_scale(coalesce(ch.refunded, 0))::text,
+                        trim_scale(coalesce(ch.earned, 0))::text)::text
 FROM {{accounts}} acc
 FULL JOIN ch ON ch.did = acc.did
 """
