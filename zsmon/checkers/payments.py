@@ -14,7 +14,8 @@ ONLY`` snapshot, so correct concurrent traffic never shows up as a violation:
 - one pass over the channels grouped by DID, joined to the accounts, judges
   ``account_non_negative`` and ``account_reconciliation`` (a DID that channels
   pay or are paid by but that has no account row is judged as an empty account);
-- one aggregate judges ``global_conservation``, in every mode;
+- one aggregate judges ``global_conservation`` in full sweeps; incremental runs judge it, and
+  ``account_reconciliation``, from exact deltas of remembered sums (below);
 - ``sequence_regression`` compares every channel's ``sequence_number`` with the
   highest one seen before, kept in one Redis hash (channel id -> sequence
   number; ``zsmon.core.memory.ColumnMemory``). Without Redis it is reported
@@ -31,6 +32,19 @@ incremental state, written only when the run's result is published) minus
 ``watermark_safety_seconds`` (so a write that committed just after that snapshot,
 stamped a little before it, is still seen). No watermark, no Redis, or more touched
 channels than ``incremental_max_channels``: the run is a full sweep.
+
+Remembered sums (``incremental_sums``). Every full sweep anchors in Redis, in its own snapshot, what each
+channel contributes to the global and per-DID sums (payer, payee, total_deposit, pending_refund,
+total_settled, current_balance + escrowed_amount), each DID's account row and channel sums, and the
+global totals (``zsmon.core.memory.AnchoredMemory``, written only once the result is published). An
+incremental run reads only the touched channels and the judged DIDs' accounts and takes every sum as
+remembered + (now - remembered) of those rows, exactly (Decimal, rounding trapped); the remembered payer
+and payee of a touched channel are judged too (a rewritten payer_did moves money off the old DID). The
+touched set covers every change since the sums' own snapshot (when their update was lost, since then).
+Sums missing, partial, unreadable or not exact: the exact SQL judges instead, as without the setting.
+The same snapshot gives the same verdicts as a full sweep, as long as rows are changed with their
+``updated_at`` and never deleted (a deleted channel or account stays in the sums until the next full
+sweep, which is the proof).
 
 Full sweeps are steered to sequential, single-process plans (no index scans, no
 parallel workers, per-channel grouping by sort) for their whole-table aggregates:
