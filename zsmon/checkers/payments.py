@@ -86,6 +86,7 @@ TOTALS = ("deposited", "withdrawn", "balance", "held")
 # Sums are exact or not used: any rounding raises (and the run judges with the exact SQL instead).
 _EXACT = Context(prec=100, traps=[Inexact, Rounded, InvalidOperation])
 _ZERO = Decimal(0)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 # ledger_reconciliation's kinds (the ``tag`` of its rows): only the deposit row is missing (the deployed
 # platform opens channels without one: systemic), the deposit row is missing and the ledger disagrees
@@ -402,15 +403,21 @@ SELECT c.id::text AS id, c.payer_did, c.payee_did, coalesce(c.total_deposit, 0) 
 FROM unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id
 """
 
-_DID_ACCOUNTS_SQL = """
-SELECT acc.did, coalesce(acc.balance, 0) AS bal, coalesce(acc.total_deposited, 0) AS dep,
-       coalesce(acc.total_withdrawn, 0) AS wd
-FROM unnest(%(dids)s::text[]) AS k(did) JOIN {accounts} acc ON acc.did = k.did
+# The judged DIDs' accounts, one probe of the did index each (joined plainly to a few thousand DIDs, the
+# planner hashes the whole accounts table).
+_SOME_ACCOUNTS = ("unnest(%(dids)s::text[]) AS k(did) CROSS JOIN LATERAL "
+                  "(SELECT * FROM {accounts} a0 WHERE a0.did = k.did OFFSET 0) AS acc0")
+
+_DID_ACCOUNTS_SQL = f"""
+SELECT acc0.did, coalesce(acc0.balance, 0) AS bal, coalesce(acc0.total_deposited, 0) AS dep,
+       coalesce(acc0.total_withdrawn, 0) AS wd
+FROM {_SOME_ACCOUNTS}
 """
 
 # The judged DIDs' channel sums, computed from the remembered sums plus the touched channels' deltas.
 _GIVEN_CHANNEL_ROWS = """
-    SELECT * FROM unnest(%(dids)s::text[], %(paid)s::numeric[], %(refunded)s::numeric[], %(earned)s::numeric[])
+    SELECT * FROM unnest(%(dids)s::text[], %(paid)s::text[]::numeric[], %(refunded)s::text[]::numeric[],
+                         %(earned)s::text[]::numeric[])
 """
 
 _SUMS_COLUMNS = frozenset(
@@ -726,14 +733,16 @@ class PaymentsChecker(Checker):
 
     def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None, delta: _Delta | None = None) -> None:
         params: dict[str, Any] = {"dids": dids}
-        some_accounts = "unnest(%(dids)s::text[]) AS k(did) JOIN {accounts} acc0 ON acc0.did = k.did"
+        some_accounts = _SOME_ACCOUNTS
         if dids is None:
             inner = _ACCOUNTS_SQL.format(channel_rows=_ALL_CHANNEL_ROWS, accounts_from="{accounts} acc0")
         elif delta is None:  # re-sum every channel of each judged DID
             inner = _ACCOUNTS_SQL.format(channel_rows=_DID_CHANNEL_ROWS, accounts_from=some_accounts)
         else:  # their channels' sums are known exactly from the remembered sums and the touched rows
             inner = _ACCOUNTS_SQL.format(channel_rows=_GIVEN_CHANNEL_ROWS, accounts_from=some_accounts)
-            params.update(paid=delta.paid, refunded=delta.refunded, earned=delta.earned)
+            # As text: exact, and cheaper to send than Decimal objects.
+            params.update(paid=[str(x) for x in delta.paid], refunded=[str(x) for x in delta.refunded],
+                          earned=[str(x) for x in delta.earned])
         with self._sweep_plan(ctx, dids is None):
             found = ctx.find_many(inner, _ACCOUNT_INVARIANTS, params, tags=True)["account_reconciliation"]
         if found.tagged:
@@ -828,7 +837,7 @@ class PaymentsChecker(Checker):
                     add(row["payer_did"], row["td"], row["pr"], _ZERO, 1)
                     add(row["payee_did"], _ZERO, _ZERO, row["ts"], 1)
                     totals["held"] += row["held"]
-                    channels[cid] = json.dumps([row["payer_did"], row["payee_did"], str(row["td"]), str(row["pr"]),
+                    channels[cid] = _encode([row["payer_did"], row["payee_did"], str(row["td"]), str(row["pr"]),
                                                 str(row["ts"]), str(row["held"])])
                 judged = sorted(set(dids) | set(moved))
                 accounts = {r["did"]: r for r in ctx.query(_DID_ACCOUNTS_SQL, {"dids": judged})}
@@ -846,7 +855,7 @@ class PaymentsChecker(Checker):
                     paid.append(sums_now[0])
                     refunded.append(sums_now[1])
                     earned.append(sums_now[2])
-                    people[did] = json.dumps([acc is not None, str(n_bal), str(n_dep), str(n_wd),
+                    people[did] = _encode([acc is not None, str(n_bal), str(n_dep), str(n_wd),
                                               *(str(x) for x in sums_now)])
         except (redis.RedisError, ValueError, TypeError, ArithmeticError, _Unusable) as exc:
             reason = redis_error(exc) if isinstance(exc, redis.RedisError) else str(exc) or type(exc).__name__

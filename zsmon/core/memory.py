@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import queue
+import threading
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -250,13 +252,36 @@ class AnchoredMemory:
     def fill(self, anchor: str, part: str, rows: Any) -> int:
         """Write batches of (entity id, value) rows to ``part`` of the new ``anchor``; the number written.
         Raises ``redis.RedisError`` (``abandon`` then removes what was written)."""
-        r, key, n = self.ctx.redis, self.part_key(anchor, part), 0
+        r, key = self.ctx.redis, self.part_key(anchor, part)
         r.hset(key, ANCHOR_FIELD, anchor)
         r.expire(key, STAGING_TTL_SECONDS)
-        for batch in rows:
-            if batch:
-                r.hset(key, mapping=dict(batch))
-                n += len(batch)
+        # A writer thread sends each batch while the next one is fetched (both wait on sockets, GIL released).
+        pending: queue.Queue[Any] = queue.Queue(maxsize=2)
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            while (batch := pending.get()) is not None:
+                if not failed:
+                    try:
+                        r.hset(key, mapping=dict(batch))
+                    except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
+                        failed.append(exc)
+
+        writer = threading.Thread(target=send, name="zsmon-anchor-fill", daemon=True)
+        writer.start()
+        n = 0
+        try:
+            for batch in rows:
+                if failed:
+                    break
+                if batch:
+                    pending.put(batch)
+                    n += len(batch)
+        finally:
+            pending.put(None)
+            writer.join()
+        if failed:
+            raise failed[0]
         return n
 
     def abandon(self, anchor: str) -> None:
