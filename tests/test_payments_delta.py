@@ -157,12 +157,23 @@ def test_a_full_sweep_re_anchors_and_drops_the_old_anchor(writer, make_config, r
             f"{prefix}{second['anchor']}:channels", f"{prefix}{second['anchor']}:dids"}
         n = writer.execute("SELECT count(*) FROM payment_channels").fetchone()[0]
         assert client.hlen(f"{prefix}{second['anchor']}:channels") == n + 1  # + the anchor field
+        # The header alone forgotten (reset-memory payments sums): the next full sweep drops the orphaned parts.
+        client.delete(deployment_prefix(cfg) + "payments:sums")
+        run_check("payments", mode="full", config=cfg)
+        third = header(cfg)["anchor"]
+        assert {k.decode() for k in client.scan_iter(match=prefix + "*")} == {
+            f"{prefix}{third}:channels", f"{prefix}{third}:dids"}
     finally:
         client.close()
     # Without the setting nothing is remembered and incremental runs judge with the exact SQL.
     off = make_config(checkers={"payments": {"settings": {"incremental_sums": False}}})
     run_check("payments", mode="full", config=off)
-    assert header(off)["anchor"] == second["anchor"]
+    kept = header(off)
+    assert kept["anchor"] == third
+    inject_fault(writer, "account_credited_from_nowhere")
+    inc = run_check("payments", mode="incremental", config=off)
+    assert inc.mode == "incremental" and inc.violation_counts["global_conservation"] == 1
+    assert header(off) == kept
 
 
 def test_concurrent_traffic_never_shows_a_violation_through_the_sums(writer, db_url, make_config, run_check):

@@ -303,6 +303,13 @@ class AnchoredMemory:
             if old and old != anchor:
                 pipe.unlink(*(self.part_key(old, p) for p in self.parts))
             pipe.execute()
+            # Parts no header names any more (the header alone was deleted, e.g. ``zsmon checkers
+            # reset-memory payments sums``): published parts have no TTL; a fill in progress has one.
+            mine = {self.part_key(anchor, p) for p in self.parts}
+            for key in r.scan_iter(match=self.header_key + ":*", count=1000):
+                key = _text(key)
+                if key not in mine and r.ttl(key) == -1:
+                    r.unlink(key)
         self.ctx.after_success(commit)
 
     def update(self, anchor: str, changes: dict[str, dict[str, str | None]], header: dict[str, str]) -> None:
