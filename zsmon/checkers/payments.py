@@ -41,10 +41,13 @@ incremental run reads only the touched channels and the judged DIDs' accounts an
 remembered + (now - remembered) of those rows, exactly (Decimal, rounding trapped); the remembered payer
 and payee of a touched channel are judged too (a rewritten payer_did moves money off the old DID). The
 touched set covers every change since the sums' own snapshot (when their update was lost, since then).
-Sums missing, partial, unreadable or not exact: the exact SQL judges instead, as without the setting.
-The same snapshot gives the same verdicts as a full sweep, as long as rows are changed with their
-``updated_at`` and never deleted (a deleted channel or account stays in the sums until the next full
-sweep, which is the proof).
+Sums gone, partly evicted or half-written: the run is a full sweep, which re-anchors them. Sums that the
+last full sweep could not anchor (Redis failing, a channel without payer), unreadable, or not exact: the
+exact SQL judges instead, as without the setting; it re-sums the judged DIDs' channels but cannot know
+the previous payer or payee of a channel whose payer_did or payee_did was rewritten, so that old DID is
+judged at the next full sweep only. With the sums, the same snapshot gives the same verdicts as a full
+sweep, as long as rows are changed with their ``updated_at`` and never deleted (a deleted channel or
+account stays in the sums until the next full sweep, which is the proof).
 
 Full sweeps are steered to sequential, single-process plans (no index scans, no
 parallel workers, per-channel grouping by sort) for their whole-table aggregates:
@@ -587,15 +590,19 @@ class PaymentsChecker(Checker):
         state = ctx.state()
         previous = state.resume()
         sums = self._remembered_sums(ctx, previous)
+        if previous is not None and ctx.mode == "full":
+            previous = None  # the remembered sums are gone: a full sweep re-anchors them
         ids, dids = self._touched(ctx, previous, None if sums is None else float(sums[1]["as_of"]))
-        state.save({"watermark": ctx.snapshot_time})
         self._judge_channels(ctx, ids)
         self._judge_double_release(ctx, ids)
         delta = self._delta(ctx, sums, ids, dids) if sums is not None and ids is not None else None
         self._judge_accounts(ctx, dids if delta is None else delta.dids, delta)
         totals = self._judge_global(ctx, delta)
-        if ids is None:
-            self._anchor_sums(ctx, totals)
+        # Whether the sums can be anchored here: when a full sweep could not (Redis failing, a channel
+        # without payer), incremental runs use the exact SQL until the next scheduled full sweep rather than
+        # turning every run into a full sweep.
+        anchored = self._anchor_sums(ctx, totals) if ids is None else bool(previous and previous.get("sums", True))
+        state.save({"watermark": ctx.snapshot_time, "sums": anchored})
         self._judge_sequences(ctx, ids)
 
     # ---- scope --------------------------------------------------------------------------------------
@@ -783,21 +790,25 @@ class PaymentsChecker(Checker):
         if previous is None or not self._sums_usable(ctx):
             return None
         memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
-        why = None
+        why, readable = None, True
         try:
             header = memory.load()
             if header is None:
-                why = "no remembered sums (re-anchored by the next full sweep)"
+                why = "no remembered sums, or half-written"
             else:
                 float(header["as_of"])
                 for k in TOTALS:
                     Decimal(header[k])
         except redis.RedisError as exc:
-            why = f"remembered sums unreadable: {redis_error(exc)}"
+            why, readable = f"remembered sums unreadable: {redis_error(exc)}", False
         except (KeyError, ValueError, ArithmeticError):
             why = "remembered sums incomplete"
         if why is not None:
-            if ctx.log is not None:
+            if readable and previous.get("sums", True):
+                # Gone or half-written (not a read error): without them a rewritten payer_did would leave its
+                # old DID unjudged; a full sweep judges everything and re-anchors them.
+                ctx.fall_back_to_full(why)
+            elif ctx.log is not None:
                 ctx.log.debug("payments_sums_unused", reason=why)
             return None
         return memory, header
@@ -868,10 +879,11 @@ class PaymentsChecker(Checker):
             ctx.log.debug("payments_sums_delta", channels=len(ids), dids=len(judged))
         return _Delta(judged, paid, refunded, earned, totals)
 
-    def _anchor_sums(self, ctx: CheckContext, totals: dict[str, Any]) -> None:
-        """A full sweep: remember every channel's and DID's contribution in this snapshot (a new anchor)."""
+    def _anchor_sums(self, ctx: CheckContext, totals: dict[str, Any]) -> bool:
+        """A full sweep: remember every channel's and DID's contribution in this snapshot (a new anchor);
+        whether it was."""
         if not self._sums_usable(ctx):
-            return
+            return False
         memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
         anchor = memory.begin()
         batch = self.settings.sequence_batch
@@ -888,8 +900,9 @@ class PaymentsChecker(Checker):
             memory.abandon(anchor)
             if ctx.log is not None:
                 ctx.log.warning("payments_sums_not_anchored", reason=failed)
-            return
+            return False
         memory.publish(anchor, {"as_of": repr(ctx.snapshot_time), **{k: str(totals[k]) for k in TOTALS}})
+        return True
 
     # ---- sequence memory ----------------------------------------------------------------------------
     def _judge_sequences(self, ctx: CheckContext, ids: list[str] | None) -> None:

@@ -201,6 +201,8 @@ def _epoch(value: Any) -> float | None:
         return None  # an older encoding (an ISO timestamp): when is unknown
 
 
+# Header field of an ``AnchoredMemory`` set once its parts are wholly written (and unset while they are not).
+READY_FIELD = "ready"
 # Field every part hash of an ``AnchoredMemory`` holds, so an empty part still exists (and its loss is seen).
 ANCHOR_FIELD = "_anchor"
 
@@ -212,10 +214,11 @@ class AnchoredMemory:
     and whatever totals the checker keeps beside them; each *part* (e.g. ``channels``) is one hash entity
     id -> value under ``ctx.key(name, anchor, part)``. A full sweep fills fresh parts while it runs (with a
     TTL, so an abandoned fill goes away by itself) and, once its result is published, points the header at
-    them and drops the previous anchor's parts, in one MULTI: a reader sees a whole anchor or the old one.
-    An incremental run reads only the entities it touched and, once published, writes their new values and
-    the new header in one MULTI, only if the header still names the anchor it read (WATCH). Redis evicts
-    whole keys, so a part that lost anything is missing as a whole and ``load`` says so.
+    them and drops the previous anchor's parts. An incremental run reads only the entities it touched and,
+    once published, writes their new values and the new header. The header's ready mark is set only once
+    everything it describes is written (no MULTI: the documented Redis ACL grants none), so a write that
+    fails half-way leaves nothing a reader trusts. Redis evicts whole keys, so a part that lost anything is
+    missing as a whole and ``load`` says so.
     """
 
     def __init__(self, ctx: Any, name: str, parts: tuple[str, ...]) -> None:
@@ -233,10 +236,12 @@ class AnchoredMemory:
         if r is None:
             return None
         header = {_text(k): _text(v) for k, v in r.hgetall(self.header_key).items()}
-        anchor = header.get("anchor")
-        if not anchor or r.exists(*(self.part_key(anchor, p) for p in self.parts)) != len(self.parts):
+        anchor = header.pop("anchor", None)
+        if not anchor or header.pop(READY_FIELD, None) != "1":
+            return None  # never published, or an update failed half-way
+        if r.exists(*(self.part_key(anchor, p) for p in self.parts)) != len(self.parts):
             return None
-        return header
+        return {**header, "anchor": anchor}
 
     def get(self, anchor: str, part: str, ids: list[str], batch: int = 10_000) -> list[str | None]:
         """The remembered values of ``ids`` (None: not remembered). Raises ``redis.RedisError``."""
@@ -295,14 +300,14 @@ class AnchoredMemory:
         def commit() -> None:
             r = self.ctx.redis
             old = _text(r.hget(self.header_key, "anchor"))
-            pipe = r.pipeline(transaction=True)
+            pipe = r.pipeline(transaction=False)
             for p in self.parts:
                 pipe.persist(self.part_key(anchor, p))
             pipe.delete(self.header_key)
-            pipe.hset(self.header_key, mapping={**header, "anchor": anchor})
+            pipe.execute()  # raises on any error: no header, so no reader trusts a half-published anchor
+            r.hset(self.header_key, mapping={**header, "anchor": anchor, READY_FIELD: "1"})
             if old and old != anchor:
-                pipe.unlink(*(self.part_key(old, p) for p in self.parts))
-            pipe.execute()
+                r.unlink(*(self.part_key(old, p) for p in self.parts))
             # Parts no header names any more (the header alone was deleted, e.g. ``zsmon checkers
             # reset-memory payments sums``): published parts have no TTL; a fill in progress has one.
             mine = {self.part_key(anchor, p) for p in self.parts}
@@ -314,27 +319,27 @@ class AnchoredMemory:
 
     def update(self, anchor: str, changes: dict[str, dict[str, str | None]], header: dict[str, str]) -> None:
         """After success: write ``changes`` (part -> entity id -> new value, None: forget it) and ``header``,
-        only if the header still names ``anchor`` (else nothing: another sweep re-anchored meanwhile)."""
+        only if the header still names ``anchor`` (else nothing: another sweep re-anchored meanwhile).
+
+        No MULTI (the documented Redis ACL grants none): the header loses its ready mark first and gets it
+        back only once every change is written, so a write that fails half-way leaves a state no reader
+        trusts (until the next full sweep re-anchors)."""
         def commit() -> None:
             r = self.ctx.redis
-            with r.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(self.header_key)
-                    if _text(pipe.hget(self.header_key, "anchor")) != anchor:
-                        return
-                    pipe.multi()
-                    for part, values in changes.items():
-                        key = self.part_key(anchor, part)
-                        gone = [k for k, v in values.items() if v is None]
-                        kept = {k: v for k, v in values.items() if v is not None}
-                        if kept:
-                            pipe.hset(key, mapping=kept)
-                        if gone:
-                            pipe.hdel(key, *gone)
-                    pipe.hset(self.header_key, mapping={**header, "anchor": anchor})
-                    pipe.execute()
-                except redis.WatchError:
-                    return  # re-anchored between the read and the write: the new anchor stands
+            if _text(r.hget(self.header_key, "anchor")) != anchor:
+                return
+            r.hdel(self.header_key, READY_FIELD)
+            pipe = r.pipeline(transaction=False)
+            for part, values in changes.items():
+                key = self.part_key(anchor, part)
+                gone = [k for k, v in values.items() if v is None]
+                kept = {k: v for k, v in values.items() if v is not None}
+                if kept:
+                    pipe.hset(key, mapping=kept)
+                if gone:
+                    pipe.hdel(key, *gone)
+            pipe.execute()  # raises on any error: the ready mark stays off
+            r.hset(self.header_key, mapping={**header, "anchor": anchor, READY_FIELD: "1"})
         self.ctx.after_success(commit)
 
 
