@@ -797,8 +797,8 @@ class PaymentsChecker(Checker):
                 why = "no remembered sums, or half-written"
             else:
                 float(header["as_of"])
-                for k in TOTALS:
-                    Decimal(header[k])
+                if not all(Decimal(header[k]).is_finite() for k in TOTALS):
+                    raise ValueError("not a finite total")
         except redis.RedisError as exc:
             why, readable = f"remembered sums unreadable: {redis_error(exc)}", False
         except (KeyError, ValueError, ArithmeticError):
@@ -836,18 +836,18 @@ class PaymentsChecker(Checker):
                 for cid, raw in zip(ids, memory.get(anchor, "channels", ids)):
                     if raw is not None:
                         payer, payee, td, pr, ts, held = json.loads(raw)
-                        add(payer, Decimal(td), Decimal(pr), _ZERO, -1)
-                        add(payee, _ZERO, _ZERO, Decimal(ts), -1)
-                        totals["held"] -= Decimal(held)
+                        add(payer, _finite(td), _finite(pr), _ZERO, -1)
+                        add(payee, _ZERO, _ZERO, _finite(ts), -1)
+                        totals["held"] -= _finite(held)
                     row = now.get(cid)
                     if row is None:  # the channel row is gone: it contributes nothing any more
                         channels[cid] = None
                         continue
                     if row["payer_did"] is None or row["payee_did"] is None:
                         raise _Unusable(f"channel {cid} has no payer_did or payee_did")
-                    add(row["payer_did"], row["td"], row["pr"], _ZERO, 1)
-                    add(row["payee_did"], _ZERO, _ZERO, row["ts"], 1)
-                    totals["held"] += row["held"]
+                    add(row["payer_did"], _finite(row["td"]), _finite(row["pr"]), _ZERO, 1)
+                    add(row["payee_did"], _ZERO, _ZERO, _finite(row["ts"]), 1)
+                    totals["held"] += _finite(row["held"])
                     channels[cid] = _encode([row["payer_did"], row["payee_did"], str(row["td"]), str(row["pr"]),
                                                 str(row["ts"]), str(row["held"])])
                 judged = sorted(set(dids) | set(moved))
@@ -857,12 +857,13 @@ class PaymentsChecker(Checker):
                     _has, bal, dep, wd, p, rf, e = json.loads(raw) if raw is not None else (
                         False, "0", "0", "0", "0", "0", "0")
                     acc = accounts.get(did)
-                    n_bal, n_dep, n_wd = (acc["bal"], acc["dep"], acc["wd"]) if acc else (_ZERO, _ZERO, _ZERO)
-                    totals["balance"] += n_bal - Decimal(bal)
-                    totals["deposited"] += n_dep - Decimal(dep)
-                    totals["withdrawn"] += n_wd - Decimal(wd)
+                    n_bal, n_dep, n_wd = ((_finite(acc["bal"]), _finite(acc["dep"]), _finite(acc["wd"])) if acc
+                                          else (_ZERO, _ZERO, _ZERO))
+                    totals["balance"] += n_bal - _finite(bal)
+                    totals["deposited"] += n_dep - _finite(dep)
+                    totals["withdrawn"] += n_wd - _finite(wd)
                     d = moved.get(did, (_ZERO, _ZERO, _ZERO))
-                    sums_now = (Decimal(p) + d[0], Decimal(rf) + d[1], Decimal(e) + d[2])
+                    sums_now = (_finite(p) + d[0], _finite(rf) + d[1], _finite(e) + d[2])
                     paid.append(sums_now[0])
                     refunded.append(sums_now[1])
                     earned.append(sums_now[2])
@@ -928,3 +929,11 @@ def _keyed(batches: Iterator[list[Any]]) -> Iterator[list[Any]]:
         if any(row[0] is None for row in rows):
             raise _Unusable("a channel has no payer_did or payee_did")
         yield rows
+
+
+def _finite(value: Any) -> Decimal:
+    """A remembered or read amount as a Decimal; NaN (numeric allows it) or garbage: the sums are not used."""
+    amount = Decimal(value)
+    if not amount.is_finite():
+        raise _Unusable(f"a non-finite amount ({value})")
+    return amount
