@@ -14,7 +14,8 @@ ONLY`` snapshot, so correct concurrent traffic never shows up as a violation:
 - one pass over the channels grouped by DID, joined to the accounts, judges
   ``account_non_negative`` and ``account_reconciliation`` (a DID that channels
   pay or are paid by but that has no account row is judged as an empty account);
-- one aggregate judges ``global_conservation``, in every mode;
+- one aggregate judges ``global_conservation`` in full sweeps; incremental runs judge it, and
+  ``account_reconciliation``, from exact deltas of remembered sums (below);
 - ``sequence_regression`` compares every channel's ``sequence_number`` with the
   highest one seen before, kept in one Redis hash (channel id -> sequence
   number; ``zsmon.core.memory.ColumnMemory``). Without Redis it is reported
@@ -32,6 +33,22 @@ incremental state, written only when the run's result is published) minus
 stamped a little before it, is still seen). No watermark, no Redis, or more touched
 channels than ``incremental_max_channels``: the run is a full sweep.
 
+Remembered sums (``incremental_sums``). Every full sweep anchors in Redis, in its own snapshot, what each
+channel contributes to the global and per-DID sums (payer, payee, total_deposit, pending_refund,
+total_settled, current_balance + escrowed_amount), each DID's account row and channel sums, and the
+global totals (``zsmon.core.memory.AnchoredMemory``, written only once the result is published). An
+incremental run reads only the touched channels and the judged DIDs' accounts and takes every sum as
+remembered + (now - remembered) of those rows, exactly (Decimal, rounding trapped); the remembered payer
+and payee of a touched channel are judged too (a rewritten payer_did moves money off the old DID). The
+touched set covers every change since the sums' own snapshot (when their update was lost, since then).
+Sums gone, partly evicted or half-written: the run is a full sweep, which re-anchors them. Sums that the
+last full sweep could not anchor (Redis failing, a channel without payer), unreadable, or not exact: the
+exact SQL judges instead, as without the setting; it re-sums the judged DIDs' channels but cannot know
+the previous payer or payee of a channel whose payer_did or payee_did was rewritten, so that old DID is
+judged at the next full sweep only. With the sums, the same snapshot gives the same verdicts as a full
+sweep, as long as rows are changed with their ``updated_at`` and never deleted (a deleted channel or
+account stays in the sums until the next full sweep, which is the proof).
+
 Full sweeps are steered to sequential, single-process plans (no index scans, no
 parallel workers, per-channel grouping by sort) for their whole-table aggregates:
 on a ledger much larger than shared_buffers an index-ordered aggregate reads the
@@ -42,21 +59,37 @@ sort spills once. Incremental runs turn JIT off. See docs/performance.md.
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
-from dataclasses import replace
-from decimal import Decimal
+from dataclasses import dataclass, replace
+from decimal import Context, Decimal, Inexact, InvalidOperation, Rounded, localcontext
 from typing import Any, Iterator
 
+import redis
 from prometheus_client import Counter
 from pydantic import Field
 
 from zsmon.checkers.platform import COLUMNS, reads
 from zsmon.core.checker import Checker, CheckContext, CheckerSettings, IndexAdvice, Invariant
+from zsmon.core.memory import AnchoredMemory
+from zsmon.core.redis import redis_error
 from zsmon.core.results import Violation
 
 SETTLE_TYPES = ("settlement", "settle")  # the settle endpoint writes 'settlement', older rows 'settle'
 
 SEQUENCE_KEY = "sequence"      # hash: channel id -> highest sequence_number observed
+# The remembered sums (zsmon.core.memory.AnchoredMemory): a header (anchor, as_of, the global totals) and
+# two parts: channel id -> JSON [payer_did, payee_did, total_deposit, pending_refund, total_settled,
+# current_balance + escrowed_amount]; DID -> JSON [has an account row, balance, total_deposited,
+# total_withdrawn, sum of total_deposit of the channels it pays, of their pending_refund, sum of
+# total_settled of the channels it is paid by]. Money as numeric text, never floats.
+SUMS_KEY = "sums"
+SUMS_PARTS = ("channels", "dids")
+TOTALS = ("deposited", "withdrawn", "balance", "held")
+# Sums are exact or not used: any rounding raises (and the run judges with the exact SQL instead).
+_EXACT = Context(prec=100, traps=[Inexact, Rounded, InvalidOperation])
+_ZERO = Decimal(0)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 # ledger_reconciliation's kinds (the ``tag`` of its rows): only the deposit row is missing (the deployed
 # platform opens channels without one: systemic), the deposit row is missing and the ledger disagrees
@@ -68,6 +101,10 @@ NO_DEPOSIT, NO_DEPOSIT_AND_MORE, MISMATCH = "no_deposit", "no_deposit_and_more",
 # (incremental), joined as a relation (unnest) so that the planner sizes them and probes the indexes.
 _ALL_LEDGER = "{channel_transactions} t"
 _TOUCHED_LEDGER = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {channel_transactions} t ON t.channel_id = k.id"
+# Incremental double_release: the touched channels' rows through the channel_id index, one probe per channel
+# (joined plainly, the planner reads every release/refund row of the ledger through the type index instead).
+_PROBED_LEDGER = ("unnest(%(ids)s::uuid[]) AS k(id) CROSS JOIN LATERAL "
+                  "(SELECT * FROM {channel_transactions} t0 WHERE t0.channel_id = k.id OFFSET 0) AS t")
 _ALL_CHANNELS = "{payment_channels} c"
 _TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id"
 
@@ -334,6 +371,78 @@ FROM (SELECT coalesce(sum(total_deposited), 0) AS deposited, coalesce(sum(total_
              coalesce(sum(total_settled), 0) AS settled FROM {payment_channels}) AS c
 """
 
+# ---- remembered sums (exact deltas) --------------------------------------------------------------
+# A full sweep re-anchors them (same snapshot as its judgements): every channel's contribution, and per DID
+# its account row and its channels' sums (the ``a`` relation of _ACCOUNTS_SQL). trim_scale: "100", not
+# "100.00000000" (the same number, a third less Redis).
+_ANCHOR_CHANNELS_SQL = """
+SELECT c.id::text,
+       json_build_array(c.payer_did, c.payee_did, trim_scale(coalesce(c.total_deposit, 0))::text,
+                        trim_scale(coalesce(c.pending_refund, 0))::text, trim_scale(coalesce(c.total_settled, 0))::text,
+                        trim_scale(coalesce(c.current_balance + c.escrowed_amount, 0))::text)::text
+FROM {payment_channels} c
+"""
+
+_ANCHOR_DIDS_SQL = f"""
+WITH ch AS (
+    SELECT v.did, sum(v.paid) AS paid, sum(v.refunded) AS refunded, sum(v.earned) AS earned
+    FROM ({_ALL_CHANNEL_ROWS}) AS v(did, paid, refunded, earned)
+    GROUP BY v.did
+)
+SELECT coalesce(acc.did, ch.did) AS did,
+       json_build_array(acc.did IS NOT NULL, trim_scale(coalesce(acc.balance, 0))::text,
+                        trim_scale(coalesce(acc.total_deposited, 0))::text, trim_scale(coalesce(acc.total_withdrawn, 0))::text,
+                        trim_scale(coalesce(ch.paid, 0))::text, trim_scale(coalesce(ch.refunded, 0))::text,
+                        trim_scale(coalesce(ch.earned, 0))::text)::text
+FROM {{accounts}} acc
+FULL JOIN ch ON ch.did = acc.did
+"""
+
+# An incremental run: the touched channels' contributions and the judged DIDs' accounts, by index.
+_TOUCHED_SUMS_SQL = """
+SELECT c.id::text AS id, c.payer_did, c.payee_did, coalesce(c.total_deposit, 0) AS td,
+       coalesce(c.pending_refund, 0) AS pr, coalesce(c.total_settled, 0) AS ts,
+       coalesce(c.current_balance + c.escrowed_amount, 0) AS held
+FROM unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id
+"""
+
+# The judged DIDs' accounts, one probe of the did index each (joined plainly to a few thousand DIDs, the
+# planner hashes the whole accounts table).
+_SOME_ACCOUNTS = ("unnest(%(dids)s::text[]) AS k(did) CROSS JOIN LATERAL "
+                  "(SELECT * FROM {accounts} a0 WHERE a0.did = k.did OFFSET 0) AS acc0")
+
+_DID_ACCOUNTS_SQL = f"""
+SELECT acc0.did, coalesce(acc0.balance, 0) AS bal, coalesce(acc0.total_deposited, 0) AS dep,
+       coalesce(acc0.total_withdrawn, 0) AS wd
+FROM {_SOME_ACCOUNTS}
+"""
+
+# The judged DIDs' channel sums, computed from the remembered sums plus the touched channels' deltas.
+_GIVEN_CHANNEL_ROWS = """
+    SELECT * FROM unnest(%(dids)s::text[], %(paid)s::text[]::numeric[], %(refunded)s::text[]::numeric[],
+                         %(earned)s::text[]::numeric[])
+"""
+
+_SUMS_COLUMNS = frozenset(
+    [f"accounts.{c}" for c in ("did", "balance", "total_deposited", "total_withdrawn")]
+    + [f"payment_channels.{c}" for c in ("id", "payer_did", "payee_did", *_MONEY)])
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """An incremental run's exact sums: per judged DID its channels' sums, and the global totals."""
+
+    dids: list[str]
+    paid: list[Decimal]
+    refunded: list[Decimal]
+    earned: list[Decimal]
+    totals: dict[str, Decimal]
+
+
+class _Unusable(Exception):
+    """The remembered sums cannot be trusted for this run (the exact SQL judges instead)."""
+
+
 # The columns that tell an incremental run what changed.
 _WATERMARK_COLUMNS = ("channel_transactions.created_at", "payment_channels.updated_at", "accounts.updated_at")
 
@@ -371,6 +480,11 @@ class PaymentsSettings(CheckerSettings):
                                     "numeric sums cost more to combine than they save).")
     work_mem_mb: int | None = Field(
         None, ge=1, description="work_mem for this checker's transaction in MB (unset: the server's default).")
+    incremental_sums: bool = Field(
+        True, description="Remember in Redis each channel's and each DID's contribution to the global and "
+                          "per-DID sums (re-anchored by every full sweep), so incremental runs judge "
+                          "account_reconciliation and global_conservation from exact deltas of the touched "
+                          "rows instead of re-summing the world (about 200 bytes of Redis per channel).")
     sequence_batch: int = Field(
         10_000, ge=100, description="Channels compared with the Redis sequence memory per round trip.")
     summary_examples: int = Field(
@@ -436,7 +550,7 @@ class PaymentsChecker(Checker):
     columns = {t: COLUMNS[t] for t in ("accounts", "payment_channels", "channel_transactions")}
     Settings = PaymentsSettings
     # 15 s bounds commit-to-page by ~43 s with the shipped scrape/evaluation intervals;
-    # an incremental run costs ~1 s even on 1M channels (docs/performance.md).
+    # an incremental run costs ~0.25 s (new channels) to ~1.1 s (old ones) even on 1M channels (docs/performance.md).
     default_interval_seconds = 15.0
     supports_incremental = True
     default_full_interval_seconds = 3600.0
@@ -474,20 +588,31 @@ class PaymentsChecker(Checker):
         if s.work_mem_mb:
             ctx.scalar("SELECT set_config('work_mem', %s, true)", (f"{s.work_mem_mb}MB",))
         state = ctx.state()
-        ids, dids = self._touched(ctx, state.resume())
-        state.save({"watermark": ctx.snapshot_time})
+        previous = state.resume()
+        sums = self._remembered_sums(ctx, previous)
+        if previous is not None and ctx.mode == "full":
+            previous = None  # the remembered sums are gone: a full sweep re-anchors them
+        ids, dids = self._touched(ctx, previous, None if sums is None else float(sums[1]["as_of"]))
         self._judge_channels(ctx, ids)
         self._judge_double_release(ctx, ids)
-        self._judge_accounts(ctx, dids)
-        self._judge_global(ctx)
+        delta = self._delta(ctx, sums, ids, dids) if sums is not None and ids is not None else None
+        self._judge_accounts(ctx, dids if delta is None else delta.dids, delta)
+        totals = self._judge_global(ctx, delta)
+        # Whether the sums can be anchored here: when a full sweep could not (Redis failing, a channel
+        # without payer), incremental runs use the exact SQL until the next scheduled full sweep rather than
+        # turning every run into a full sweep.
+        anchored = self._anchor_sums(ctx, totals) if ids is None else bool(previous and previous.get("sums", True))
+        state.save({"watermark": ctx.snapshot_time, "sums": anchored})
         self._judge_sequences(ctx, ids)
 
     # ---- scope --------------------------------------------------------------------------------------
-    def _touched(self, ctx: CheckContext, previous: dict[str, Any] | None
+    def _touched(self, ctx: CheckContext, previous: dict[str, Any] | None, sums_as_of: float | None = None
                  ) -> tuple[list[str] | None, list[str] | None]:
         """Channels and DIDs to judge: those changed since the previous run and those that violated at it
         (so the result stays complete: a violation leaves only when re-judged clean); (None, None): a full
-        sweep."""
+        sweep. ``sums_as_of``: the snapshot time of the remembered sums, when older than the watermark (their
+        update failed after a published run): what changed since then is touched too, so that the deltas
+        cover every change since the sums."""
         if previous is None:
             return None, None
         stamps = sorted(ctx.missing & set(_WATERMARK_COLUMNS))
@@ -499,7 +624,8 @@ class PaymentsChecker(Checker):
         if known_channels is None or known_dids is None:
             ctx.fall_back_to_full("the previous run's violators are not all known (checks.track_limit)")
             return None, None
-        since = previous["watermark"] - self.settings.watermark_safety_seconds
+        since = min(previous["watermark"], sums_as_of if sums_as_of is not None else previous["watermark"])
+        since -= self.settings.watermark_safety_seconds
         cap = self.settings.incremental_max_channels
         ids = [r["id"] for r in ctx.query(_TOUCHED_CHANNELS_SQL, {"since": since, "cap": cap + 1})]
         ids = sorted(set(ids) | known_channels)
@@ -579,7 +705,7 @@ class PaymentsChecker(Checker):
                           f"without draining, as the deployed settle endpoint does){self._examples(drained.sample)}")
 
     def _judge_double_release(self, ctx: CheckContext, ids: list[str] | None) -> None:
-        inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
+        inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _PROBED_LEDGER)
         with self._sweep_plan(ctx, ids is None, sort=True):
             found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
         if not found.count:
@@ -612,27 +738,38 @@ class PaymentsChecker(Checker):
             parts.append(f"{found.count - settled_twice} channels released or refunded one escrow more than once")
         ctx.summarize("double_release", "; ".join(parts) + self._examples(sample))
 
-    def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None) -> None:
+    def _judge_accounts(self, ctx: CheckContext, dids: list[str] | None, delta: _Delta | None = None) -> None:
+        params: dict[str, Any] = {"dids": dids}
+        some_accounts = _SOME_ACCOUNTS
         if dids is None:
             inner = _ACCOUNTS_SQL.format(channel_rows=_ALL_CHANNEL_ROWS, accounts_from="{accounts} acc0")
-        else:
-            inner = _ACCOUNTS_SQL.format(
-                channel_rows=_DID_CHANNEL_ROWS,
-                accounts_from="unnest(%(dids)s::text[]) AS k(did) JOIN {accounts} acc0 ON acc0.did = k.did")
+        elif delta is None:  # re-sum every channel of each judged DID
+            inner = _ACCOUNTS_SQL.format(channel_rows=_DID_CHANNEL_ROWS, accounts_from=some_accounts)
+        else:  # their channels' sums are known exactly from the remembered sums and the touched rows
+            inner = _ACCOUNTS_SQL.format(channel_rows=_GIVEN_CHANNEL_ROWS, accounts_from=some_accounts)
+            # As text: exact, and cheaper to send than Decimal objects.
+            params.update(paid=[str(x) for x in delta.paid], refunded=[str(x) for x in delta.refunded],
+                          earned=[str(x) for x in delta.earned])
         with self._sweep_plan(ctx, dids is None):
-            found = ctx.find_many(inner, _ACCOUNT_INVARIANTS, {"dids": dids}, tags=True)["account_reconciliation"]
+            found = ctx.find_many(inner, _ACCOUNT_INVARIANTS, params, tags=True)["account_reconciliation"]
         if found.tagged:
             missing = [v.entity_id for v in found.sample if v.detail.startswith("no account row")]
             ctx.summarize("account_reconciliation",
                           f"{found.tagged} DIDs named by channels have no account row, so money moved for nobody "
                           f"(e.g. a placeholder payer_did){self._examples(found.sample, missing)}")
 
-    def _judge_global(self, ctx: CheckContext) -> None:
-        g = ctx.query(_GLOBAL_SQL)[0]
+    def _judge_global(self, ctx: CheckContext, delta: _Delta | None = None) -> dict[str, Any]:
+        """Judge ``global_conservation``, from the exact SQL aggregate or from ``delta``'s totals; the totals."""
+        if delta is None:
+            g = ctx.query(_GLOBAL_SQL)[0]
+        else:
+            t = delta.totals
+            with localcontext(_EXACT):
+                g = {**t, "expected": t["deposited"] - t["withdrawn"], "actual": t["balance"] + t["held"]}
         expected, actual = g["expected"], g["actual"]
         if expected == actual:
             ctx.report("global_conservation", [], count=0)
-            return
+            return g
         diff = actual - expected
         detail = (f"deposited {g['deposited']} - withdrawn {g['withdrawn']} = {expected}, but accounts hold "
                   f"{g['balance']} and channels {g['held']} = {actual}: {abs(diff)} "
@@ -640,6 +777,133 @@ class PaymentsChecker(Checker):
                   f"violations name where")
         ctx.report("global_conservation",
                    [Violation("global_conservation", "system", "global", expected, actual, diff, detail)], count=1)
+        return g
+
+    # ---- remembered sums: exact deltas ------------------------------------------------------------------
+    def _sums_usable(self, ctx: CheckContext) -> bool:
+        return (self.settings.incremental_sums and ctx.redis is not None and not (ctx.missing & _SUMS_COLUMNS)
+                and not {"account_reconciliation", "global_conservation"} & set(ctx.unavailable))
+
+    def _remembered_sums(self, ctx: CheckContext, previous: dict[str, Any] | None
+                         ) -> tuple[AnchoredMemory, dict[str, str]] | None:
+        """For an incremental run: the remembered sums when whole (None: judge with the exact SQL)."""
+        if previous is None or not self._sums_usable(ctx):
+            return None
+        memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
+        why, readable = None, True
+        try:
+            header = memory.load()
+            if header is None:
+                why = "no remembered sums, or half-written"
+            else:
+                float(header["as_of"])
+                if not all(Decimal(header[k]).is_finite() for k in TOTALS):
+                    raise ValueError("not a finite total")
+        except redis.RedisError as exc:
+            why, readable = f"remembered sums unreadable: {redis_error(exc)}", False
+        except (KeyError, ValueError, ArithmeticError):
+            why = "remembered sums incomplete"
+        if why is not None:
+            if readable and previous.get("sums", True):
+                # Gone or half-written (not a read error): without them a rewritten payer_did would leave its
+                # old DID unjudged; a full sweep judges everything and re-anchors them.
+                ctx.fall_back_to_full(why)
+            elif ctx.log is not None:
+                ctx.log.debug("payments_sums_unused", reason=why)
+            return None
+        return memory, header
+
+    def _delta(self, ctx: CheckContext, sums: tuple[AnchoredMemory, dict[str, str]], ids: list[str],
+               dids: list[str]) -> _Delta | None:
+        """The exact sums of this snapshot, as remembered + (now - remembered) of every touched channel and
+        judged account; the judged DIDs grow by the remembered payers and payees of the touched channels (a
+        channel whose payer_did changed moves its money off the old DID). None: use the exact SQL."""
+        memory, header = sums
+        anchor = header["anchor"]
+        try:
+            with localcontext(_EXACT):
+                totals = {k: Decimal(header[k]) for k in TOTALS}
+                moved: dict[str, list[Decimal]] = {}  # DID -> deltas of [paid, refunded, earned]
+
+                def add(did: str, paid: Decimal, refunded: Decimal, earned: Decimal, sign: int) -> None:
+                    d = moved.setdefault(did, [_ZERO, _ZERO, _ZERO])
+                    d[0] += sign * paid
+                    d[1] += sign * refunded
+                    d[2] += sign * earned
+
+                now = {r["id"]: r for r in ctx.query(_TOUCHED_SUMS_SQL, {"ids": ids})}
+                channels: dict[str, str | None] = {}
+                for cid, raw in zip(ids, memory.get(anchor, "channels", ids)):
+                    if raw is not None:
+                        payer, payee, td, pr, ts, held = json.loads(raw)
+                        add(payer, _finite(td), _finite(pr), _ZERO, -1)
+                        add(payee, _ZERO, _ZERO, _finite(ts), -1)
+                        totals["held"] -= _finite(held)
+                    row = now.get(cid)
+                    if row is None:  # the channel row is gone: it contributes nothing any more
+                        channels[cid] = None
+                        continue
+                    if row["payer_did"] is None or row["payee_did"] is None:
+                        raise _Unusable(f"channel {cid} has no payer_did or payee_did")
+                    add(row["payer_did"], _finite(row["td"]), _finite(row["pr"]), _ZERO, 1)
+                    add(row["payee_did"], _ZERO, _ZERO, _finite(row["ts"]), 1)
+                    totals["held"] += _finite(row["held"])
+                    channels[cid] = _encode([row["payer_did"], row["payee_did"], str(row["td"]), str(row["pr"]),
+                                                str(row["ts"]), str(row["held"])])
+                judged = sorted(set(dids) | set(moved))
+                accounts = {r["did"]: r for r in ctx.query(_DID_ACCOUNTS_SQL, {"dids": judged})}
+                paid, refunded, earned, people = [], [], [], {}
+                for did, raw in zip(judged, memory.get(anchor, "dids", judged)):
+                    _has, bal, dep, wd, p, rf, e = json.loads(raw) if raw is not None else (
+                        False, "0", "0", "0", "0", "0", "0")
+                    acc = accounts.get(did)
+                    n_bal, n_dep, n_wd = ((_finite(acc["bal"]), _finite(acc["dep"]), _finite(acc["wd"])) if acc
+                                          else (_ZERO, _ZERO, _ZERO))
+                    totals["balance"] += n_bal - _finite(bal)
+                    totals["deposited"] += n_dep - _finite(dep)
+                    totals["withdrawn"] += n_wd - _finite(wd)
+                    d = moved.get(did, (_ZERO, _ZERO, _ZERO))
+                    sums_now = (_finite(p) + d[0], _finite(rf) + d[1], _finite(e) + d[2])
+                    paid.append(sums_now[0])
+                    refunded.append(sums_now[1])
+                    earned.append(sums_now[2])
+                    people[did] = _encode([acc is not None, str(n_bal), str(n_dep), str(n_wd),
+                                              *(str(x) for x in sums_now)])
+        except (redis.RedisError, ValueError, TypeError, ArithmeticError, _Unusable) as exc:
+            reason = redis_error(exc) if isinstance(exc, redis.RedisError) else str(exc) or type(exc).__name__
+            if ctx.log is not None:
+                ctx.log.warning("payments_sums_unused", reason=reason)
+            return None
+        memory.update(anchor, {"channels": channels, "dids": people},
+                      {"as_of": repr(ctx.snapshot_time), **{k: str(v) for k, v in totals.items()}})
+        if ctx.log is not None:
+            ctx.log.debug("payments_sums_delta", channels=len(ids), dids=len(judged))
+        return _Delta(judged, paid, refunded, earned, totals)
+
+    def _anchor_sums(self, ctx: CheckContext, totals: dict[str, Any]) -> bool:
+        """A full sweep: remember every channel's and DID's contribution in this snapshot (a new anchor);
+        whether it was."""
+        if not self._sums_usable(ctx):
+            return False
+        memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
+        anchor = memory.begin()
+        batch = self.settings.sequence_batch
+        failed = None
+        with self._sweep_plan(ctx, True):
+            try:
+                memory.fill(anchor, "channels", ctx.batches(_ANCHOR_CHANNELS_SQL, None, batch))
+                memory.fill(anchor, "dids", _keyed(ctx.batches(_ANCHOR_DIDS_SQL, None, batch)))
+            except redis.RedisError as exc:
+                failed = redis_error(exc)
+            except _Unusable as exc:
+                failed = str(exc)
+        if failed is not None:
+            memory.abandon(anchor)
+            if ctx.log is not None:
+                ctx.log.warning("payments_sums_not_anchored", reason=failed)
+            return False
+        memory.publish(anchor, {"as_of": repr(ctx.snapshot_time), **{k: str(totals[k]) for k in TOTALS}})
+        return True
 
     # ---- sequence memory ----------------------------------------------------------------------------
     def _judge_sequences(self, ctx: CheckContext, ids: list[str] | None) -> None:
@@ -657,3 +921,19 @@ class PaymentsChecker(Checker):
                       f"sequence_number went back from {prev} (seen before) to {cur}: a stale or replayed "
                       f"write overwrote this channel; compare its row with its latest ledger rows")
             for cid, prev, cur in obs.worst], count=obs.count)
+
+
+def _keyed(batches: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    """Rows keyed by DID; a NULL DID (a channel without payer or payee) cannot be remembered."""
+    for rows in batches:
+        if any(row[0] is None for row in rows):
+            raise _Unusable("a channel has no payer_did or payee_did")
+        yield rows
+
+
+def _finite(value: Any) -> Decimal:
+    """A remembered or read amount as a Decimal; NaN (numeric allows it) or garbage: the sums are not used."""
+    amount = Decimal(value)
+    if not amount.is_finite():
+        raise _Unusable(f"a non-finite amount ({value})")
+    return amount

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import queue
+import threading
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -197,3 +199,149 @@ def _epoch(value: Any) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None  # an older encoding (an ISO timestamp): when is unknown
+
+
+# Header field of an ``AnchoredMemory`` set once its parts are wholly written (and unset while they are not).
+READY_FIELD = "ready"
+# Field every part hash of an ``AnchoredMemory`` holds, so an empty part still exists (and its loss is seen).
+ANCHOR_FIELD = "_anchor"
+
+
+class AnchoredMemory:
+    """Values per entity kept in Redis between runs, tied to one *anchor* (the full sweep that wrote them).
+
+    A header hash (``ctx.key(name)``) names the anchor, the snapshot time the values are as of (``as_of``)
+    and whatever totals the checker keeps beside them; each *part* (e.g. ``channels``) is one hash entity
+    id -> value under ``ctx.key(name, anchor, part)``. A full sweep fills fresh parts while it runs (with a
+    TTL, so an abandoned fill goes away by itself) and, once its result is published, points the header at
+    them and drops the previous anchor's parts. An incremental run reads only the entities it touched and,
+    once published, writes their new values and the new header. The header's ready mark is set only once
+    everything it describes is written (no MULTI: the documented Redis ACL grants none), so a write that
+    fails half-way leaves nothing a reader trusts. Redis evicts whole keys, so a part that lost anything is
+    missing as a whole and ``load`` says so.
+    """
+
+    def __init__(self, ctx: Any, name: str, parts: tuple[str, ...]) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.parts = parts
+        self.header_key = ctx.key(name)
+
+    def part_key(self, anchor: str, part: str) -> str:
+        return self.ctx.key(self.name, anchor, part)
+
+    def load(self) -> dict[str, str] | None:
+        """The header when the anchor it names is whole, else None. Raises ``redis.RedisError``."""
+        r = self.ctx.redis
+        if r is None:
+            return None
+        header = {_text(k): _text(v) for k, v in r.hgetall(self.header_key).items()}
+        anchor = header.pop("anchor", None)
+        if not anchor or header.pop(READY_FIELD, None) != "1":
+            return None  # never published, or an update failed half-way
+        if r.exists(*(self.part_key(anchor, p) for p in self.parts)) != len(self.parts):
+            return None
+        return {**header, "anchor": anchor}
+
+    def get(self, anchor: str, part: str, ids: list[str], batch: int = 10_000) -> list[str | None]:
+        """The remembered values of ``ids`` (None: not remembered). Raises ``redis.RedisError``."""
+        key, out = self.part_key(anchor, part), []
+        for i in range(0, len(ids), batch):
+            out.extend(_text(v) if v is not None else None for v in self.ctx.redis.hmget(key, ids[i:i + batch]))
+        return out
+
+    def begin(self) -> str:
+        """A new anchor id for a full sweep to ``fill``."""
+        return uuid.uuid4().hex
+
+    def fill(self, anchor: str, part: str, rows: Any) -> int:
+        """Write batches of (entity id, value) rows to ``part`` of the new ``anchor``; the number written.
+        Raises ``redis.RedisError`` (``abandon`` then removes what was written)."""
+        r, key = self.ctx.redis, self.part_key(anchor, part)
+        r.hset(key, ANCHOR_FIELD, anchor)
+        r.expire(key, STAGING_TTL_SECONDS)
+        # A writer thread sends each batch while the next one is fetched (both wait on sockets, GIL released).
+        pending: queue.Queue[Any] = queue.Queue(maxsize=2)
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            while (batch := pending.get()) is not None:
+                if not failed:
+                    try:
+                        r.hset(key, mapping=dict(batch))
+                    except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
+                        failed.append(exc)
+
+        writer = threading.Thread(target=send, name="zsmon-anchor-fill", daemon=True)
+        writer.start()
+        n = 0
+        try:
+            for batch in rows:
+                if failed:
+                    break
+                if batch:
+                    pending.put(batch)
+                    n += len(batch)
+        finally:
+            pending.put(None)
+            writer.join()
+        if failed:
+            raise failed[0]
+        return n
+
+    def abandon(self, anchor: str) -> None:
+        try:
+            self.ctx.redis.delete(*(self.part_key(anchor, p) for p in self.parts))
+        except redis.RedisError:
+            pass  # the TTL removes them
+
+    def publish(self, anchor: str, header: dict[str, str]) -> None:
+        """After success: make ``anchor`` (filled) the remembered state, with ``header``; drop the old one."""
+        def commit() -> None:
+            r = self.ctx.redis
+            old = _text(r.hget(self.header_key, "anchor"))
+            pipe = r.pipeline(transaction=False)
+            for p in self.parts:
+                pipe.persist(self.part_key(anchor, p))
+            pipe.delete(self.header_key)
+            pipe.execute()  # raises on any error: no header, so no reader trusts a half-published anchor
+            r.hset(self.header_key, mapping={**header, "anchor": anchor, READY_FIELD: "1"})
+            if old and old != anchor:
+                r.unlink(*(self.part_key(old, p) for p in self.parts))
+            # Parts no header names any more (the header alone was deleted, e.g. ``zsmon checkers
+            # reset-memory payments sums``): published parts have no TTL; a fill in progress has one.
+            mine = {self.part_key(anchor, p) for p in self.parts}
+            for key in r.scan_iter(match=self.header_key + ":*", count=1000):
+                key = _text(key)
+                if key not in mine and r.ttl(key) == -1:
+                    r.unlink(key)
+        self.ctx.after_success(commit)
+
+    def update(self, anchor: str, changes: dict[str, dict[str, str | None]], header: dict[str, str]) -> None:
+        """After success: write ``changes`` (part -> entity id -> new value, None: forget it) and ``header``,
+        only if the header still names ``anchor`` (else nothing: another sweep re-anchored meanwhile).
+
+        No MULTI (the documented Redis ACL grants none): the header loses its ready mark first and gets it
+        back only once every change is written, so a write that fails half-way leaves a state no reader
+        trusts (until the next full sweep re-anchors)."""
+        def commit() -> None:
+            r = self.ctx.redis
+            if _text(r.hget(self.header_key, "anchor")) != anchor:
+                return
+            r.hdel(self.header_key, READY_FIELD)
+            pipe = r.pipeline(transaction=False)
+            for part, values in changes.items():
+                key = self.part_key(anchor, part)
+                gone = [k for k, v in values.items() if v is None]
+                kept = {k: v for k, v in values.items() if v is not None}
+                if kept:
+                    pipe.hset(key, mapping=kept)
+                if gone:
+                    pipe.hdel(key, *gone)
+            pipe.execute()  # raises on any error: the ready mark stays off
+            r.hset(self.header_key, mapping={**header, "anchor": anchor, READY_FIELD: "1"})
+        self.ctx.after_success(commit)
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
