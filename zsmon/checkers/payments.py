@@ -39,9 +39,17 @@ heap in random order (about 9x slower in bench/payments.py), parallel workers
 must ship numeric partial sums between processes, which costs more than they
 save, and a hash table of a million numeric states spills in many batches where a
 sort spills once. Incremental runs turn JIT off. See docs/performance.md.
+
+A full sweep's channel pass and double-release pass are split by ranges of channel
+id (cut from a block sample of ``payment_channels``) over
+``full_sweep_connections`` connections that share the run's snapshot
+(``CheckContext.find_many_split``): each connection sweeps one range with the
+planner settings above and the findings merge exactly into those of one pass.
+The global aggregate and the account pass stay on the run's own connection.
 """
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from dataclasses import replace
 from decimal import Decimal
@@ -70,6 +78,10 @@ _ALL_LEDGER = "{channel_transactions} t"
 _TOUCHED_LEDGER = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {channel_transactions} t ON t.channel_id = k.id"
 _ALL_CHANNELS = "{payment_channels} c"
 _TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id"
+# One part of a split full sweep: the channels with lo <= id < hi (NULL: no bound), and their ledger rows.
+_IN_PART = "(%(lo)s::uuid IS NULL OR {col} >= %(lo)s::uuid) AND (%(hi)s::uuid IS NULL OR {col} < %(hi)s::uuid)"
+_PART_LEDGER = f"(SELECT * FROM {{channel_transactions}} t0 WHERE {_IN_PART.format(col='t0.channel_id')}) AS t"
+_PART_CHANNELS = f"(SELECT * FROM {{payment_channels}} c0 WHERE {_IN_PART.format(col='c0.id')}) AS c"
 
 # The ledger rebuilds a channel (docs/invariants.md): total_deposit = deposits; escrowed_amount = escrows -
 # releases - refunds; total_settled = releases + settlements; pending_refund = closes; current_balance =
@@ -369,6 +381,11 @@ class PaymentsSettings(CheckerSettings):
     full_sweep_parallel_workers: int = Field(
         0, ge=0, le=64, description="max_parallel_workers_per_gather for full sweeps (0: one backend; parallel "
                                     "numeric sums cost more to combine than they save).")
+    full_sweep_connections: int | None = Field(
+        None, ge=1, le=16, description="Connections a full sweep's channel and double-release passes are split "
+                                       "over, all sharing the run's snapshot, by ranges of channel id (unset: "
+                                       "min(2, database.max_connections - 1); 1: one connection). Each one is a "
+                                       "backend sorting its share, with work_mem of its own.")
     work_mem_mb: int | None = Field(
         None, ge=1, description="work_mem for this checker's transaction in MB (unset: the server's default).")
     sequence_batch: int = Field(
@@ -544,13 +561,41 @@ class PaymentsChecker(Checker):
         chosen = (ids if ids is not None else [v.entity_id for v in sample])[:n]
         return f" (e.g. {', '.join(chosen)})" if chosen else ""
 
+    def _parts(self, ctx: CheckContext) -> list[dict[str, Any]] | None:
+        """The channel-id ranges a full sweep is split into (None: one connection sweeps everything)."""
+        n = self.settings.full_sweep_connections or ctx.max_connections
+        if n <= 1:
+            return None
+        cuts = [str(p) for p in ctx.split_points("payment_channels", "id", n)]
+        if not cuts:
+            return None
+        bounds = [None, *cuts, None]
+        return [{"lo": lo, "hi": hi} for lo, hi in itertools.pairwise(bounds)]
+
+    def _split_plan(self, sort: bool) -> Any:
+        """What each connection of a split full sweep sets first: work_mem and the full sweep's plan."""
+        @contextmanager
+        def prepare(part: CheckContext) -> Iterator[None]:
+            if self.settings.work_mem_mb:
+                part.scalar("SELECT set_config('work_mem', %s, true)", (f"{self.settings.work_mem_mb}MB",))
+            with self._sweep_plan(part, True, sort=sort):
+                yield
+        return prepare
+
     def _judge_channels(self, ctx: CheckContext, ids: list[str] | None) -> None:
-        if ids is None:
-            inner = _CHANNELS_SQL.format(ledger_from=_ALL_LEDGER, channels_from=_ALL_CHANNELS)
+        parts = self._parts(ctx) if ids is None else None
+        if parts is not None:
+            inner = _CHANNELS_SQL.format(ledger_from=_PART_LEDGER, channels_from=_PART_CHANNELS)
+            found = ctx.find_many_split(inner, _CHANNEL_INVARIANTS, parts, {"ids": None}, tags=True, priority=True,
+                                        prepare=self._split_plan(sort=True),
+                                        connections=self.settings.full_sweep_connections)
         else:
-            inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
-        with self._sweep_plan(ctx, ids is None, sort=True):
-            found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True, priority=True)
+            if ids is None:
+                inner = _CHANNELS_SQL.format(ledger_from=_ALL_LEDGER, channels_from=_ALL_CHANNELS)
+            else:
+                inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
+            with self._sweep_plan(ctx, ids is None, sort=True):
+                found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True, priority=True)
         scope = "channels" if ids is None else "channels touched since the watermark"
 
         ledger = found["ledger_reconciliation"]
@@ -579,9 +624,16 @@ class PaymentsChecker(Checker):
                           f"without draining, as the deployed settle endpoint does){self._examples(drained.sample)}")
 
     def _judge_double_release(self, ctx: CheckContext, ids: list[str] | None) -> None:
-        inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
-        with self._sweep_plan(ctx, ids is None, sort=True):
-            found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
+        parts = self._parts(ctx) if ids is None else None
+        if parts is not None:
+            inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_PART_LEDGER)
+            found = ctx.find_many_split(inner, ["double_release"], parts, {"ids": None}, tags=True,
+                                        prepare=self._split_plan(sort=True),
+                                        connections=self.settings.full_sweep_connections)["double_release"]
+        else:
+            inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
+            with self._sweep_plan(ctx, ids is None, sort=True):
+                found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
         if not found.count:
             return
         details: dict[str, str] = {}
