@@ -1,6 +1,7 @@
 """Full sweeps split over several connections that share one snapshot (issue 19), against real PostgreSQL."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import pytest
 
 from zsmon.app import build_registry
 from zsmon.checkers.payments import PaymentsChecker
-from zsmon.core.checker import Checker, CheckContext, Invariant
+from zsmon.core.checker import CheckContext, Checker, Invariant
 from zsmon.core.db import Database
 from zsmon.core.service import build_runner
 from zsmon.testing import bind_checker, wait_for
@@ -36,19 +37,22 @@ GROUP BY did
 """
 # Faults all over the id space: conservation breaks with four sizes only (ties broken by id), deposit rows
 # missing (a lower-priority kind of ledger_reconciliation), doubled releases and settles, closed channels
-# still holding money.
+# still holding money, accounts off by one or two, channels paid by DIDs that have no account.
 _FAULTS = [
-    "UPDATE payment_channels SET current_balance = current_balance + (hashtext(id::text) & 3) + 1 "
-    "WHERE hashtext(id::text) % 5 = 0",
-    "DELETE FROM channel_transactions WHERE channel_id IN "
-    "(SELECT id FROM payment_channels WHERE hashtext(id::text) % 11 = 1)",
-    "INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id) "
-    "SELECT id, t, 2, 'task-' || id FROM payment_channels, (VALUES ('release'), ('refund')) AS v(t) "
-    "WHERE hashtext(id::text) % 13 = 2",
-    "INSERT INTO channel_transactions (channel_id, transaction_type, amount) "
-    "SELECT id, 'settlement', 1 + (hashtext(id::text) & 1) FROM payment_channels, generate_series(1, 2) "
-    "WHERE hashtext(id::text) % 17 = 3",
+    ("UPDATE payment_channels SET current_balance = current_balance + (hashtext(id::text) & 3) + 1 "
+     "WHERE hashtext(id::text) % 5 = 0"),
+    ("DELETE FROM channel_transactions WHERE channel_id IN "
+     "(SELECT id FROM payment_channels WHERE hashtext(id::text) % 11 = 1)"),
+    ("INSERT INTO channel_transactions (channel_id, transaction_type, amount, task_id) "
+     "SELECT id, t, 2, 'task-' || id FROM payment_channels, (VALUES ('release'), ('refund')) AS v(t) "
+     "WHERE hashtext(id::text) % 13 = 2"),
+    ("INSERT INTO channel_transactions (channel_id, transaction_type, amount) "
+     "SELECT id, 'settlement', 1 + (hashtext(id::text) & 1) FROM payment_channels, generate_series(1, 2) "
+     "WHERE hashtext(id::text) % 17 = 3"),
     "UPDATE payment_channels SET state = 'closed' WHERE hashtext(id::text) % 19 = 4",
+    "UPDATE accounts SET balance = balance + 1 + (hashtext(did) & 1) WHERE hashtext(did) % 3 = 0",
+    ("UPDATE payment_channels SET payer_did = 'did:split:ghost' || (hashtext(id::text) & 15) "
+     "WHERE hashtext(id::text) % 23 = 5"),
 ]
 
 
@@ -81,10 +85,12 @@ def test_split_sweep_finds_exactly_what_one_connection_finds(writer, make_config
     # The world is worth the comparison: more violators than the sample and the tracking limit, ties, tags.
     assert counts["channel_conservation"] > 12 and counts["ledger_reconciliation"] > 12, counts
     assert counts["double_release"] > 12 and counts["closed_channel_drained"] > 5, counts
+    assert counts["account_reconciliation"] > 12, counts
     diffs = [v["difference"] for v in one["violations"] if v["invariant"] == "channel_conservation"]
     assert len(diffs) == 5 and len(set(diffs)) < 5, diffs  # ties in the sample, broken by id
     assert len(tracked_one["channel_conservation"]) == 12
     assert one["summaries"]["ledger_reconciliation"] and one["summaries"]["double_release"]
+    assert one["summaries"]["account_reconciliation"]  # DIDs without an account row
     for n in (2, 4):
         split, tracked = sweep(make_config, n)
         assert split == one, n
@@ -96,7 +102,7 @@ def test_split_sweep_finds_exactly_what_one_connection_finds(writer, make_config
 
 
 def test_split_sweep_actually_splits(writer, make_config):
-    """Both passes of the payments full sweep run on a helper connection beside the run's own."""
+    """The payments full sweep runs on a helper connection beside the run's own."""
     planted(writer)
     cfg = make_config(redis=False, database={"max_connections": 4})
     runner = build_runner(build_registry(cfg), only=["payments"])
@@ -114,7 +120,7 @@ def test_split_sweep_actually_splits(writer, make_config):
         assert runner.run_check("payments", mode="full").status == "fail"
     finally:
         runner.db.close()
-    assert len(opened) == 2, opened  # the channel pass and the double-release pass
+    assert len(opened) == 1, opened  # one set of helpers for the whole sweep
     for main, helpers in opened:
         assert len(helpers) == 1 and main not in helpers
 
@@ -205,3 +211,36 @@ def test_every_part_sees_the_runs_snapshot_read_only(writer, make_config, db_url
         db.close()
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM payment_channels").fetchone()[0] == 394
+
+
+def test_find_many_split_merges_exactly_what_find_many_finds(writer, make_config):
+    """The framework's generic split pass, on the payments channel query: the same findings in the same order,
+    whatever the cuts (even an empty part)."""
+    from zsmon.checkers import payments as p
+
+    planted(writer)
+    cfg = make_config(redis=False)
+    db = Database(cfg.database)
+    db.open()
+    whole_sql = p._CHANNELS_SQL.format(ledger_from=p._ALL_LEDGER, channels_from=p._ALL_CHANNELS)
+    part_sql = p._CHANNELS_SQL.format(ledger_from=p._PART_LEDGER, channels_from=p._PART_CHANNELS)
+    try:
+        with db.snapshot() as conn:
+            def context() -> CheckContext:
+                return CheckContext(PaymentsChecker(), conn, sample_limit=4, track_limit=9,
+                                    share=lambda k: db.shared_snapshot(conn, k), max_connections=3)
+
+            one = context()
+            found = one.find_many(whole_sql, p._CHANNEL_INVARIANTS, {"ids": None}, tags=True, priority=True)
+            cuts = [None, *(str(x) for x in one.split_points("payment_channels", "id", 3)), "ffffffff-0000-0000-0000-000000000000", None]
+            assert len(cuts) == 5
+            split = context()
+            merged = split.find_many_split(part_sql, p._CHANNEL_INVARIANTS,
+                                           [{"lo": lo, "hi": hi} for lo, hi in itertools.pairwise(cuts)],
+                                           {"ids": None}, tags=True, priority=True)
+            assert merged == found
+            assert (split.counts, split.samples, split.tracked) == (one.counts, one.samples, one.tracked)
+            assert [list(t) for t in split.tracked.values()] == [list(t) for t in one.tracked.values()]  # order too
+            assert sum(f.count for f in found.values()) > 40
+    finally:
+        db.close()

@@ -43,9 +43,12 @@ sort spills once. Incremental runs turn JIT off. See docs/performance.md.
 A full sweep's channel pass and double-release pass are split by ranges of channel
 id (cut from a block sample of ``payment_channels``) over
 ``full_sweep_connections`` connections that share the run's snapshot
-(``CheckContext.find_many_split``): each connection sweeps one range with the
-planner settings above and the findings merge exactly into those of one pass.
-The global aggregate and the account pass stay on the run's own connection.
+(``CheckContext.parallel``): each connection sweeps one range at a time with the
+planner settings above, and the rankings merge exactly into those of one pass
+(``merge_ranked``).
+The sequence memory, the account pass and the global aggregate run whole
+beside them on the same connections (the global aggregate is one query, on
+one snapshot).
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ from prometheus_client import Counter
 from pydantic import Field
 
 from zsmon.checkers.platform import COLUMNS, reads
-from zsmon.core.checker import Checker, CheckContext, CheckerSettings, IndexAdvice, Invariant
+from zsmon.core.checker import Checker, CheckContext, CheckerSettings, IndexAdvice, Invariant, merge_ranked
 from zsmon.core.results import Violation
 
 SETTLE_TYPES = ("settlement", "settle")  # the settle endpoint writes 'settlement', older rows 'settle'
@@ -382,10 +385,11 @@ class PaymentsSettings(CheckerSettings):
         0, ge=0, le=64, description="max_parallel_workers_per_gather for full sweeps (0: one backend; parallel "
                                     "numeric sums cost more to combine than they save).")
     full_sweep_connections: int | None = Field(
-        None, ge=1, le=16, description="Connections a full sweep's channel and double-release passes are split "
-                                       "over, all sharing the run's snapshot, by ranges of channel id (unset: "
-                                       "min(2, database.max_connections - 1); 1: one connection). Each one is a "
-                                       "backend sorting its share, with work_mem of its own.")
+        None, ge=1, le=16, description="Connections a full sweep runs on, all sharing the run's snapshot: the "
+                                       "channel and double-release passes split by ranges of channel id, the other "
+                                       "passes beside them (unset: min(2, database.max_connections - 1); 1: one "
+                                       "connection, one pass after another). Each is a backend of its own, with "
+                                       "its own work_mem.")
     work_mem_mb: int | None = Field(
         None, ge=1, description="work_mem for this checker's transaction in MB (unset: the server's default).")
     sequence_batch: int = Field(
@@ -493,6 +497,9 @@ class PaymentsChecker(Checker):
         state = ctx.state()
         ids, dids = self._touched(ctx, state.resume())
         state.save({"watermark": ctx.snapshot_time})
+        if ids is None and self._connections(ctx) > 1:
+            self._sweep_split(ctx)
+            return
         self._judge_channels(ctx, ids)
         self._judge_double_release(ctx, ids)
         self._judge_accounts(ctx, dids)
@@ -561,16 +568,52 @@ class PaymentsChecker(Checker):
         chosen = (ids if ids is not None else [v.entity_id for v in sample])[:n]
         return f" (e.g. {', '.join(chosen)})" if chosen else ""
 
-    def _parts(self, ctx: CheckContext) -> list[dict[str, Any]] | None:
-        """The channel-id ranges a full sweep is split into (None: one connection sweeps everything)."""
-        n = self.settings.full_sweep_connections or ctx.max_connections
-        if n <= 1:
-            return None
-        cuts = [str(p) for p in ctx.split_points("payment_channels", "id", n)]
-        if not cuts:
-            return None
-        bounds = [None, *cuts, None]
-        return [{"lo": lo, "hi": hi} for lo, hi in itertools.pairwise(bounds)]
+    # ---- a full sweep over several connections ------------------------------------------------------
+    def _connections(self, ctx: CheckContext) -> int:
+        return self.settings.full_sweep_connections or ctx.max_connections
+
+    def _parts(self, ctx: CheckContext, n: int) -> list[dict[str, Any]]:
+        """The channel-id ranges (lo <= id < hi) a split pass covers: n of about the same size (NULL: open)."""
+        bounds = [None, *(str(p) for p in ctx.split_points("payment_channels", "id", n)), None]
+        return [{"ids": None, "lo": lo, "hi": hi} for lo, hi in itertools.pairwise(bounds)]
+
+    def _sweep_split(self, ctx: CheckContext) -> None:
+        """The full sweep on several connections sharing the run's snapshot (``CheckContext.parallel``), longest
+        task first. The channel pass is split into one channel-id range per connection, the double-release
+        pass into one per two connections (each part scans the whole ledger twice: on two connections it
+        costs less whole, beside the channel parts); their rankings merge exactly. The sequence memory, the
+        account pass and the global aggregate run whole beside them (global_conservation stays one query:
+        a one-snapshot proof)."""
+        n = self._connections(ctx)
+        parts = self._parts(ctx, n)
+        channel_sql = _CHANNELS_SQL.format(ledger_from=_PART_LEDGER, channels_from=_PART_CHANNELS)
+        double_sql = _DOUBLE_RELEASE_SQL.format(ledger_from=_PART_LEDGER)
+        prepare = self._split_plan(sort=True)
+
+        def channels(c: CheckContext, part: dict[str, Any]) -> Any:
+            with prepare(c):
+                return c.rank(channel_sql, _CHANNEL_INVARIANTS, part, tags=True, priority=True)
+
+        def double(c: CheckContext, part: dict[str, Any]) -> Any:
+            with prepare(c):
+                return c.rank(double_sql, ["double_release"], part, tags=True)
+
+        tasks: list[tuple[str, Any]] = [("channels", p) for p in parts]
+        tasks.append(("sequences", None))
+        tasks += [("double", p) for p in (self._parts(ctx, n // 2) if n >= 4 else self._parts(ctx, 1))]
+        tasks += [("accounts", None), ("global", None)]
+        run = {"channels": channels, "double": double,
+               "sequences": lambda c, _: self._judge_sequences(c, None),
+               "accounts": lambda c, _: self._judge_accounts(c, None),
+               "global": lambda c, _: self._judge_global(c)}
+        results = ctx.parallel(tasks, lambda c, task: run[task[0]](c, task[1]), connections=n)
+
+        def merged(kind: str, ids: Any) -> dict[str, Any]:
+            ranked = [r for (k, _), r in zip(tasks, results) if k == kind]
+            return ctx.record_ranked(list(ids), merge_ranked(ranked, ctx.sample_limit, ctx.track_limit))
+
+        self._summarize_channels(ctx, merged("channels", _CHANNEL_INVARIANTS), None)
+        self._summarize_double_release(ctx, merged("double", ["double_release"])["double_release"], None)
 
     def _split_plan(self, sort: bool) -> Any:
         """What each connection of a split full sweep sets first: work_mem and the full sweep's plan."""
@@ -582,20 +625,17 @@ class PaymentsChecker(Checker):
                 yield
         return prepare
 
+    # ---- judging, one connection ----------------------------------------------------------------------
     def _judge_channels(self, ctx: CheckContext, ids: list[str] | None) -> None:
-        parts = self._parts(ctx) if ids is None else None
-        if parts is not None:
-            inner = _CHANNELS_SQL.format(ledger_from=_PART_LEDGER, channels_from=_PART_CHANNELS)
-            found = ctx.find_many_split(inner, _CHANNEL_INVARIANTS, parts, {"ids": None}, tags=True, priority=True,
-                                        prepare=self._split_plan(sort=True),
-                                        connections=self.settings.full_sweep_connections)
+        if ids is None:
+            inner = _CHANNELS_SQL.format(ledger_from=_ALL_LEDGER, channels_from=_ALL_CHANNELS)
         else:
-            if ids is None:
-                inner = _CHANNELS_SQL.format(ledger_from=_ALL_LEDGER, channels_from=_ALL_CHANNELS)
-            else:
-                inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
-            with self._sweep_plan(ctx, ids is None, sort=True):
-                found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True, priority=True)
+            inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
+        with self._sweep_plan(ctx, ids is None, sort=True):
+            found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True, priority=True)
+        self._summarize_channels(ctx, found, ids)
+
+    def _summarize_channels(self, ctx: CheckContext, found: dict[str, Any], ids: list[str] | None) -> None:
         scope = "channels" if ids is None else "channels touched since the watermark"
 
         ledger = found["ledger_reconciliation"]
@@ -624,16 +664,12 @@ class PaymentsChecker(Checker):
                           f"without draining, as the deployed settle endpoint does){self._examples(drained.sample)}")
 
     def _judge_double_release(self, ctx: CheckContext, ids: list[str] | None) -> None:
-        parts = self._parts(ctx) if ids is None else None
-        if parts is not None:
-            inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_PART_LEDGER)
-            found = ctx.find_many_split(inner, ["double_release"], parts, {"ids": None}, tags=True,
-                                        prepare=self._split_plan(sort=True),
-                                        connections=self.settings.full_sweep_connections)["double_release"]
-        else:
-            inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
-            with self._sweep_plan(ctx, ids is None, sort=True):
-                found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
+        inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _TOUCHED_LEDGER)
+        with self._sweep_plan(ctx, ids is None, sort=True):
+            found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
+        self._summarize_double_release(ctx, found, ids)
+
+    def _summarize_double_release(self, ctx: CheckContext, found: Any, ids: list[str] | None) -> None:
         if not found.count:
             return
         details: dict[str, str] = {}

@@ -13,6 +13,7 @@ parts' findings merge exactly into what one connection would have found.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 import threading
@@ -447,7 +448,7 @@ class CheckContext:
         same pass produces (e.g. ``_deferred`` entities): they come back under that name,
         all of them (keep such sets small), and are not recorded.
         """
-        return self._record_ranked(
+        return self.record_ranked(
             [self.checker.invariant(i).id for i in invariants],
             self.rank(sql, invariants, params, tags=tags, priority=priority))
 
@@ -481,7 +482,8 @@ class CheckContext:
                  r["difference"], violation))
         return out
 
-    def _record_ranked(self, ids: list[str], ranked: Ranked) -> dict[str, Found]:
+    def record_ranked(self, ids: list[str], ranked: Ranked) -> dict[str, Found]:
+        """Record a ranking (``rank``, or ``merge_ranked`` of the parts) as ``find_many`` does; what was found."""
         samples: dict[str, list[Violation]] = {}
         for name, rows in ranked.rows.items():
             samples[name] = [v for *_, v in rows if v is not None]
@@ -496,10 +498,12 @@ class CheckContext:
     def parallel(self, parts: Sequence[Part], fn: Callable[[CheckContext, Part], Result],
                  connections: int | None = None) -> list[Result]:
         """``fn(ctx, part)`` for every part, on up to ``connections`` (default ``max_connections``) connections
-        that all see this run's snapshot: this context's and helpers that imported it. Results come back in
-        the order of ``parts``. When a part fails, the others are cancelled on the server, every helper is
-        closed, and the first failure is raised. One connection (or no way to share the snapshot): the parts
-        run one after another on this context."""
+        that all see this run's snapshot: this context's and helpers that imported it. Each connection takes
+        the next part in list order (put the longest first). ``ctx`` is this context or this context on a
+        helper connection: a part may rank (``rank``) and return, or judge and record as a run does. Results
+        come back in the order of ``parts``. When a part fails, the others are cancelled on the server,
+        every helper is closed, and the first failure is raised. One connection (or no way to share the
+        snapshot): the parts run one after another on this context."""
         parts = list(parts)
         n = min(len(parts), connections if connections is not None else self.max_connections)
         if n <= 1 or self._share is None:
@@ -561,11 +565,11 @@ class CheckContext:
         return results
 
     def _helper(self, conn: psycopg.Connection) -> CheckContext:
-        """A context on a helper connection: same checker, limits and schema stand-ins; no memory."""
-        c = CheckContext(self.checker, conn, mode=self._mode, sample_limit=self.sample_limit,
-                         key_prefix=self._key_prefix, log=self.log, track_limit=self.track_limit)
-        c.unavailable, c.missing, c._relations = self.unavailable, self.missing, self._relations
-        c._snapshot_time = self._snapshot_time
+        """This context on a helper connection: what a part records, skips or summarizes lands in this run
+        (the same dicts, memory and after-success steps); it cannot split further."""
+        snapshot_time = self.snapshot_time  # the run's, not the helper transaction's own start
+        c = copy.copy(self)
+        c.conn, c._share, c.max_connections, c._snapshot_time = conn, None, 1, snapshot_time
         return c
 
     def find_many_split(self, sql: str | pgsql.Composable, invariants: Iterable[str], parts: Sequence[Mapping[str, Any]],
@@ -587,7 +591,7 @@ class CheckContext:
                 return c.rank(sql, ids, {**(params or {}), **part}, tags=tags, priority=priority)
 
         ranked = self.parallel(parts, one, connections)
-        return self._record_ranked(ids, merge_ranked(ranked, self.sample_limit, self.track_limit))
+        return self.record_ranked(ids, merge_ranked(ranked, self.sample_limit, self.track_limit))
 
     def split_points(self, table: str, column: str, parts: int, sample_rows: int = 30_000) -> list[Any]:
         """Up to ``parts - 1`` ascending values of ``table.column`` that cut the table into parts of about

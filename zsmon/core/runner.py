@@ -245,8 +245,11 @@ class Runner:
         counts = {k: ctx.counts[k] for k in (i.id for i in checker.invariants) if k in ctx.counts}
         sample = [v for inv in checker.invariants for v in ctx.samples.get(inv.id, [])]
         status = "fail" if any(counts.values()) else "pass"
-        return CheckResult(checker.name, status, ctx.mode, duration, counts, sample, dict(ctx.skipped),
-                           dict(ctx.summaries), None, started, self.coordinator.identity), ctx
+        # In the order of the invariants (the passes of a split sweep finish in any order).
+        skipped = {i.id: ctx.skipped[i.id] for i in checker.invariants if i.id in ctx.skipped}
+        summaries = {i.id: ctx.summaries[i.id] for i in checker.invariants if i.id in ctx.summaries}
+        return CheckResult(checker.name, status, ctx.mode, duration, counts, sample, skipped,
+                           summaries, None, started, self.coordinator.identity), ctx
 
     @property
     def split_connections(self) -> int:
