@@ -129,11 +129,12 @@ class _Probe(Checker):
     name = "split_probe"
     invariants = (Invariant("probe_ok", "never violated", entity_type="x"),)
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, sleep: bool = False) -> None:
         super().__init__()
-        self.fail = fail
+        self.fail, self.sleep = fail, sleep
         self.pids: list[int] = []
         self.main = 0
+        self.started = threading.Event()
 
     def run(self, ctx: CheckContext) -> None:
         self.main = ctx.scalar("SELECT pg_backend_pid()")
@@ -144,7 +145,8 @@ class _Probe(Checker):
             barrier.wait()  # three parts at once: three connections
             if self.fail and k == 1:
                 c.scalar("SELECT 1 / (%s - 1)", (k,))
-            return c.scalar("SELECT pg_sleep(60)") if self.fail else k
+            self.started.set()
+            return c.scalar("SELECT pg_sleep(60)") if self.fail or self.sleep else k
 
         ctx.parallel([0, 1, 2], part, connections=3)
         ctx.report("probe_ok", [])
@@ -244,3 +246,36 @@ def test_find_many_split_merges_exactly_what_find_many_finds(writer, make_config
             assert sum(f.count for f in found.values()) > 40
     finally:
         db.close()
+
+
+def _sleeping(db_url: str, pids: list[int]) -> int:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s) AND state = 'active' "
+                            "AND query LIKE '%%pg_sleep%%'", (pids,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("stop", ["shutdown", "lease lost"])
+def test_stopping_a_split_run_cancels_every_part(make_config, db_url, stop):
+    """A shutdown (``cancel_running``) or a lost lease (``abandon``) stops the helpers' queries too."""
+    cfg = make_config(redis=False)
+    runner = build_runner(build_registry(cfg), only=["payments"])
+    probe = _Probe(sleep=True)
+    runner.checkers["split_probe"] = bind_checker(probe, cfg)
+    results: list[Any] = []
+    t = threading.Thread(target=lambda: results.append(runner.run_check("split_probe")))
+    try:
+        t.start()
+        assert probe.started.wait(20)
+        wait_for(lambda: _sleeping(db_url, probe.pids) == 3)  # all three parts in pg_sleep
+        t0 = time.perf_counter()
+        if stop == "shutdown":
+            assert runner.db.cancel_running(2.0) >= 3
+        else:
+            runner.abandon("check:split_probe")
+        t.join(20)
+        assert not t.is_alive() and time.perf_counter() - t0 < 15
+        assert results[0].status == "error"
+        wait_for(lambda: not _leftovers(db_url, probe.main, probe.pids), timeout=10)
+    finally:
+        t.join(60)
+        runner.db.close()
