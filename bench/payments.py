@@ -4,18 +4,22 @@ Builds (set-based, ``INSERT ... SELECT generate_series``) a world of N channels
 (default 1,000,000) with 10 ledger rows each (default 10,000,000) in a database
 of its own, created here and dropped at the end, then prints:
 
-- the full check's seconds (the whole checker run, sequence memory included),
+- the full check's seconds (the whole checker run, sequence memory included) for each
+  ``--connections`` count (the channel, double-release and account passes split over that many
+  connections sharing one snapshot; the results are asserted identical),
 - the seconds of a bare ``SELECT channel_id, sum(amount) FROM channel_transactions
   GROUP BY channel_id`` over the same ledger, and the ratio of the two,
 - the seconds of an incremental run after 10,000 new ledger rows (5,000 tasks
   escrowed and released on 5,000 random channels, applied as the platform does),
 - the peak RSS of this (the checker's) process.
 
-Targets: full <= 1.5 x bare scan, incremental <= 2 % of full, RSS <= 150 MB.
+Targets: full <= 1.5 x bare scan, incremental <= 2 % of full, RSS <= 150 MB, full with 2
+connections <= 0.65 x full with 1.
 Not a test: it prints figures and never fails on timing.
 
     .venv/bin/python bench/payments.py                 # 1M channels, 10M ledger rows
     .venv/bin/python bench/payments.py --channels 100000
+    .venv/bin/python bench/payments.py --reuse DBNAME --connections 1,2,4 --no-bare
 
 The world: users (payers, one per 10 channels) and agents (payees, one per 20
 channels). Each channel got a deposit and four escrows, each released (3 of 4
@@ -230,7 +234,16 @@ def main() -> None:
     ap.add_argument("--recommended-indexes", action="store_true",
                     help="add the updated_at indexes docs/deployment.md recommends before timing (the platform's "
                          "schema has none: incremental runs then scan payment_channels and accounts)")
+    ap.add_argument("--connections", default="1,2,4",
+                    help="comma-separated connection counts to time the full check with (1 first: the reference)")
+    ap.add_argument("--no-bare", action="store_true", help="skip the bare GROUP BY scans (a minute at 1M)")
+    ap.add_argument("--no-incremental", action="store_true", help="skip the incremental runs (and their traffic)")
     args = ap.parse_args()
+    try:
+        counts = [int(c) for c in args.connections.split(",")]
+        assert counts and all(c >= 1 for c in counts)
+    except (ValueError, AssertionError):
+        ap.error(f"--connections: expected comma-separated counts >= 1 like 1,2,4, got {args.connections!r}")
 
     if args.reuse:
         name, dsn = args.reuse, make_conninfo(**{**conninfo_to_dict(ADMIN_DSN), "dbname": args.reuse})
@@ -251,7 +264,7 @@ def main() -> None:
             conn.execute("ANALYZE payment_channels, accounts")
         print(f"recommended updated_at indexes: {'yes' if args.recommended_indexes else 'no (the platform schema)'}",
               flush=True)
-        run_bench(dsn, args.repeat)
+        run_bench(dsn, args.repeat, counts, bare=not args.no_bare, incremental=not args.no_incremental)
     finally:
         if args.keep or args.reuse:
             print(f"kept database {name}: {dsn}")
@@ -278,7 +291,13 @@ def bare_scan(dsn: str, settings: dict[str, str]) -> float:
             return time.perf_counter() - t0
 
 
-def run_bench(dsn: str, repeat: int) -> None:
+def _same(result) -> dict:
+    """What must not depend on the number of connections: counts, summaries, the sample in order."""
+    out = result.to_dict()
+    return {k: out[k] for k in ("status", "violation_counts", "violations", "summaries", "skipped")}
+
+
+def run_bench(dsn: str, repeat: int, connections: list[int], bare: bool = True, incremental: bool = True) -> None:
     import redis
     import yaml
 
@@ -288,30 +307,43 @@ def run_bench(dsn: str, repeat: int) -> None:
     from zsmon.core.service import build_runner
 
     prefix = f"zsmon-bench-{uuid.uuid4().hex[:8]}:"
-    conf = Path(f"/tmp/{prefix.rstrip(':')}.yml")
-    conf.write_text(yaml.safe_dump({
-        "redis": {"key_prefix": prefix},
-        # The bench's writes are single statements: a 2 s margin (default 60 s) keeps each incremental run
-        # to the 10,000 rows written since the previous run instead of re-checking the previous batches too.
-        "checkers": {"payments": {"settings": {"watermark_safety_seconds": 2}}},
-        "database": {"statement_timeout_seconds": 900},
-    }))
-    config = load_config(conf, env={"ZSMON_DATABASE_URL": dsn, "REDIS_HOST": "127.0.0.1"})
     configure_logging("warning")
-    runner = build_runner(build_registry(config), only=["payments"])
+    confs: list[Path] = []
+
+    def runner_with(n: int):
+        conf = Path(f"/tmp/{prefix.rstrip(':')}-{n}.yml")
+        confs.append(conf)
+        conf.write_text(yaml.safe_dump({
+            "redis": {"key_prefix": prefix},
+            # The bench's writes are single statements: a 2 s margin (default 60 s) keeps each incremental run
+            # to the 10,000 rows written since the previous run instead of re-checking the previous batches too.
+            "checkers": {"payments": {"settings": {"watermark_safety_seconds": 2, "full_sweep_connections": n}}},
+            "database": {"statement_timeout_seconds": 900},
+        }))
+        config = load_config(conf, env={"ZSMON_DATABASE_URL": dsn, "REDIS_HOST": "127.0.0.1"})
+        return build_runner(build_registry(config), only=["payments"])
+
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    runners = {n: runner_with(n) for n in dict.fromkeys(connections)}
+    runner = runners[connections[0]]
+    fulls: dict[int, list[float]] = {n: [] for n in runners}
     try:
         print("warm-up: first full check (records the sequence memory)", flush=True)
         first = runner.run_check("payments", mode="full")
         print(f"  {first.status} in {first.duration_seconds:.2f}s; skipped: {sorted(first.skipped)}", flush=True)
-        fulls = []
+        reference = None
         for _ in range(repeat):
-            r = runner.run_check("payments", mode="full")
-            assert r.status == "pass", r.to_dict()
-            fulls.append(r.duration_seconds)
-            print(f"  full check: {r.duration_seconds:.2f}s ({r.status}, {len(r.violation_counts)} invariants judged)",
-                  flush=True)
+            for n, r_n in runners.items():
+                r = r_n.run_check("payments", mode="full")
+                assert r.status != "error", r.to_dict()
+                if reference is None:
+                    reference = _same(r)
+                assert _same(r) == reference, f"{n} connections found something else than {connections[0]}"
+                fulls[n].append(r.duration_seconds)
+                print(f"  full check, {n} connection(s): {r.duration_seconds:.2f}s ({r.status}, "
+                      f"{sum(r.violation_counts.values())} violations, load {os.getloadavg()[0]:.2f})", flush=True)
         incs: dict[str, list[float]] = {"new": [], "old": []}
-        for _ in range(repeat):
+        for _ in range(repeat if incremental else 0):
             for kind in incs:
                 traffic(dsn, kind)
                 time.sleep(3)  # let these rows age past the 2 s margin: the next run re-checks only its own batch
@@ -322,30 +354,37 @@ def run_bench(dsn: str, repeat: int) -> None:
                       flush=True)
         rss = rss_mb()
     finally:
-        runner.db.close()
+        for r_n in runners.values():
+            r_n.db.close()
         client = redis.Redis()
         keys = list(client.scan_iter(match=prefix + "*"))
         if keys:
             client.delete(*keys)
-        conf.unlink(missing_ok=True)
+        for conf in confs:
+            conf.unlink(missing_ok=True)
 
-    sweep = {"enable_indexscan": "off", "enable_bitmapscan": "off", "max_parallel_workers_per_gather": "0"}
-    bare_default = min(bare_scan(dsn, {}) for _ in range(repeat))
-    print(f"  bare scan, server defaults: {bare_default:.2f}s", flush=True)
-    bare_tuned = min(bare_scan(dsn, sweep) for _ in range(repeat))
-    print(f"  bare scan, the full sweep's planner settings: {bare_tuned:.2f}s", flush=True)
-
-    full = min(fulls)
-    inc_new, inc_old = min(incs["new"]), min(incs["old"])
+    full = min(fulls[connections[0]])
     print()
     print("figures (best of %d)" % repeat)
-    print(f"  full check seconds                          {full:8.2f}")
-    print(f"  bare GROUP BY scan seconds (server defaults) {bare_default:8.2f}   ratio full/bare {full / bare_default:5.2f}"
-          f"  (target <= 1.5)")
-    print(f"  bare GROUP BY scan seconds (sweep settings)  {bare_tuned:8.2f}   ratio full/bare {full / bare_tuned:5.2f}")
-    print("  incremental seconds after 10k ledger rows,")
-    print(f"    2,500 new auction channels run to close   {inc_new:8.3f}   {100 * inc_new / full:5.2f}% of full  (target <= 2%)")
-    print(f"    5,000 tasks on random old channels         {inc_old:8.3f}   {100 * inc_old / full:5.2f}% of full")
+    print(f"  load average at the end                      {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for n, times in fulls.items():
+        best = min(times)
+        print(f"  full check seconds, {n} connection(s)          {best:8.2f}   {best / full:5.2f} x {connections[0]}"
+              + ("  (target <= 0.65 x 1)" if n == 2 and connections[0] == 1 else ""))
+    if bare:
+        sweep = {"enable_indexscan": "off", "enable_bitmapscan": "off", "max_parallel_workers_per_gather": "0"}
+        bare_default = min(bare_scan(dsn, {}) for _ in range(repeat))
+        bare_tuned = min(bare_scan(dsn, sweep) for _ in range(repeat))
+        print(f"  bare GROUP BY scan seconds (server defaults) {bare_default:8.2f}   ratio full/bare "
+              f"{full / bare_default:5.2f}  (target <= 1.5)")
+        print(f"  bare GROUP BY scan seconds (sweep settings)  {bare_tuned:8.2f}   ratio full/bare "
+              f"{full / bare_tuned:5.2f}")
+    if incremental:
+        inc_new, inc_old = min(incs["new"]), min(incs["old"])
+        print("  incremental seconds after 10k ledger rows,")
+        print(f"    2,500 new auction channels run to close   {inc_new:8.3f}   {100 * inc_new / full:5.2f}% of full  "
+              "(target <= 2%)")
+        print(f"    5,000 tasks on random old channels         {inc_old:8.3f}   {100 * inc_old / full:5.2f}% of full")
     print(f"  peak RSS of the checker process (MB)        {rss:8.1f}   (target <= 150)")
 
 

@@ -8,6 +8,7 @@ import json
 import random
 from decimal import Decimal
 
+import pytest
 import redis as redis_lib
 from test_payments import world
 
@@ -70,14 +71,17 @@ def traffic(conn, sim: PaymentSimulator, deployed: DeployedPayments, rnd: random
             inject_fault(conn, rnd.choice(sorted(FAULTS)))
 
 
-def test_incremental_sums_agree_with_full_sweeps_on_random_traffic(writer, make_config, run_check):
+@pytest.mark.parametrize("connections", [1, 2])
+def test_incremental_sums_agree_with_full_sweeps_on_random_traffic(writer, make_config, run_check, connections):
+    """The sums are anchored by a full sweep on one connection or split over two sharing its snapshot."""
     reference = make_config(redis=False)  # full sweeps with no memory at all: the proof
     for seed in (11, 12, 13):
         writer.execute("TRUNCATE accounts, payment_channels, channel_transactions CASCADE")
         rnd = random.Random(seed)
         sim = world(writer, seed=seed, steps=60)
         deployed = DeployedPayments(writer)
-        cfg = make_config(checkers={"payments": {"settings": EXACT_SETTINGS}})
+        cfg = make_config(checkers={"payments": {"settings": {**EXACT_SETTINGS,
+                                                              "full_sweep_connections": connections}}})
         assert run_check("payments", mode="full", config=cfg).mode == "full"
         anchored = header(cfg)
         assert anchored.get("anchor") and anchored.get("as_of")

@@ -56,9 +56,20 @@ heap in random order (about 9x slower in bench/payments.py), parallel workers
 must ship numeric partial sums between processes, which costs more than they
 save, and a hash table of a million numeric states spills in many batches where a
 sort spills once. Incremental runs turn JIT off. See docs/performance.md.
+
+A full sweep's channel pass and double-release pass are split by ranges of channel
+id (cut from a block sample of ``payment_channels``) over
+``full_sweep_connections`` connections that share the run's snapshot
+(``CheckContext.parallel``): each connection sweeps one range at a time with the
+planner settings above, and the rankings merge exactly into those of one pass
+(``merge_ranked``).
+The sequence memory, the account pass and the global aggregate run whole
+beside them on the same connections (the global aggregate is one query, on
+one snapshot).
 """
 from __future__ import annotations
 
+import itertools
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -70,7 +81,7 @@ from prometheus_client import Counter
 from pydantic import Field
 
 from zsmon.checkers.platform import COLUMNS, reads
-from zsmon.core.checker import Checker, CheckContext, CheckerSettings, IndexAdvice, Invariant
+from zsmon.core.checker import Checker, CheckContext, CheckerSettings, IndexAdvice, Invariant, merge_ranked
 from zsmon.core.memory import AnchoredMemory
 from zsmon.core.redis import redis_error
 from zsmon.core.results import Violation
@@ -107,6 +118,10 @@ _PROBED_LEDGER = ("unnest(%(ids)s::uuid[]) AS k(id) CROSS JOIN LATERAL "
                   "(SELECT * FROM {channel_transactions} t0 WHERE t0.channel_id = k.id OFFSET 0) AS t")
 _ALL_CHANNELS = "{payment_channels} c"
 _TOUCHED_CHANNELS = "unnest(%(ids)s::uuid[]) AS k(id) JOIN {payment_channels} c ON c.id = k.id"
+# One part of a split full sweep: the channels with lo <= id < hi (NULL: no bound), and their ledger rows.
+_IN_PART = "(%(lo)s::uuid IS NULL OR {col} >= %(lo)s::uuid) AND (%(hi)s::uuid IS NULL OR {col} < %(hi)s::uuid)"
+_PART_LEDGER = f"(SELECT * FROM {{channel_transactions}} t0 WHERE {_IN_PART.format(col='t0.channel_id')}) AS t"
+_PART_CHANNELS = f"(SELECT * FROM {{payment_channels}} c0 WHERE {_IN_PART.format(col='c0.id')}) AS c"
 
 # The ledger rebuilds a channel (docs/invariants.md): total_deposit = deposits; escrowed_amount = escrows -
 # releases - refunds; total_settled = releases + settlements; pending_refund = closes; current_balance =
@@ -478,6 +493,12 @@ class PaymentsSettings(CheckerSettings):
     full_sweep_parallel_workers: int = Field(
         0, ge=0, le=64, description="max_parallel_workers_per_gather for full sweeps (0: one backend; parallel "
                                     "numeric sums cost more to combine than they save).")
+    full_sweep_connections: int | None = Field(
+        None, ge=1, le=16, description="Connections a full sweep runs on, all sharing the run's snapshot: the "
+                                       "channel and double-release passes split by ranges of channel id, the other "
+                                       "passes beside them (unset: min(2, database.max_connections - 1); 1: one "
+                                       "connection, one pass after another). Each is a backend of its own, with "
+                                       "its own work_mem.")
     work_mem_mb: int | None = Field(
         None, ge=1, description="work_mem for this checker's transaction in MB (unset: the server's default).")
     incremental_sums: bool = Field(
@@ -593,6 +614,11 @@ class PaymentsChecker(Checker):
         if previous is not None and ctx.mode == "full":
             previous = None  # the remembered sums are gone: a full sweep re-anchors them
         ids, dids = self._touched(ctx, previous, None if sums is None else float(sums[1]["as_of"]))
+        if ids is None and self._connections(ctx) > 1:
+            # A full sweep on several connections sharing this snapshot; the sums are re-anchored after it.
+            totals = self._sweep_split(ctx)
+            state.save({"watermark": ctx.snapshot_time, "sums": self._anchor_sums(ctx, totals)})
+            return
         self._judge_channels(ctx, ids)
         self._judge_double_release(ctx, ids)
         delta = self._delta(ctx, sums, ids, dids) if sums is not None and ids is not None else None
@@ -670,6 +696,66 @@ class PaymentsChecker(Checker):
         chosen = (ids if ids is not None else [v.entity_id for v in sample])[:n]
         return f" (e.g. {', '.join(chosen)})" if chosen else ""
 
+    # ---- a full sweep over several connections ------------------------------------------------------
+    def _connections(self, ctx: CheckContext) -> int:
+        return self.settings.full_sweep_connections or ctx.max_connections
+
+    def _parts(self, ctx: CheckContext, n: int) -> list[dict[str, Any]]:
+        """The channel-id ranges (lo <= id < hi) a split pass covers: n of about the same size (NULL: open)."""
+        bounds = [None, *(str(p) for p in ctx.split_points("payment_channels", "id", n)), None]
+        return [{"ids": None, "lo": lo, "hi": hi} for lo, hi in itertools.pairwise(bounds)]
+
+    def _sweep_split(self, ctx: CheckContext) -> dict[str, Any]:
+        """The full sweep on several connections sharing the run's snapshot (``CheckContext.parallel``), longest
+        task first; returns the global totals (what the remembered sums are anchored on). The channel pass is
+        split into one channel-id range per connection, the double-release pass into one per two connections
+        (each part scans the whole ledger twice: on two connections it costs less whole, beside the channel
+        parts); their rankings merge exactly. The sequence memory, the
+        account pass and the global aggregate run whole beside them (global_conservation stays one query:
+        a one-snapshot proof)."""
+        n = self._connections(ctx)
+        parts = self._parts(ctx, n)
+        channel_sql = _CHANNELS_SQL.format(ledger_from=_PART_LEDGER, channels_from=_PART_CHANNELS)
+        double_sql = _DOUBLE_RELEASE_SQL.format(ledger_from=_PART_LEDGER)
+        prepare = self._split_plan(sort=True)
+
+        def channels(c: CheckContext, part: dict[str, Any]) -> Any:
+            with prepare(c):
+                return c.rank(channel_sql, _CHANNEL_INVARIANTS, part, tags=True, priority=True)
+
+        def double(c: CheckContext, part: dict[str, Any]) -> Any:
+            with prepare(c):
+                return c.rank(double_sql, ["double_release"], part, tags=True)
+
+        tasks: list[tuple[str, Any]] = [("channels", p) for p in parts]
+        tasks.append(("sequences", None))
+        tasks += [("double", p) for p in (self._parts(ctx, n // 2) if n >= 4 else self._parts(ctx, 1))]
+        tasks += [("accounts", None), ("global", None)]
+        run = {"channels": channels, "double": double,
+               "sequences": lambda c, _: self._judge_sequences(c, None),
+               "accounts": lambda c, _: self._judge_accounts(c, None),
+               "global": lambda c, _: self._judge_global(c)}
+        results = ctx.parallel(tasks, lambda c, task: run[task[0]](c, task[1]), connections=n)
+
+        def merged(kind: str, ids: Any) -> dict[str, Any]:
+            ranked = [r for (k, _), r in zip(tasks, results) if k == kind]
+            return ctx.record_ranked(list(ids), merge_ranked(ranked, ctx.sample_limit, ctx.track_limit))
+
+        self._summarize_channels(ctx, merged("channels", _CHANNEL_INVARIANTS), None)
+        self._summarize_double_release(ctx, merged("double", ["double_release"])["double_release"], None)
+        return next(r for (k, _), r in zip(tasks, results) if k == "global")  # the global totals
+
+    def _split_plan(self, sort: bool) -> Any:
+        """What each connection of a split full sweep sets first: work_mem and the full sweep's plan."""
+        @contextmanager
+        def prepare(part: CheckContext) -> Iterator[None]:
+            if self.settings.work_mem_mb:
+                part.scalar("SELECT set_config('work_mem', %s, true)", (f"{self.settings.work_mem_mb}MB",))
+            with self._sweep_plan(part, True, sort=sort):
+                yield
+        return prepare
+
+    # ---- judging, one connection ----------------------------------------------------------------------
     def _judge_channels(self, ctx: CheckContext, ids: list[str] | None) -> None:
         if ids is None:
             inner = _CHANNELS_SQL.format(ledger_from=_ALL_LEDGER, channels_from=_ALL_CHANNELS)
@@ -677,6 +763,9 @@ class PaymentsChecker(Checker):
             inner = _CHANNELS_SQL.format(ledger_from=_TOUCHED_LEDGER, channels_from=_TOUCHED_CHANNELS)
         with self._sweep_plan(ctx, ids is None, sort=True):
             found = ctx.find_many(inner, _CHANNEL_INVARIANTS, {"ids": ids}, tags=True, priority=True)
+        self._summarize_channels(ctx, found, ids)
+
+    def _summarize_channels(self, ctx: CheckContext, found: dict[str, Any], ids: list[str] | None) -> None:
         scope = "channels" if ids is None else "channels touched since the watermark"
 
         ledger = found["ledger_reconciliation"]
@@ -708,6 +797,9 @@ class PaymentsChecker(Checker):
         inner = _DOUBLE_RELEASE_SQL.format(ledger_from=_ALL_LEDGER if ids is None else _PROBED_LEDGER)
         with self._sweep_plan(ctx, ids is None, sort=True):
             found = ctx.find_many(inner, ["double_release"], {"ids": ids}, tags=True)["double_release"]
+        self._summarize_double_release(ctx, found, ids)
+
+    def _summarize_double_release(self, ctx: CheckContext, found: Any, ids: list[str] | None) -> None:
         if not found.count:
             return
         details: dict[str, str] = {}

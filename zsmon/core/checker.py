@@ -7,14 +7,21 @@ violating entity and a capped sample of the largest ones.
 
 The context's connection is inside one ``REPEATABLE READ READ ONLY``
 transaction opened by the runner: every query of a run sees the same snapshot.
+A long pass can be split over several connections that import that very snapshot
+(``CheckContext.parallel`` / ``find_many_split``): it is still one snapshot, and the
+parts' findings merge exactly into what one connection would have found.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import re
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, TypeVar
 
 import psycopg
 import redis
@@ -137,7 +144,7 @@ class Checker:
 # before a systemic one, so the sample shows it). Side rows (invariant "_...") get a group each, so they all pass. Ties: entity id
 # in byte order, as in ``report``.
 _RANK = """
-SELECT invariant, entity_type, entity_id, difference, tag, tag_total, total, rn,
+SELECT invariant, entity_type, entity_id, difference, tag, priority, tag_total, total, rn,
        CASE WHEN rn <= {limit} OR starts_with(invariant, '_') THEN expected END AS expected,
        CASE WHEN rn <= {limit} OR starts_with(invariant, '_') THEN actual END AS actual,
        CASE WHEN rn <= {limit} OR starts_with(invariant, '_') THEN detail END AS detail
@@ -181,6 +188,71 @@ class Found:
         return self.tags.get("true", 0)
 
 
+@dataclass
+class Ranked:
+    """What one ranked pass (``_RANK``) returned, before it is recorded: per invariant (and side set) the
+    count, the count per tag and its rows in rank order (at most ``track_limit`` per invariant; every row
+    of a side set). The rows of the top ``sample_limit`` carry their whole ``Violation``; the others only
+    entity id and difference. Rankings of disjoint parts of the entities merge exactly (``merge_ranked``)."""
+
+    totals: dict[str, int]
+    tags: dict[str, dict[str | None, int]]
+    # name -> [(rank key, tag, entity id, difference, Violation or None)], in rank order
+    rows: dict[str, list[tuple[tuple, str | None, str, Any, Violation | None]]]
+
+
+def _rank_key(priority: Any, difference: Any, entity_id: str) -> tuple:
+    """``_RANK``'s order in Python: priority (NULLS LAST), |difference| descending (NULLS LAST), entity id in
+    byte order (``COLLATE "C"``: for UTF-8 text, code-point order is byte order)."""
+    missing = difference is None
+    return (priority is None, 0 if priority is None else priority, missing,
+            0 if missing else -abs(difference), entity_id)
+
+
+def merge_ranked(parts: Sequence[Ranked], sample_limit: int, track_limit: int) -> Ranked:
+    """The ranking of the union of disjoint parts (each entity judged in exactly one part): counts and tag
+    counts summed, rows re-ranked and capped as ``_RANK`` caps them. Exact when ``priority`` is the same for
+    every row of one (invariant, tag) group (the rows ``_RANK`` keeps per tag are then a part's top rows)."""
+    totals: dict[str, int] = {}
+    tags: dict[str, dict[str | None, int]] = {}
+    rows: dict[str, list] = {}
+    for part in parts:
+        for name, n in part.totals.items():
+            totals[name] = totals.get(name, 0) + n
+        for name, counts in part.tags.items():
+            merged = tags.setdefault(name, {})
+            for tag, n in counts.items():
+                merged[tag] = merged.get(tag, 0) + n
+        for name, got in part.rows.items():
+            rows.setdefault(name, []).extend(got)
+    for name, got in rows.items():
+        got.sort(key=lambda r: r[0])
+        if name.startswith("_"):
+            continue  # a side set: every row
+        priorities: dict[str | None, tuple] = {}
+        for key, tag, *_ in got:
+            if priorities.setdefault(tag, key[:2]) != key[:2]:
+                raise ValueError(f"a split pass needs one priority per (invariant, tag): {name!r} tag {tag!r} "
+                                 "has several")
+        del got[track_limit:]
+        for i in range(min(sample_limit, len(got)), len(got)):
+            got[i] = (*got[i][:4], None)
+    return Ranked(totals, tags, rows)
+
+
+class SharedSnapshot(Protocol):
+    """Helper connections inside transactions that imported the run's snapshot (``zsmon.core.db``)."""
+
+    helpers: list[psycopg.Connection]
+
+    def cancel(self) -> None:
+        """Cancel on the server whatever the run's connection and the helpers are running."""
+
+
+Part = TypeVar("Part")
+Result = TypeVar("Result")
+
+
 def _sort_key(v: Violation) -> tuple:
     diff = v.difference
     magnitude = abs(diff) if isinstance(diff, Decimal) else Decimal(-1)
@@ -203,6 +275,8 @@ class CheckContext:
         log: Any = None,
         track_limit: int = 10_000,
         lifecycle: Any = None,
+        share: Callable[[int], AbstractContextManager[SharedSnapshot]] | None = None,
+        max_connections: int = 1,
     ) -> None:
         self.checker = checker
         self.conn = conn
@@ -230,6 +304,10 @@ class CheckContext:
         self.unavailable: dict[str, str] = {}
         self.missing: set[str] = set()
         self._relations: dict[str, str] = {t: t for t in checker.columns}
+        # Split passes: ``share(n)`` opens n helper connections on this snapshot (None: this context cannot
+        # split); how many connections a split pass uses unless the checker says otherwise.
+        self._share = share
+        self.max_connections = max(1, max_connections)
 
     # ---- mode ----------------------------------------------------------------
     @property
@@ -370,33 +448,166 @@ class CheckContext:
         same pass produces (e.g. ``_deferred`` entities): they come back under that name,
         all of them (keep such sets small), and are not recorded.
         """
+        return self.record_ranked(
+            [self.checker.invariant(i).id for i in invariants],
+            self.rank(sql, invariants, params, tags=tags, priority=priority))
+
+    def rank(self, sql: str | pgsql.Composable, invariants: Iterable[str], params: Any = None, *,
+             tags: bool = False, priority: bool = False) -> Ranked:
+        """``find_many``'s pass without recording what it found (a part of a split pass)."""
         ids = [self.checker.invariant(i).id for i in invariants]
         inner = pgsql.SQL(self.sql(sql)) if isinstance(sql, str) else sql
         ranked = pgsql.SQL(_RANK).format(inner=inner, limit=pgsql.Literal(self.sample_limit),
                                          track=pgsql.Literal(self.track_limit),
                                          tag=pgsql.SQL("v.tag" if tags else "NULL"),
                                          priority=pgsql.SQL("v.priority" if priority else "0"))
-        totals: dict[str, int] = {i: 0 for i in ids}
-        samples: dict[str, list[Violation]] = {i: [] for i in ids}
-        tracked: dict[str, dict[str, Any]] = {i: {} for i in ids}
-        tag_counts: dict[str, dict[str | None, int]] = {i: {} for i in ids}
+        out = Ranked({i: 0 for i in ids}, {i: {} for i in ids}, {i: [] for i in ids})
         for r in self.query(ranked, params):
             name = r["invariant"]
             side = name.startswith("_")
-            if not side and name not in totals:
+            if not side and name not in out.totals:
                 raise ValueError(f"query returned invariant {name!r} not listed in invariants=")
-            totals[name] = int(r["total"])
+            out.totals[name] = int(r["total"])
             if not side:
-                tag_counts[name][r["tag"]] = int(r["tag_total"])
-                if r["rn"] <= self.track_limit:
-                    tracked[name][r["entity_id"]] = r["difference"]
+                out.tags[name][r["tag"]] = int(r["tag_total"])
+                if r["rn"] > self.track_limit:
+                    continue  # the row only carried its tag's count
+            violation = None
             if side or r["rn"] <= self.sample_limit:
                 entity_type = r["entity_type"] or ("" if side else self.checker.invariant(name).entity_type)
-                samples.setdefault(name, []).append(Violation(
-                    name, entity_type, r["entity_id"], r["expected"], r["actual"], r["difference"], r["detail"] or ""))
+                violation = Violation(name, entity_type, r["entity_id"], r["expected"], r["actual"],
+                                      r["difference"], r["detail"] or "")
+            out.rows.setdefault(name, []).append(
+                (_rank_key(r["priority"], r["difference"], r["entity_id"]), r["tag"], r["entity_id"],
+                 r["difference"], violation))
+        return out
+
+    def record_ranked(self, ids: list[str], ranked: Ranked) -> dict[str, Found]:
+        """Record a ranking (``rank``, or ``merge_ranked`` of the parts) as ``find_many`` does; what was found."""
+        samples: dict[str, list[Violation]] = {}
+        for name, rows in ranked.rows.items():
+            samples[name] = [v for *_, v in rows if v is not None]
         for i in ids:
-            self._record(i, totals[i], samples[i], tracked[i])
-        return {name: Found(n, samples.get(name, []), tag_counts.get(name, {})) for name, n in totals.items()}
+            rows = ranked.rows.get(i, [])
+            self._record(i, ranked.totals.get(i, 0), samples.get(i, []),
+                         {entity: diff for _, _, entity, diff, _ in rows[: self.track_limit]})
+        return {name: Found(n, samples.get(name, []), ranked.tags.get(name, {}))
+                for name, n in ranked.totals.items()}
+
+    # ---- split passes: several connections, one snapshot ------------------------------------------
+    def parallel(self, parts: Sequence[Part], fn: Callable[[CheckContext, Part], Result],
+                 connections: int | None = None) -> list[Result]:
+        """``fn(ctx, part)`` for every part, on up to ``connections`` (default ``max_connections``) connections
+        that all see this run's snapshot: this context's and helpers that imported it. Each connection takes
+        the next part in list order (put the longest first). ``ctx`` is this context or this context on a
+        helper connection: a part may rank (``rank``) and return, or judge and record as a run does. Results
+        come back in the order of ``parts``. When a part fails, the others are cancelled on the server,
+        every helper is closed, and the first failure is raised. One connection (or no way to share the
+        snapshot): the parts run one after another on this context."""
+        parts = list(parts)
+        n = min(len(parts), connections if connections is not None else self.max_connections)
+        if n <= 1 or self._share is None:
+            return [fn(self, p) for p in parts]
+        with self._share(n - 1) as shared:
+            contexts = [self] + [self._helper(c) for c in shared.helpers]
+            if len(contexts) == 1:
+                return [fn(self, p) for p in parts]
+            return self._run_parts(parts, fn, contexts, shared)
+
+    def _run_parts(self, parts: list[Part], fn: Callable[[CheckContext, Part], Result],
+                   contexts: list[CheckContext], shared: SharedSnapshot) -> list[Result]:
+        results: list[Any] = [None] * len(parts)
+        todo = list(range(len(parts)))
+        lock = threading.Lock()
+        failures: list[tuple[int, BaseException]] = []
+
+        def work(c: CheckContext) -> None:
+            while True:
+                with lock:
+                    if failures or not todo:
+                        return
+                    i = todo.pop(0)
+                try:
+                    results[i] = fn(c, parts[i])
+                except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                    with lock:
+                        failures.append((i, exc))
+                    return
+
+        threads = [threading.Thread(target=work, args=(c,), name=f"zsmon-part-{k}", daemon=True)
+                   for k, c in enumerate(contexts)]
+        for t in threads:
+            t.start()
+        t0 = time.perf_counter()
+        try:
+            cancelled = 0.0
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(0.05)
+                # A part failed: stop the others now (again every second: a cancel that arrived between two
+                # statements of a part stops nothing).
+                if failures and time.perf_counter() - cancelled > 1.0:
+                    shared.cancel()
+                    cancelled = time.perf_counter()
+        except BaseException:
+            shared.cancel()
+            raise
+        if failures:
+            i, exc = failures[0]
+            if self.log is not None:
+                self.log.warning("split_part_failed", part=i + 1, parts=len(parts),
+                                 error=redactor.scrub(str(exc).strip().splitlines()[0] if str(exc).strip()
+                                                      else type(exc).__name__))
+            raise exc
+        if self.log is not None:
+            self.log.debug("split_pass_done", parts=len(parts), connections=len(contexts),
+                           seconds=round(time.perf_counter() - t0, 3))
+        return results
+
+    def _helper(self, conn: psycopg.Connection) -> CheckContext:
+        """This context on a helper connection: what a part records, skips or summarizes lands in this run
+        (the same dicts, memory and after-success steps); it cannot split further."""
+        snapshot_time = self.snapshot_time  # the run's, not the helper transaction's own start
+        c = copy.copy(self)
+        c.conn, c._share, c.max_connections, c._snapshot_time = conn, None, 1, snapshot_time
+        return c
+
+    def find_many_split(self, sql: str | pgsql.Composable, invariants: Iterable[str], parts: Sequence[Mapping[str, Any]],
+                        params: Mapping[str, Any] | None = None, *, tags: bool = False, priority: bool = False,
+                        prepare: Callable[[CheckContext], AbstractContextManager[Any]] | None = None,
+                        connections: int | None = None) -> dict[str, Found]:
+        """``find_many`` over disjoint parts of the entities, judged in parallel on connections sharing this
+        snapshot (``parallel``), merged exactly: the same counts, tag counts, sample and tracked violators,
+        in the same order, as one pass over everything.
+
+        Each part's parameters (e.g. a range of ids: ``split_points``) are merged into ``params``; every
+        entity must fall in exactly one part, and ``priority`` must be the same for all the rows of one
+        (invariant, tag). ``prepare(ctx)`` wraps each part's query on its own connection (planner settings
+        are per connection)."""
+        ids = [self.checker.invariant(i).id for i in invariants]
+
+        def one(c: CheckContext, part: Mapping[str, Any]) -> Ranked:
+            with prepare(c) if prepare is not None else nullcontext():
+                return c.rank(sql, ids, {**(params or {}), **part}, tags=tags, priority=priority)
+
+        ranked = self.parallel(parts, one, connections)
+        return self.record_ranked(ids, merge_ranked(ranked, self.sample_limit, self.track_limit))
+
+    def split_points(self, table: str, column: str, parts: int, sample_rows: int = 30_000) -> list[Any]:
+        """Up to ``parts - 1`` ascending values of ``table.column`` that cut the table into parts of about
+        the same number of rows, read from a block sample (``TABLESAMPLE SYSTEM``) of about ``sample_rows``
+        rows. Any points give an exact split pass; these balance it. [] when the table is a stand-in
+        (schema drift) or empty."""
+        if parts <= 1 or self._relations.get(table, table) != table:
+            return []
+        estimate = self.scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)", (table,))
+        percent = 100.0 if not estimate or estimate <= sample_rows else max(0.001, 100.0 * sample_rows / estimate)
+        points = self.scalar(
+            pgsql.SQL("SELECT percentile_disc(%s::float8[]) WITHIN GROUP (ORDER BY {col}) "
+                      "FROM {tbl} TABLESAMPLE SYSTEM (%s)").format(col=pgsql.Identifier(column),
+                                                                   tbl=pgsql.Identifier(table)),
+            ([k / parts for k in range(1, parts)], percent))
+        return sorted({p for p in points or [] if p is not None})
 
     def report(self, invariant_id: str, violations: Iterable[Violation], count: int | None = None) -> int:
         """Judge an invariant computed in Python (streamed or across runs)."""

@@ -19,6 +19,13 @@ otherwise keep running it.
 
 A run leaves nothing on its pooled connection: the pool's reset runs ``DISCARD ALL``
 when the connection comes back (advisory locks, session settings, prepared statements).
+
+A long pass may be split over helper connections that share the run's snapshot
+(``Database.shared_snapshot``): the run's transaction exports it
+(``pg_export_snapshot()``), each helper is a short-lived connection with the same
+read-only, time-bounded session settings whose ``REPEATABLE READ READ ONLY``
+transaction imports it (``SET TRANSACTION SNAPSHOT``) before any query. Helpers are
+cancelled and closed when the pass ends or fails, and a shutdown cancels them too.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from typing import Any, Iterator
 
 import psycopg
 from psycopg import IsolationLevel
+from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -74,6 +82,20 @@ def cancel_on_server(conn: psycopg.Connection, timeout: float) -> bool:
     except Exception:  # noqa: BLE001 - best effort: the caller drops the connection either way
         return False
     return True
+
+
+class SharedSnapshot:
+    """The run's connection and the helper connections that imported its snapshot."""
+
+    def __init__(self, conn: psycopg.Connection, helpers: list[psycopg.Connection]) -> None:
+        self.conn = conn
+        self.helpers = helpers
+
+    def cancel(self) -> None:
+        """Cancel on the server whatever the run's connection and the helpers are running now."""
+        for c in [self.conn, *self.helpers]:
+            if c.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
+                cancel_on_server(c, 1.0)
 
 
 class SingleStatementCursor(psycopg.Cursor):
@@ -158,6 +180,8 @@ class Database:
         # Connections inside a snapshot now: what a shutdown cancels on the server.
         self._busy: set[psycopg.Connection] = set()
         self._busy_lock = threading.Lock()
+        # A run's connection -> the helper connections sharing its snapshot now (a lost lease cancels them too).
+        self._helpers: dict[int, list[psycopg.Connection]] = {}
         self.pool = ConnectionPool(
             self._conninfo,
             min_size=1,
@@ -226,6 +250,48 @@ class Database:
                         self._busy.discard(conn)
         except PoolTimeout:
             raise DatabaseUnavailable(self._timed_out(self.cfg.connect_timeout_seconds)) from None
+
+    @contextmanager
+    def shared_snapshot(self, conn: psycopg.Connection, helpers: int,
+                        statement_timeout_seconds: float | None = None) -> Iterator[SharedSnapshot]:
+        """``helpers`` more connections that see exactly ``conn``'s snapshot (``conn`` is inside
+        ``snapshot()``): short-lived, read-only at both levels, with the run's statement timeout. All are
+        cancelled (if still running) and closed on the way out."""
+        timeout = statement_timeout_seconds or self.cfg.statement_timeout_seconds
+        snapshot_id = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        opened: list[psycopg.Connection] = []
+        shared = SharedSnapshot(conn, opened)
+        self._helpers[id(conn)] = opened
+        try:
+            for _ in range(helpers):
+                try:
+                    helper = BoundedConnection.connect(self._conninfo)
+                except psycopg.Error as exc:
+                    raise DatabaseUnavailable(f"database {self.where} unavailable: a helper connection of a split "
+                                              f"pass could not connect: {self.connect_reason(exc)}") from None
+                opened.append(helper)
+                _configure(helper)
+                with self._busy_lock:
+                    self._busy.add(helper)
+                helper.op_timeout = timeout + self.cfg.connect_timeout_seconds  # type: ignore[attr-defined]
+                # psycopg opens the REPEATABLE READ READ ONLY transaction first: the import is its first statement.
+                helper.execute(pgsql.SQL("SET TRANSACTION SNAPSHOT {}").format(pgsql.Literal(snapshot_id)))
+                helper.execute("SELECT set_config('statement_timeout', %s, true)", (f"{_ms(timeout)}ms",))
+            yield shared
+        finally:
+            self._helpers.pop(id(conn), None)
+            for helper in opened:
+                if helper.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
+                    cancel_on_server(helper, 1.0)
+                with suppress(Exception):
+                    helper.close()  # ends (rolls back) its transaction
+                with self._busy_lock:
+                    self._busy.discard(helper)
+
+    def cancel_with_helpers(self, conn: psycopg.Connection, timeout: float = 1.0) -> None:
+        """Cancel what ``conn`` and the helpers sharing its snapshot are running (a run abandoned)."""
+        for c in [conn, *self._helpers.get(id(conn), [])]:
+            cancel_on_server(c, timeout)
 
     def cancel_running(self, timeout: float) -> int:
         """Cancel on the server every query a snapshot of this process is running (shutdown); waits at most

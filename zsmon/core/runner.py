@@ -18,7 +18,7 @@ from redis import RedisError
 
 from zsmon.core.checker import Checker, CheckContext
 from zsmon.core.config import Config
-from zsmon.core.db import Database, DatabaseUnavailable, cancel_on_server, explain, recovery_conflict
+from zsmon.core.db import Database, DatabaseUnavailable, explain, recovery_conflict
 from zsmon.core.deployment import Deployment
 from zsmon.core.lifecycle import Lifecycle, Observed
 from zsmon.core.logging import get_logger, redactor
@@ -139,7 +139,7 @@ class Runner:
             return
         self._abandoned.add(name)
         log.warning("run_abandoned_lease_lost", checker=name)
-        cancel_on_server(conn, 1.0)
+        self.db.cancel_with_helpers(conn, 1.0)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no run of this process is in progress (so none can still publish); False on timeout."""
@@ -193,7 +193,9 @@ class Runner:
                 ctx = CheckContext(checker, conn, mode=mode, sample_limit=self.config.checks.sample_limit,
                                    redis=redis, redis_reason=redis_reason, key_prefix=prefix or self.config.redis.key_prefix,
                                    log=log.bind(checker=checker.name), track_limit=self.config.checks.track_limit,
-                                   lifecycle=self.lifecycle if redis is not None else None)
+                                   lifecycle=self.lifecycle if redis is not None else None,
+                                   share=self._sharing(conn, bound.statement_timeout_seconds),
+                                   max_connections=self.split_connections)
                 ctx.inspect_schema()
                 checker.run(ctx)
         except DatabaseUnavailable as exc:
@@ -243,8 +245,22 @@ class Runner:
         counts = {k: ctx.counts[k] for k in (i.id for i in checker.invariants) if k in ctx.counts}
         sample = [v for inv in checker.invariants for v in ctx.samples.get(inv.id, [])]
         status = "fail" if any(counts.values()) else "pass"
-        return CheckResult(checker.name, status, ctx.mode, duration, counts, sample, dict(ctx.skipped),
-                           dict(ctx.summaries), None, started, self.coordinator.identity), ctx
+        # In the order of the invariants (the passes of a split sweep finish in any order).
+        skipped = {i.id: ctx.skipped[i.id] for i in checker.invariants if i.id in ctx.skipped}
+        summaries = {i.id: ctx.summaries[i.id] for i in checker.invariants if i.id in ctx.summaries}
+        return CheckResult(checker.name, status, ctx.mode, duration, counts, sample, skipped,
+                           summaries, None, started, self.coordinator.identity), ctx
+
+    @property
+    def split_connections(self) -> int:
+        """How many connections a split pass uses by default: two, leaving a pool slot of
+        ``database.max_connections`` for the other runs (1 with a pool of one or two: no split)."""
+        return max(1, min(2, self.config.database.max_connections - 1))
+
+    def _sharing(self, conn: Any, timeout: float | None) -> Callable[[int], Any]:
+        def share(helpers: int) -> Any:
+            return self.db.shared_snapshot(conn, helpers, timeout)
+        return share
 
     def _publish(self, checker: Checker, result: CheckResult, ctx: CheckContext | None, token: Any) -> CheckResult:
         """Publish a finished run (fenced); returns it as published, with its violations' lifecycle."""
