@@ -36,8 +36,8 @@ UPDATE auctions a SET status = 'awarded', winning_bid_id = b.id,
        final_price = CASE a.auction_type WHEN 'second_price' THEN 60 ELSE 70 END,
        updated_at = a.expires_at
 FROM bids b WHERE b.auction_id = a.id AND b.composite_score = 55 AND a.expires_at < now();
-INSERT INTO payment_channels (payer_did, payee_did, auction_id, total_deposit, current_balance, created_at)
-SELECT a.user_id, 'did:a:5', a.id::text, a.final_price, a.final_price, a.updated_at
+INSERT INTO payment_channels (payer_did, payee_did, auction_id, total_deposit, current_balance, state, created_at)
+SELECT a.user_id, 'did:a:5', a.id::text, a.final_price, a.final_price, 'open', a.updated_at
 FROM auctions a WHERE a.status = 'awarded';
 ANALYZE;
 """

@@ -61,7 +61,7 @@ def grow(conn: psycopg.Connection, channels: tuple[int, int], agents: tuple[int,
     a_lo, a_hi = agents
     conn.execute("""
         INSERT INTO agents (did, name, status, max_capacity, current_load, region, last_seen_at)
-        SELECT 'did:bench:agent:' || i, 'agent ' || i, CASE WHEN i %% 10 = 0 THEN 'offline' ELSE 'active' END,
+        SELECT 'did:bench:agent:' || i, 'agent ' || i, CASE WHEN i %% 10 = 0 THEN 'offline' ELSE 'online' END,
                10, i %% 10, (ARRAY['eu', 'us', 'ap'])[1 + i %% 3], now() - (i %% 600) * interval '1 second'
         FROM generate_series(%(lo)s + 1, %(hi)s) i
     """, {"lo": a_lo, "hi": a_hi})
@@ -98,9 +98,9 @@ def grow(conn: psycopg.Connection, channels: tuple[int, int], agents: tuple[int,
     # One auction per ten channels, closed without a winner, with three bids each.
     conn.execute("""
         WITH a AS (
-            INSERT INTO auctions (task_id, user_id, auction_type, status, expires_at, reserve_price, max_price,
-                                  created_at, updated_at)
-            SELECT 'auction-task-' || i, 'did:bench:user:' || (i %% %(users)s), 'first_price', 'closed',
+            INSERT INTO auctions (task_id, user_id, auction_type, status, duration_seconds, expires_at,
+                                  reserve_price, max_price, created_at, updated_at)
+            SELECT 'auction-task-' || i, 'did:bench:user:' || (i %% %(users)s), 'first_price', 'closed', 30,
                    now() - interval '1 day', 0, 50, now() - interval '1 day' - interval '30 seconds',
                    now() - interval '1 day'
             FROM generate_series(%(lo)s / 10 + 1, %(hi)s / 10) i
