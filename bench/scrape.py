@@ -252,7 +252,7 @@ def collection_costs(port: int) -> str:
     for family in text_string_to_metric_families(body.decode()):
         for s in family.samples:
             if s.name == "zsmon_exporter_duration_seconds":
-                out.append(f"collect:{s.labels['collector']}={s.value * 1000:.0f}ms")
+                out.append(f"collect:{s.labels['exporter']}={s.value * 1000:.0f}ms")
             elif s.name == "zerostate_invariant_check_duration_seconds_sum":
                 out.append(f"check:{s.labels['checker']}(sum)={s.value:.2f}s")
     return ", ".join(sorted(out))
