@@ -201,7 +201,7 @@ def measure(port: int, scrapes: int, spread: float = 0.0, warmup: int = 20) -> F
 
 # ---- zsmon -----------------------------------------------------------------------------------
 def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, interval: float,
-                 switch_ms: float | None) -> Path:
+                 switch_ms: float | None, connections: int | None = None) -> Path:
     builtin = _builtin()
     exporters: dict[str, Any] = {name: {"interval_seconds": interval} for name in builtin.exporter_classes}
     exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
@@ -213,6 +213,8 @@ def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, inte
         "exporters": exporters,
         "checkers": {name: {"statement_timeout_seconds": 600} for name in builtin.checker_classes},
     }
+    if connections:  # the payments full sweep on this many connections (default: the checker's own)
+        cfg["checkers"]["payments"]["settings"] = {"full_sweep_connections": connections}
     path = workdir / "zsmon.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -259,9 +261,9 @@ def collection_costs(port: int) -> str:
 
 
 def bench_zsmon(workdir: Path, dsn: str, scrapes: int, interval: float, spread: float,
-                switch_ms: float | None = None) -> tuple[Figures, str]:
+                switch_ms: float | None = None, connections: int | None = None) -> tuple[Figures, str]:
     mport, aport = free_port(), free_port()
-    cfg = zsmon_config(workdir, dsn, mport, aport, interval, switch_ms)
+    cfg = zsmon_config(workdir, dsn, mport, aport, interval, switch_ms, connections)
     env = {**os.environ, "ZSMON_DATABASE_URL": dsn, "REDIS_HOST": os.environ.get("REDIS_HOST", "127.0.0.1")}
     log = open(workdir / "zsmon.log", "ab")
     proc = subprocess.Popen([ZSMON, "--config", str(cfg), "run"], env=env, stdout=log, stderr=log)
@@ -407,6 +409,8 @@ def main() -> None:
     ap.add_argument("--switch-interval-ms", type=float, action="append", default=None,
                     help="run zsmon once per value of http.switch_interval_ms (repeatable; default: the "
                          "shipped setting only)")
+    ap.add_argument("--full-sweep-connections", type=int, action="append", default=None,
+                    help="payments full sweep on this many connections (repeatable: one zsmon run each)")
     ap.add_argument("--no-query-exporter", action="store_true")
     ap.add_argument("--qe-venv", type=Path, default=Path(tempfile.gettempdir()) / "zsmon-bench-query-exporter")
     ap.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
@@ -434,9 +438,12 @@ def main() -> None:
                 size = db_size(conn)
                 where = f"{channels:,} channels, {agents:,} agents, {size}"
                 print(f"bench: {label} database ready ({where}) in {time.perf_counter() - t0:.1f}s", flush=True)
-                for switch_ms in args.switch_interval_ms or [None]:
-                    tool = "zsmon" + (f" (switch interval {switch_ms:g} ms)" if switch_ms else "")
-                    fig, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval, args.spread, switch_ms)
+                for switch_ms, conns in [(s, c) for s in args.switch_interval_ms or [None]
+                                         for c in args.full_sweep_connections or [None]]:
+                    tool = "zsmon" + (f" (switch interval {switch_ms:g} ms)" if switch_ms else "") + (
+                        f" (full sweep on {conns} connection{'s' if conns > 1 else ''})" if conns else "")
+                    fig, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval, args.spread, switch_ms,
+                                             conns)
                     rows.append((label, where, tool, fig))
                     notes.append(f"{label}: {tool} latest collection costs: {costs}")
                     print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms "
