@@ -118,6 +118,16 @@ class DevTools:
             shutil.rmtree(self.profile, ignore_errors=True)
 
 
+
+def _sign_in(browser, svc) -> None:
+    """Sign in as an operator does: the login form, filled and submitted, back on the status page."""
+    browser.page("Page.navigate", url=svc.url("api", "/login"))
+    wait_for(lambda: browser.eval("document.readyState === 'complete' && !!document.getElementById('token')"))
+    browser.eval(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+                 "document.querySelector('#login form').submit(); true")
+    wait_for(lambda: browser.eval("location.pathname === '/' && document.readyState === 'complete' "
+                                  "&& document.body.innerText.includes('Sign out')"), timeout=15)
+
 def test_status_page_in_chromium(make_config, writer):
     ARTIFACTS.mkdir(exist_ok=True)
     cfg = make_config(http={**LOCAL_HTTP, "admin_token": TOKEN}, scheduler={"health_interval_seconds": 0.5},
@@ -141,12 +151,7 @@ def test_status_page_in_chromium(make_config, writer):
         # An operator signs in through the form, on a phone-sized window.
         browser = DevTools(window="412,915")
         try:
-            browser.page("Page.navigate", url=svc.url("api", "/login"))
-            wait_for(lambda: browser.eval("document.readyState === 'complete' && !!document.getElementById('token')"))
-            browser.eval(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
-                         "document.querySelector('#login form').submit(); true")
-            wait_for(lambda: browser.eval("location.pathname === '/' && document.readyState === 'complete' "
-                                          "&& document.body.innerText.includes('Sign out')"), timeout=15)
+            _sign_in(browser, svc)
             text = browser.eval("document.body.innerText")
             html = browser.eval("document.documentElement.outerHTML")
             assert f"channel {channel}" in text and "channel_conservation" in text
@@ -200,12 +205,7 @@ def test_status_page_layout_at_desktop_and_phone_widths(make_config, writer):
                  >= {"payments", "auctions"}, timeout=30)
         browser = DevTools(window="1280,900")
         try:
-            browser.page("Page.navigate", url=svc.url("api", "/login"))
-            wait_for(lambda: browser.eval("document.readyState === 'complete' && !!document.getElementById('token')"))
-            browser.eval(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
-                         "document.querySelector('#login form').submit(); true")
-            wait_for(lambda: browser.eval("location.pathname === '/' && document.readyState === 'complete' "
-                                          "&& document.body.innerText.includes('Sign out')"), timeout=15)
+            _sign_in(browser, svc)
             for name, width, height, mobile in (("desktop", 1280, 900, False), ("phone", 390, 844, True)):
                 browser.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
                              mobile=mobile)

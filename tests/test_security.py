@@ -19,7 +19,7 @@ from zsmon.app import build_registry
 from zsmon.core.checker import Checker, CheckContext, Invariant
 from zsmon.core.config import Config
 from zsmon.core.service import build_runner
-from zsmon.testing import LOCAL_HTTP, PrivateRedis, bind_checker, free_port, running_service, \
+from zsmon.testing import LOCAL_HTTP, PrivateRedis, bind_checker, every_job_ran, free_port, running_service, \
     wait_for
 
 TOKEN = "sec-token-3b9f0c"
@@ -93,21 +93,8 @@ def test_declared_sql_cannot_write_either(make_config, writer):
 
 
 def test_zsmon_runs_every_checker_and_exporter_as_the_minimal_role(make_config, writer, minimal_role):
-    from zsmon.core.metrics import Metrics
-    from zsmon.core.store import ResultStore
-
     cfg = make_config(env={"ZSMON_DATABASE_URL": minimal_role})
-    registry = build_registry(cfg)
-    exporters = [n for n in registry.enabled_exporters() if n != "api_probe"]  # api_probe reads no table
-    metrics = Metrics(ResultStore(), exporter_names=exporters)
-    runner = build_runner(registry, only=list(registry.checker_classes), exporters=exporters, metrics=metrics)
-    try:
-        for name in runner.checkers:
-            result = runner.run_check(name)
-            assert result.status != "error", f"{name} as the minimal role: {result.error}"
-        for name in runner.exporters:
-            runner.collect(name)
-            assert metrics.exporter_errors.labels(name)._value.get() == 0, name
+    with every_job_ran(cfg, "the minimal role") as runner:
         # The role is the boundary for code, too: even a deliberate escape from the session guard fails.
         runner.checkers["writer"] = bind_checker(WriteChecker("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"),
                                                  cfg)
@@ -119,8 +106,6 @@ def test_zsmon_runs_every_checker_and_exporter_as_the_minimal_role(make_config, 
                 conn.execute("INSERT INTO agents (did, name) VALUES ('did:evil', 'x')")
             conn.autocommit = False
             conn.rollback()
-    finally:
-        runner.db.close()
     assert writer.execute("SELECT count(*) FROM agents").fetchone()[0] == 0
 
 

@@ -9,6 +9,7 @@ their own key prefix on the local Redis (``ZSMON_TEST_REDIS``, default
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -163,6 +164,29 @@ def bind_checker(checker: Any, config: Any) -> BoundChecker:
 
 
 # ---- a private PostgreSQL cluster a test may stop, pause and restart -------------------
+@contextmanager
+def every_job_ran(config: Any, who: str) -> Iterator[Any]:
+    """Run every checker once and collect every exporter that reads the database against ``config``, asserting
+    none errors (``who``: the role, in the message); yields the runner, closed afterwards."""
+    from zsmon.core.metrics import Metrics
+    from zsmon.core.store import ResultStore
+
+    registry = build_registry(config)
+    exporters = [n for n in registry.enabled_exporters() if n != "api_probe"]  # api_probe reads no table
+    metrics = Metrics(ResultStore(), exporter_names=exporters)
+    runner = build_runner(registry, only=list(registry.checker_classes), exporters=exporters, metrics=metrics)
+    try:
+        for name in runner.checkers:
+            result = runner.run_check(name)
+            assert result.status != "error", f"{name} as {who}: {result.error}"
+        for name in runner.exporters:
+            runner.collect(name)
+            assert metrics.exporter_errors.labels(name)._value.get() == 0, name
+        yield runner
+    finally:
+        runner.db.close()
+
+
 def collect_families(exporter: Any, config: Any) -> dict[str, Any]:
     """One collection of ``exporter`` against ``config``'s database in a read-only snapshot, as the runner
     does it: its metric families by name."""
