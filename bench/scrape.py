@@ -41,7 +41,7 @@ from typing import Any
 
 import psycopg
 import yaml
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -114,6 +114,10 @@ def grow(conn: psycopg.Connection, channels: tuple[int, int], agents: tuple[int,
     conn.execute("VACUUM ANALYZE")
 
 
+def count(conn: psycopg.Connection, table: str) -> int:
+    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
 def db_size(conn: psycopg.Connection) -> str:
     return conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
 
@@ -166,16 +170,20 @@ class Figures:
     body_bytes: int
 
 
-def measure(port: int, scrapes: int, spread: float = 0.0, warmup: int = 20) -> Figures:
+def measure(port: int, scrapes: int, spread: float = 0.0, warmup: int = 20, floor: int | None = None
+            ) -> Figures | tuple[Figures, Figures]:
     """Scrapes over one keep-alive connection, as Prometheus does; time to the full body.
 
     With ``spread`` > 0 the scrapes are paced evenly over that many seconds, so they sample
     every phase of the jobs running beside them (back-to-back, 1,000 scrapes last under a
-    second and the tail depends on which job happened to run in it).
+    second and the tail depends on which job happened to run in it). With ``floor`` (the port of
+    ``floor_server``), each scrape is followed by one of that bare server, in the same moment:
+    (zsmon's figures, the floor's), what the host alone costs any process beside what zsmon adds.
     """
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    times: list[float] = []
-    size = 0
+    ports = [port] if floor is None else [port, floor]
+    conns = [http.client.HTTPConnection("127.0.0.1", p, timeout=120) for p in ports]
+    times: list[list[float]] = [[] for _ in ports]
+    sizes = [0 for _ in ports]
     pace = spread / scrapes
     start = 0.0
     for i in range(warmup + scrapes):
@@ -183,25 +191,61 @@ def measure(port: int, scrapes: int, spread: float = 0.0, warmup: int = 20) -> F
             start = time.perf_counter()
         if pace and i >= warmup:
             time.sleep(max(0.0, start + (i - warmup) * pace - time.perf_counter()))
-        t0 = time.perf_counter()
-        conn.request("GET", "/metrics")
-        r = conn.getresponse()
-        body = r.read()
-        dt = time.perf_counter() - t0
-        if r.status != 200:
-            raise SystemExit(f"bench: /metrics answered {r.status}: {body[:200]!r}")
-        if i >= warmup:
-            times.append(dt)
-            size = len(body)
-    conn.close()
-    times.sort()
+        for k, conn in enumerate(conns):
+            t0 = time.perf_counter()
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            body = r.read()
+            dt = time.perf_counter() - t0
+            if r.status != 200:
+                raise SystemExit(f"bench: /metrics answered {r.status}: {body[:200]!r}")
+            if i >= warmup:
+                times[k].append(dt)
+                sizes[k] = len(body)
+    for conn in conns:
+        conn.close()
+    figures = [_figures(t, size) for t, size in zip(times, sizes)]
+    return figures[0] if floor is None else (figures[0], figures[1])
+
+
+def _figures(times: list[float], size: int) -> Figures:
+    times = sorted(times)
     pick = lambda q: times[min(len(times) - 1, max(0, round(q * len(times)) - 1))]  # noqa: E731 - nearest rank
     return Figures(pick(0.50) * 1000, pick(0.99) * 1000, times[-1] * 1000, statistics.fmean(times) * 1000, size)
 
 
+# The floor: a bare HTTP server in a process of its own, serving fixed bytes of /metrics' size and doing
+# nothing else. Scraped in the same moments as zsmon, its tail is what the host (CPUs shared with the
+# database's sweeps) costs any process; zsmon's tail above it is zsmon's own (its GIL, its work).
+_FLOOR_SERVER = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+body = b"#" * int(sys.argv[2])
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def floor_server(size: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _FLOOR_SERVER, str(port), str(size)])
+    wait_until(lambda: get(port)[0] == 200, 30, "the floor server")
+    return proc, port
+
+
 # ---- zsmon -----------------------------------------------------------------------------------
 def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, interval: float,
-                 switch_ms: float | None, connections: int | None = None) -> Path:
+                 switch_ms: float | None, connections: int | None = None, sums: bool | None = None) -> Path:
     builtin = _builtin()
     exporters: dict[str, Any] = {name: {"interval_seconds": interval} for name in builtin.exporter_classes}
     exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
@@ -213,8 +257,14 @@ def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, inte
         "exporters": exporters,
         "checkers": {name: {"statement_timeout_seconds": 600} for name in builtin.checker_classes},
     }
+    # Every payments run a full sweep (the remembered state cannot replace one here): the scrapes are timed
+    # while sweeps run, not between them.
+    cfg["checkers"]["payments"]["full_interval_seconds"] = cfg["checkers"]["payments"].get("interval_seconds") or 15
+    payments: dict[str, Any] = cfg["checkers"]["payments"].setdefault("settings", {})
     if connections:  # the payments full sweep on this many connections (default: the checker's own)
-        cfg["checkers"]["payments"]["settings"] = {"full_sweep_connections": connections}
+        payments["full_sweep_connections"] = connections
+    if sums is not None:  # remembered sums on or off (default: the checker's own)
+        payments["incremental_sums"] = sums
     path = workdir / "zsmon.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -261,16 +311,22 @@ def collection_costs(port: int) -> str:
 
 
 def bench_zsmon(workdir: Path, dsn: str, scrapes: int, interval: float, spread: float,
-                switch_ms: float | None = None, connections: int | None = None) -> tuple[Figures, str]:
+                switch_ms: float | None = None, connections: int | None = None,
+                sums: bool | None = None) -> tuple[Figures, Figures, str]:
+    """zsmon's figures, the floor's (scraped in the same moments) and zsmon's latest collection costs."""
     mport, aport = free_port(), free_port()
-    cfg = zsmon_config(workdir, dsn, mport, aport, interval, switch_ms, connections)
+    cfg = zsmon_config(workdir, dsn, mport, aport, interval, switch_ms, connections, sums)
     env = {**os.environ, "ZSMON_DATABASE_URL": dsn, "REDIS_HOST": os.environ.get("REDIS_HOST", "127.0.0.1")}
     log = open(workdir / "zsmon.log", "ab")
     proc = subprocess.Popen([ZSMON, "--config", str(cfg), "run"], env=env, stdout=log, stderr=log)
     try:
         wait_until(lambda: _zsmon_ready(mport), 900, "zsmon (every checker and exporter once)")
-        figures = measure(mport, scrapes, spread)
-        return figures, collection_costs(mport)
+        floor, fport = floor_server(len(get(mport)[1]))
+        try:
+            figures, floor_figures = measure(mport, scrapes, spread, floor=fport)
+        finally:
+            stop(floor)
+        return figures, floor_figures, collection_costs(mport)
     finally:
         stop(proc)
         log.close()
@@ -411,6 +467,12 @@ def main() -> None:
                          "shipped setting only)")
     ap.add_argument("--full-sweep-connections", type=int, action="append", default=None,
                     help="payments full sweep on this many connections (repeatable: one zsmon run each)")
+    ap.add_argument("--incremental-sums", choices=["on", "off"], action="append", default=None,
+                    help="payments remembered sums on or off (repeatable: one zsmon run each; default: the "
+                         "shipped setting)")
+    ap.add_argument("--reuse", metavar="DBNAME",
+                    help="measure an existing benchmark database (kept with --keep-db) as the large size, "
+                         "without building or growing it")
     ap.add_argument("--no-query-exporter", action="store_true")
     ap.add_argument("--qe-venv", type=Path, default=Path(tempfile.gettempdir()) / "zsmon-bench-query-exporter")
     ap.add_argument("--keep-db", action="store_true", help="do not drop the benchmark database")
@@ -423,30 +485,40 @@ def main() -> None:
             exe = install_query_exporter(args.qe_venv)
         except (subprocess.CalledProcessError, OSError) as exc:
             print(f"bench: query-exporter could not be installed ({exc}); measuring zsmon only")
-    name, dsn = create_platform_database("zsmon_bench", ADMIN_DSN)
+    if args.reuse:
+        name, dsn = args.reuse, make_conninfo(**{**conninfo_to_dict(ADMIN_DSN), "dbname": args.reuse})
+    else:
+        name, dsn = create_platform_database("zsmon_bench", ADMIN_DSN)
     rows: list[tuple[str, str, str, Figures]] = []
     notes: list[str] = []
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             sizes = [("small", args.small_channels, args.small_agents),
                      ("large", args.large_channels, args.large_agents)]
+            if args.reuse:
+                sizes = [("large", count(conn, "payment_channels"), count(conn, "agents"))]
             have = (0, 0)
             for label, channels, agents in sizes:
                 t0 = time.perf_counter()
-                grow(conn, (have[0], channels), (have[1], agents), users=max(100, channels // 10))
+                if not args.reuse:
+                    grow(conn, (have[0], channels), (have[1], agents), users=max(100, channels // 10))
                 have = (channels, agents)
                 size = db_size(conn)
                 where = f"{channels:,} channels, {agents:,} agents, {size}"
                 print(f"bench: {label} database ready ({where}) in {time.perf_counter() - t0:.1f}s", flush=True)
-                for switch_ms, conns in [(s, c) for s in args.switch_interval_ms or [None]
-                                         for c in args.full_sweep_connections or [None]]:
+                for switch_ms, conns, sums in [(s, c, u) for s in args.switch_interval_ms or [None]
+                                               for c in args.full_sweep_connections or [None]
+                                               for u in args.incremental_sums or [None]]:
                     tool = "zsmon" + (f" (switch interval {switch_ms:g} ms)" if switch_ms else "") + (
-                        f" (full sweep on {conns} connection{'s' if conns > 1 else ''})" if conns else "")
-                    fig, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval, args.spread, switch_ms,
-                                             conns)
+                        f" (full sweep on {conns} connection{'s' if conns > 1 else ''})" if conns else "") + (
+                        f" (sums {sums})" if sums else "")
+                    fig, floor, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval, args.spread,
+                                                    switch_ms, conns, None if sums is None else sums == "on")
                     rows.append((label, where, tool, fig))
+                    rows.append((label, where, "  floor (bare server, same moments)", floor))
                     notes.append(f"{label}: {tool} latest collection costs: {costs}")
-                    print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms "
+                    print(f"bench:   {tool} p50 {fig.p50_ms:.2f} ms, p99 {fig.p99_ms:.2f} ms; floor p50 "
+                          f"{floor.p50_ms:.2f} ms, p99 {floor.p99_ms:.2f} ms "
                           f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)", flush=True)
                 if exe is not None:
                     for interval, tool in ((None, "query-exporter (queries on scrape)"),
@@ -462,16 +534,18 @@ def main() -> None:
                               f"(load average {os.getloadavg()[0]:.2f})", flush=True)
     finally:
         drop_redis_keys()
-        if not args.keep_db:
+        if not args.keep_db and not args.reuse:
             drop_database(name, ADMIN_DSN)
+        elif not args.reuse:
+            print(f"bench: database kept: {name} (--reuse {name})")
 
     print()
     paced = f"paced over {args.spread:g}s" if args.spread else "back-to-back"
     print(f"/metrics latency over {args.scrapes} scrapes {paced} (keep-alive, time to full body); "
           f"collections every {args.interval:g}s; {os.cpu_count()} CPUs")
-    print(f"{'size':<6} {'tool':<36} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8} {'bytes':>8}")
+    print(f"{'size':<6} {'tool':<50} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8} {'bytes':>8}")
     for label, where, tool, f in rows:
-        print(f"{label:<6} {tool:<36} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} {f.max_ms:>8.2f} {f.mean_ms:>8.2f} "
+        print(f"{label:<6} {tool:<50} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} {f.max_ms:>8.2f} {f.mean_ms:>8.2f} "
               f"{f.body_bytes:>8}")
     print()
     for label, where in dict((r[0], r[1]) for r in rows).items():

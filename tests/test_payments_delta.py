@@ -234,3 +234,59 @@ def test_concurrent_traffic_never_shows_a_violation_through_the_sums(writer, db_
     full = run_check("payments", mode="full", config=make_config(redis=False))
     assert inc.mode == "incremental" and judged(inc) == judged(full)
     assert inc.violation_counts["global_conservation"] == 1
+
+
+def test_the_anchor_keeps_any_did_byte_for_byte(writer, make_config, run_check):
+    """The database encodes the anchor's pairs in Redis' protocol (length-prefixed): DIDs with multi-byte
+    characters and protocol bytes (CR LF, $, *) are remembered exactly and judged like a full sweep judges
+    them; a channel without payer cannot be remembered: nothing half-filled is left, the exact SQL judges."""
+    world(writer, seed=21, steps=40)
+    odd = "did:zs:ünïcødé:日本\r\n$3\r\n*9"
+    cid = writer.execute("UPDATE payment_channels SET payer_did = %s WHERE id = (SELECT id FROM payment_channels "
+                         "ORDER BY id LIMIT 1) RETURNING id::text", (odd,)).fetchone()[0]
+    cfg = make_config(checkers={"payments": {"settings": EXACT_SETTINGS}})
+    reference = make_config(redis=False)
+    run_check("payments", mode="full", config=cfg)
+    anchored = header(cfg)
+    assert anchored.get("ready") == "1"
+    client = redis_lib.Redis.from_url(REDIS_URL, decode_responses=True)
+    prefix = deployment_prefix(cfg) + "payments:sums:" + anchored["anchor"]
+    try:
+        channel = json.loads(client.hget(prefix + ":channels", cid))
+        assert channel[0] == odd
+        assert json.loads(client.hget(prefix + ":dids", odd))[0] is False  # remembered, without account row
+        n = writer.execute("SELECT count(*) FROM payment_channels").fetchone()[0]
+        assert client.hlen(prefix + ":channels") == n + 1  # + the anchor field: no pair ran into another
+        inject_fault(writer, "account_credited_from_nowhere")
+        writer.execute("UPDATE payment_channels SET current_balance = current_balance + 1, updated_at = now() "
+                       "WHERE id = %s", (cid,))
+        inc = run_check("payments", mode="incremental", config=cfg)
+        full = run_check("payments", mode="full", config=reference)
+        assert inc.mode == "incremental" and judged(inc) == judged(full)
+        assert ("account_reconciliation", odd) in {(i, e) for i, e, _, _ in judged(inc)[1]}
+
+        # A drifted schema that allows a channel without payer (the platform's has NOT NULL).
+        writer.execute("ALTER TABLE payment_channels ALTER COLUMN payer_did DROP NOT NULL")
+        writer.execute("UPDATE payment_channels SET payer_did = NULL WHERE id = %s", (cid,))
+        run_check("payments", mode="full", config=cfg)
+        assert {k for k in client.scan_iter(match=deployment_prefix(cfg) + "payments:sums:*")} == {
+            prefix + ":channels", prefix + ":dids"}  # the failed fill's parts are gone
+        state = json.loads(client.get(deployment_prefix(cfg) + "payments:incremental"))
+        assert state["sums"] is False
+        # Touched, that channel's money held for nobody is judged by a full sweep; then repaired, by the sums
+        # again once a full sweep re-anchors them, and the DID-less violation resolves.
+        writer.execute("UPDATE payment_channels SET updated_at = now() WHERE id = %s", (cid,))
+        run = run_check("payments", mode="incremental", config=cfg)
+        assert run.mode == "full" and judged(run) == judged(run_check("payments", mode="full", config=reference))
+        assert ("account_reconciliation", "(NULL)") in {(i, e) for i, e, _, _ in judged(run)[1]}
+        writer.execute("UPDATE payment_channels SET payer_did = %s, updated_at = now() WHERE id = %s", (odd, cid))
+        inject_fault(writer, "global_leak")
+        for _ in range(2):
+            inc = run_check("payments", mode="incremental", config=cfg)
+            assert inc.mode == "incremental" and judged(inc) == judged(run_check("payments", mode="full",
+                                                                                 config=reference))
+            assert "(NULL)" not in {e for _, e, _, _ in judged(inc)[1]}
+    finally:
+        client.close()
+        writer.execute("UPDATE payment_channels SET payer_did = %s WHERE payer_did IS NULL", (odd,))
+        writer.execute("ALTER TABLE payment_channels ALTER COLUMN payer_did SET NOT NULL")
