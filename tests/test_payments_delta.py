@@ -237,8 +237,8 @@ def test_concurrent_traffic_never_shows_a_violation_through_the_sums(writer, db_
 
 
 def test_the_anchor_keeps_any_did_byte_for_byte(writer, make_config, run_check):
-    """The database encodes the anchor's pairs in Redis' protocol (length-prefixed): DIDs with multi-byte
-    characters and protocol bytes (CR LF, $, *) are remembered exactly and judged like a full sweep judges
+    """The anchor's pairs are packed in Redis' protocol by zsmon (length-prefixed, in slices): DIDs with
+    multi-byte characters and protocol bytes (CR LF, $, *) are remembered exactly and judged like a full sweep judges
     them; a channel without payer cannot be remembered: nothing half-filled is left, the exact SQL judges."""
     world(writer, seed=21, steps=40)
     odd = "did:zs:ünïcødé:日本\r\n$3\r\n*9"
@@ -290,3 +290,22 @@ def test_the_anchor_keeps_any_did_byte_for_byte(writer, make_config, run_check):
         client.close()
         writer.execute("UPDATE payment_channels SET payer_did = %s WHERE payer_did IS NULL", (odd,))
         writer.execute("ALTER TABLE payment_channels ALTER COLUMN payer_did SET NOT NULL")
+
+
+def test_a_sliced_hset_reaches_redis_whole():
+    """The anchor's HSET packed in slices (one array header for all of them) is one command to Redis: every
+    pair arrives, in order, byte for byte."""
+    from zsmon.core.memory import _hset_command
+
+    rows = [(f"did:zs:ü{i}\r\n$*", "🙂" * (i % 3)) for i in range(7)]
+    client = redis_lib.Redis.from_url(REDIS_URL, decode_responses=True)
+    key = f"zsmon-test-sliced-hset-{random.getrandbits(64):x}"
+    conn = client.connection_pool.get_connection()
+    try:
+        conn.send_packed_command(_hset_command(key, rows, slice_rows=2))
+        assert conn.read_response() == len(rows)
+        assert client.hgetall(key) == dict(rows)
+    finally:
+        client.connection_pool.release(conn)
+        client.delete(key)
+        client.close()
