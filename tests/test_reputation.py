@@ -279,6 +279,9 @@ def test_score_jump_across_two_runs(writer, make_config, run_check):
     assert nonzero(second) == {"score_jump": 1}, second.to_dict()
     (v,) = second.violations
     assert (v.entity_type, v.entity_id) == ("agent", did) and v.difference > 20
+    # Every agent was compared, the unchanged ones without being parsed (changes_only): the count says so.
+    agents = writer.execute("SELECT count(*) FROM reputation_scores").fetchone()[0]
+    assert second.summaries["score_jump"].startswith(f"1 of {agents} agents observed twice moved more than 20")
     third = run_check("reputation", config=cfg)  # the jump is now the last observation
     assert nonzero(third) == {}
     # A higher limit from the config lets the same jump pass.

@@ -1009,7 +1009,7 @@ class PaymentsChecker(Checker):
             sql, params = f"SELECT c.id::text, c.sequence_number FROM {_TOUCHED_CHANNELS}", {"ids": ids}
         memory = ctx.memory(SEQUENCE_KEY, parse=int, keep="highest", batch=self.settings.sequence_batch)
         obs = memory.observe("sequence_regression", sql, params, breaks=lambda prev, cur: cur < prev,
-                              recorded="the sequence numbers of {n} channels")
+                              recorded="the sequence numbers of {n} channels", changes_only=True)
         if obs is None or obs.first:
             return
         ctx.report("sequence_regression", [

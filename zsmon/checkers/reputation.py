@@ -494,7 +494,7 @@ class ReputationChecker(Checker):
         limit = s.jump_limit
         obs = ctx.memory(LAST_SCORES_KEY, parse=Decimal).observe(
             "score_jump", "SELECT agent_did, overall_score FROM {reputation_scores}",
-            breaks=lambda prev, cur: abs(cur - prev) > limit, recorded="the scores of {n} agents")
+            breaks=lambda prev, cur: abs(cur - prev) > limit, recorded="the scores of {n} agents", changes_only=True)
         if obs is None or obs.first:  # a first observation is skipped (ColumnMemory says why), never a pass
             return
         since = (" since the observation at "

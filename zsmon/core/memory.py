@@ -58,9 +58,13 @@ class ColumnMemory:
         self.batch = batch
 
     def observe(self, invariant: str, sql: str, params: Any = None, *, breaks: Callable[[Any, Any], bool],
-                recorded: str) -> Observation | None:
+                recorded: str, changes_only: bool = False) -> Observation | None:
         """Compare the (entity id, value) rows of ``sql`` with the memory; ``breaks(previous, current)``
         says which break ``invariant``.
+
+        ``changes_only``: an unchanged value never breaks (a regression, a jump), so only values whose text
+        differs from the remembered text are parsed and judged: a million unchanged rows then cost one
+        string comparison each instead of a parse and a call (Python time that holds the GIL).
 
         None when the invariant could not be judged: Redis is missing or failed mid-run (it is skipped;
         the SQL invariants of the run still stand). On a first observation the invariant is skipped too,
@@ -73,7 +77,7 @@ class ColumnMemory:
             ctx.skip(invariant, f"needs memory across runs: {ctx.redis_reason or 'no Redis'}")
             return None
         try:
-            obs = self._compare(ctx.redis, sql, params, breaks)
+            obs = self._compare(ctx.redis, sql, params, breaks, changes_only)
         except redis.RedisError as exc:
             try:
                 ctx.redis.delete(self.staging)
@@ -87,7 +91,8 @@ class ColumnMemory:
                                 "judged from the next run")
         return obs
 
-    def _compare(self, r: Any, sql: str, params: Any, breaks: Callable[[Any, Any], bool]) -> Observation:
+    def _compare(self, r: Any, sql: str, params: Any, breaks: Callable[[Any, Any], bool],
+                 changes_only: bool = False) -> Observation:
         # The worst are kept up to the tracked limit: the sample shows the largest, the lifecycle tracks all.
         limit, parse, highest = self.ctx.track_limit, self.parse, self.highest
         first = not r.exists(self.live)
@@ -97,9 +102,15 @@ class ColumnMemory:
         r.expire(self.staging, STAGING_TTL_SECONDS)
         seen = compared = count = 0
         worst: list[tuple[str, Any, Any]] = []
+        if changes_only:  # the values as text, compared with the remembered text before any parsing
+            sql = f"SELECT q.k, q.v::text FROM ({sql}) AS q(k, v)"
         for rows in self.ctx.batches(sql, params, self.batch):
             seen += len(rows)
             before = [None] * len(rows) if first else r.hmget(self.live, [row[0] for row in rows])
+            if changes_only and not first:
+                pairs = [(row, prev) for row, prev in zip(rows, before) if row[1] != prev or prev is None]
+                compared += len(rows) - len(pairs)  # unchanged: compared, never breaking, nothing to write
+                rows, before = [row for row, _ in pairs], [prev for _, prev in pairs]
             changed: dict[str, str] = {}
             for (eid, cur), prev in zip(rows, before):
                 if cur is None:
@@ -107,6 +118,8 @@ class ColumnMemory:
                 if prev is None:
                     changed[eid] = str(cur)
                     continue
+                if changes_only:
+                    cur = parse(cur)
                 prev = parse(prev)
                 compared += 1
                 if breaks(prev, cur):
