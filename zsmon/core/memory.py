@@ -106,7 +106,7 @@ class ColumnMemory:
             sql = f"SELECT q.k, q.v::text FROM ({sql}) AS q(k, v)"
         for rows in self.ctx.batches(sql, params, self.batch):
             seen += len(rows)
-            before = [None] * len(rows) if first else _hmget(r, self.live, [row[0] for row in rows])
+            before = [None] * len(rows) if first else r.hmget(self.live, [row[0] for row in rows])
             if changes_only and not first:
                 pairs = [(row, prev) for row, prev in zip(rows, before) if row[1] != prev or prev is None]
                 compared += len(rows) - len(pairs)  # unchanged: compared, never breaking, nothing to write
@@ -262,7 +262,7 @@ class AnchoredMemory:
         """The remembered values of ``ids`` (None: not remembered). Raises ``redis.RedisError``."""
         key, out = self.part_key(anchor, part), []
         for i in range(0, len(ids), batch):
-            out.extend(_text(v) if v is not None else None for v in _hmget(self.ctx.redis, key, ids[i:i + batch]))
+            out.extend(_text(v) if v is not None else None for v in self.ctx.redis.hmget(key, ids[i:i + batch]))
         return out
 
     def begin(self) -> str:
@@ -369,38 +369,24 @@ class UnkeyedRow(ValueError):
 
 
 def _hset_command(key: str, rows: list[tuple[str, str]], slice_rows: int = 1_000) -> list[bytes]:
-    """``HSET key id value ...`` for every (id, value) row, in Redis' protocol (parts to send in order)."""
-    return _packed(("HSET", key), rows, slice_rows, pairs=True)
-
-
-def _packed(head: tuple[str, ...], items: list[Any], slice_items: int = 1_000, pairs: bool = False) -> list[bytes]:
-    """The command ``head + items`` (``pairs``: items are (field, value) pairs) in Redis' protocol, as parts
-    to send in order. hiredis packs in C without releasing the GIL; redis-py would pack a 10,000-argument
-    command in one hold of ~3.5 ms (after a Python loop over every argument), which a scrape then waits for.
-    Each slice is packed apart (~0.4 ms per 1,000 pairs), its own array header cut off; one header counts
-    them all."""
-    count = len(head) + len(items) * (2 if pairs else 1)
-    parts = [b"*%d\r\n" % count + hiredis.pack_command(head).split(b"\r\n", 1)[1]]
-    for i in range(0, len(items), slice_items):
-        chunk = items[i:i + slice_items]
-        packed = hiredis.pack_command(tuple(itertools.chain.from_iterable(chunk)) if pairs else tuple(chunk))
+    """``HSET key id value ...`` for every (id, value) row, in Redis' protocol, as parts to send in order.
+    hiredis packs each slice of rows in C without releasing the GIL (~0.4 ms per 1,000 rows), so slices
+    keep every hold short; each slice's own array header is cut off and one header counts them all."""
+    parts = [b"*%d\r\n" % (2 + 2 * len(rows)) + hiredis.pack_command(("HSET", key)).split(b"\r\n", 1)[1]]
+    for i in range(0, len(rows), slice_rows):
+        packed = hiredis.pack_command(tuple(itertools.chain.from_iterable(rows[i:i + slice_rows])))
         parts.append(packed[packed.index(b"\r\n") + 2:])
     return parts
 
 
-def _hmget(r: Any, key: str, ids: list[str]) -> list[Any]:
-    """``HMGET key ids...``, packed in slices (``_packed``); the values, None where missing."""
-    return _send_packed(r, _packed(("HMGET", key), ids)) if ids else []
-
-
-def _send_packed(r: Any, command: list[bytes]) -> Any:
-    """Send one command already in Redis' protocol (its parts, sent in order) and return its reply (raises ``redis.RedisError``), on a
+def _send_packed(r: Any, command: list[bytes]) -> None:
+    """Send one command already in Redis' protocol (its parts, sent in order) and read its reply (raises ``redis.RedisError``), on a
     connection of the client's pool (its authentication and TLS)."""
     pool = r.connection_pool
     conn = pool.get_connection()
     try:
         conn.send_packed_command(command)
-        return conn.read_response()
+        conn.read_response()
     except BaseException:
         conn.disconnect()  # the protocol state is unknown: never hand this socket to another command
         raise
