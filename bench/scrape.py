@@ -259,7 +259,7 @@ def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, inte
     }
     # Every payments run a full sweep (the remembered state cannot replace one here): the scrapes are timed
     # while sweeps run, not between them.
-    cfg["checkers"]["payments"]["full_interval_seconds"] = cfg["checkers"]["payments"].get("interval_seconds") or 15
+    cfg["checkers"]["payments"]["full_interval_seconds"] = builtin.checker_classes["payments"].default_interval_seconds
     payments: dict[str, Any] = cfg["checkers"]["payments"].setdefault("settings", {})
     if connections:  # the payments full sweep on this many connections (default: the checker's own)
         payments["full_sweep_connections"] = connections

@@ -371,17 +371,22 @@ class UnkeyedRow(ValueError):
 def _hset_command(key: str, rows: list[tuple[str, str]], slice_rows: int = 1_000) -> list[bytes]:
     """``HSET key id value ...`` for every (id, value) row, in Redis' protocol, as parts to send in order.
     hiredis packs each slice of rows in C without releasing the GIL (~0.4 ms per 1,000 rows), so slices
-    keep every hold short; each slice's own array header is cut off and one header counts them all."""
-    parts = [b"*%d\r\n" % (2 + 2 * len(rows)) + hiredis.pack_command(("HSET", key)).split(b"\r\n", 1)[1]]
-    for i in range(0, len(rows), slice_rows):
-        packed = hiredis.pack_command(tuple(itertools.chain.from_iterable(rows[i:i + slice_rows])))
-        parts.append(packed[packed.index(b"\r\n") + 2:])
+    keep every hold short; one array header counts the arguments of all the slices."""
+    parts = [b"*%d\r\n" % (2 + 2 * len(rows)), _arguments(("HSET", key))]
+    parts += [_arguments(tuple(itertools.chain.from_iterable(rows[i:i + slice_rows])))
+              for i in range(0, len(rows), slice_rows)]
     return parts
 
 
+def _arguments(args: tuple[str, ...]) -> bytes:
+    """``args`` in Redis' protocol without the array header hiredis puts before them."""
+    packed = hiredis.pack_command(args)
+    return packed[packed.index(b"\r\n") + 2:]
+
+
 def _send_packed(r: Any, command: list[bytes]) -> None:
-    """Send one command already in Redis' protocol (its parts, sent in order) and read its reply (raises ``redis.RedisError``), on a
-    connection of the client's pool (its authentication and TLS)."""
+    """Send one command already in Redis' protocol (its parts, in order) and read its reply (raises
+    ``redis.RedisError``), on a connection of the client's pool (its authentication and TLS)."""
     pool = r.connection_pool
     conn = pool.get_connection()
     try:
