@@ -245,13 +245,15 @@ def floor_server(size: int) -> tuple[subprocess.Popen, int]:
 
 # ---- zsmon -----------------------------------------------------------------------------------
 def zsmon_config(workdir: Path, dsn: str, metrics_port: int, api_port: int, interval: float,
-                 switch_ms: float | None, connections: int | None = None, sums: bool | None = None) -> Path:
+                 switch_ms: float | None, connections: int | None = None, sums: bool | None = None,
+                 front: bool | None = None) -> Path:
     builtin = _builtin()
     exporters: dict[str, Any] = {name: {"interval_seconds": interval} for name in builtin.exporter_classes}
     exporters.setdefault("api_probe", {})["settings"] = {"targets": [f"http://127.0.0.1:{api_port}/health"]}
     cfg = {
         "http": {"metrics_listen": f"127.0.0.1:{metrics_port}", "api_listen": f"127.0.0.1:{api_port}",
-                 **({"switch_interval_ms": switch_ms} if switch_ms else {})},
+                 **({"switch_interval_ms": switch_ms} if switch_ms else {}),
+                 **({"metrics_process": front} if front is not None else {})},
         "redis": {"key_prefix": REDIS_PREFIX},
         "logging": {"level": "warning", "format": "console"},
         "exporters": exporters,
@@ -312,10 +314,10 @@ def collection_costs(port: int) -> str:
 
 def bench_zsmon(workdir: Path, dsn: str, scrapes: int, interval: float, spread: float,
                 switch_ms: float | None = None, connections: int | None = None,
-                sums: bool | None = None) -> tuple[Figures, Figures, str]:
+                sums: bool | None = None, front: bool | None = None) -> tuple[Figures, Figures, str]:
     """zsmon's figures, the floor's (scraped in the same moments) and zsmon's latest collection costs."""
     mport, aport = free_port(), free_port()
-    cfg = zsmon_config(workdir, dsn, mport, aport, interval, switch_ms, connections, sums)
+    cfg = zsmon_config(workdir, dsn, mport, aport, interval, switch_ms, connections, sums, front)
     env = {**os.environ, "ZSMON_DATABASE_URL": dsn, "REDIS_HOST": os.environ.get("REDIS_HOST", "127.0.0.1")}
     log = open(workdir / "zsmon.log", "ab")
     proc = subprocess.Popen([ZSMON, "--config", str(cfg), "run"], env=env, stdout=log, stderr=log)
@@ -470,6 +472,9 @@ def main() -> None:
     ap.add_argument("--incremental-sums", choices=["on", "off"], action="append", default=None,
                     help="payments remembered sums on or off (repeatable: one zsmon run each; default: the "
                          "shipped setting)")
+    ap.add_argument("--metrics-process", choices=["on", "off"], action="append", default=None,
+                    help="/metrics served by its own process or by the service's (repeatable: one zsmon run "
+                         "each; default: zsmon's own, on)")
     ap.add_argument("--reuse", metavar="DBNAME",
                     help="measure an existing benchmark database (kept with --keep-db) as the large size, "
                          "without building or growing it")
@@ -506,14 +511,16 @@ def main() -> None:
                 size = db_size(conn)
                 where = f"{channels:,} channels, {agents:,} agents, {size}"
                 print(f"bench: {label} database ready ({where}) in {time.perf_counter() - t0:.1f}s", flush=True)
-                for switch_ms, conns, sums in [(s, c, u) for s in args.switch_interval_ms or [None]
-                                               for c in args.full_sweep_connections or [None]
-                                               for u in args.incremental_sums or [None]]:
+                for switch_ms, conns, sums, front in [(s, c, u, f) for s in args.switch_interval_ms or [None]
+                                                      for c in args.full_sweep_connections or [None]
+                                                      for u in args.incremental_sums or [None]
+                                                      for f in args.metrics_process or [None]]:
                     tool = "zsmon" + (f" (switch interval {switch_ms:g} ms)" if switch_ms else "") + (
                         f" (full sweep on {conns} connection{'s' if conns > 1 else ''})" if conns else "") + (
-                        f" (sums {sums})" if sums else "")
+                        f" (sums {sums})" if sums else "") + (f" (metrics process {front})" if front else "")
                     fig, floor, costs = bench_zsmon(workdir, dsn, args.scrapes, args.interval, args.spread,
-                                                    switch_ms, conns, None if sums is None else sums == "on")
+                                                    switch_ms, conns, None if sums is None else sums == "on",
+                                                    None if front is None else front == "on")
                     rows.append((label, where, tool, fig))
                     rows.append((label, where, "  floor (bare server, same moments)", floor))
                     notes.append(f"{label}: {tool} latest collection costs: {costs}")

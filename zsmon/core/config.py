@@ -139,6 +139,11 @@ class HttpConfig(Strict):
                                       "(`sys.setswitchinterval`) while `zsmon run` serves. Shorter than Python's "
                                       "5 ms so the HTTP thread answers a scrape promptly while a checker thread "
                                       "decodes a large result (see docs/performance.md); 5 restores the default.")
+    metrics_process: bool = Field(True, description="Serve the metrics listener from a small process of its own: "
+                                  "it answers /metrics from the bytes the service renders after every job and "
+                                  "passes /health, /ready and stale renders to the service, so a scrape never "
+                                  "waits behind a sweep for Python's GIL (see docs/performance.md). false: the "
+                                  "service's process serves it.")
     grafana_url: str | None = Field(None, description="Base URL of Grafana, for links from the status page.")
     runbook_base_url: str | None = Field(None, description="Base URL of runbooks kept elsewhere (a wiki): alerts "
                                          "and the status page then link `<base>/<Alert>.md`. Unset: zsmon serves "

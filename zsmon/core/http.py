@@ -17,90 +17,12 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 import zsmon
 from zsmon.core.lifecycle import LifecycleError, parse_duration
 from zsmon.core.ratelimit import Buckets, retry_after
 from zsmon.core.status import register_status_page
 from zsmon.core.view import ServiceView
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over the configured size."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await JSONResponse({"detail": f"request body over {self.max_bytes} bytes"},
-                                          status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
-            return message
-
-        return await self.app(scope, limited, send)
-
-
-class RateLimit:
-    """ASGI middleware: at most ``per_minute`` requests per client on the given path prefixes.
-
-    A token bucket per client (burst = the per-minute budget, refilled continuously);
-    over the limit a request gets 429 with ``Retry-After`` before any route or token
-    check runs, which also throttles token guessing. The client is the connection's
-    address, or the one a trusted proxy forwards (``http.trusted_proxies``).
-    """
-
-    def __init__(self, app: ASGIApp, per_minute: int, prefixes: tuple[str, ...] = ("/api", "/admin", "/login")) -> None:
-        self.app = app
-        self.buckets = Buckets(per_minute)
-        self.prefixes = prefixes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("path", "").startswith(self.prefixes):
-            wait = self.buckets.take(client_of(scope))
-            if wait > 0:
-                retry = retry_after(wait)
-                return await JSONResponse({"detail": f"rate limit exceeded: retry in {retry}s"}, status_code=429,
-                                          headers={"Retry-After": retry})(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class SecurityHeaders:
-    """ASGI middleware: every response says ``nosniff`` and, unless the route chose otherwise, ``no-store``
-    (JSON and /metrics are live data, never to be cached by a proxy); under TLS, HSTS."""
-
-    def __init__(self, app: ASGIApp, tls: bool) -> None:
-        self.app = app
-        self.extra = [(b"strict-transport-security", b"max-age=31536000")] if tls else []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def with_headers(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                names = {name.lower() for name, _ in headers}
-                for name, value in [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
-                                    *self.extra]:
-                    if name not in names:
-                        headers.append((name, value))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        return await self.app(scope, receive, with_headers)
 
 
 class OnDemand:
@@ -135,11 +57,6 @@ class OnDemand:
             return await asyncio.shield(future)
         finally:
             self._waiting[name] -= 1
-
-
-def client_of(scope: Scope) -> str:
-    """The client's address (after uvicorn's trusted-proxy rewrite, if any)."""
-    return (scope.get("client") or ("unknown", 0))[0]
 
 
 # ---- response models (they make the OpenAPI document exact) --------------------

@@ -26,7 +26,10 @@ disable_created_metrics()
 
 CHECK_STATUSES = ("pass", "fail", "error")
 # Accept headers of the two formats Prometheus negotiates: classic text and OpenMetrics.
-_FORMATS = ("text/plain", "application/openmetrics-text; version=1.0.0")
+# What scrapers ask for, rendered after every job: text, OpenMetrics (Prometheus 2), and OpenMetrics with
+# UTF-8 names allowed (Prometheus 3's first choice). Any other Accept is rendered when it is asked.
+_FORMATS = ("text/plain", "application/openmetrics-text; version=1.0.0",
+            "application/openmetrics-text; version=1.0.0; escaping=allow-utf-8")
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -157,6 +160,8 @@ class Metrics:
         # hold series this replica no longer leads (it was paused, say) and a scrape renders afresh.
         self._valid_until = valid_until
         self._rendered_until = math.inf
+        # Told (generation, valid until, body per content type) after every render: the metrics process.
+        self.on_render: Callable[[int, float, dict[str, bytes]], None] | None = None
         self.families = CachedFamilies()
         r.register(ResultsCollector(store, leads))
         r.register(self.families)
@@ -192,6 +197,8 @@ class Metrics:
             rendered[content_type] = encoder(self.registry)
         self._rendered = (generation, rendered)
         self._rendered_until = until
+        if self.on_render is not None:
+            self.on_render(generation, until, rendered)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import re
@@ -15,19 +14,18 @@ from collections.abc import Callable, Mapping
 from typing import Any, Iterable
 
 import psycopg
-import uvicorn
 from prometheus_client import CollectorRegistry
 from psycopg.conninfo import conninfo_to_dict
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from zsmon.core.checker import missing_indexes
-from zsmon.core.config import ConfigError, HttpConfig
+from zsmon.core.config import ConfigError
 from zsmon.core.db import Database, DatabaseUnavailable, conninfo
 from zsmon.core.ha import LeasedFamilies, LeaderOnly, make_coordinator
-from zsmon.core.http import BodyLimit, RateLimit, SecurityHeaders, create_api_app, create_metrics_app
+from zsmon.core.http import create_api_app, create_metrics_app
 from zsmon.core.lifecycle import Ack, Lifecycle, LifecycleError, list_violations, validate_target
 from zsmon.core.logging import get_logger, redactor
 from zsmon.core.metrics import Metrics
+from zsmon.core.metrics_front import MetricsFront, from_front
 from zsmon.core.privileges import PrivilegedRole, RoleGuard
 from zsmon.core.registry import BoundChecker, Registry
 from zsmon.core.redis import make_redis
@@ -35,6 +33,7 @@ from zsmon.core.redis import ping as redis_ping
 from zsmon.core.results import CheckResult
 from zsmon.core.runner import Runner
 from zsmon.core.scheduler import Scheduler
+from zsmon.core.serving import EmbeddedServer, ServerSettings, make_server
 from zsmon.core.sessions import SessionStore
 from zsmon.core.status import SESSION_SECONDS
 from zsmon.core.store import ResultStore
@@ -55,77 +54,9 @@ def build_runner(registry: Registry, only: Iterable[str] | None = None, *, expor
                   store or ResultStore(), metrics, coordinator)
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the service owns SIGINT/SIGTERM."""
-
-    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
-        pass
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # uvicorn >= 0.29
-        yield
-
-
-class _HeaderTimeoutH11(H11Protocol):
-    """uvicorn's h11 protocol, plus: a connection that has not sent a request's complete headers within
-    ``header_timeout`` seconds of its first byte (or of connecting) is closed. uvicorn bounds only idle
-    keep-alive connections; without this a client trickling header bytes holds a connection for ever."""
-
-    header_timeout = 10.0
-    _header_timer: asyncio.TimerHandle | None = None
-
-    def _waiting_for_headers(self) -> bool:
-        return self.cycle is None or self.cycle.response_complete
-
-    def _arm(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
-
-    def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self._waiting_for_headers() and not self.transport.is_closing():
-            self.transport.close()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        if self._waiting_for_headers():
-            self._arm()
-        super().data_received(data)
-        if not self._waiting_for_headers():
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        self._disarm()  # idle now: uvicorn's keep-alive timeout takes over until the next byte
-        super().on_response_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-
 def _split(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _protocol(http: HttpConfig) -> type[H11Protocol]:
-    return type("HeaderTimeoutH11", (_HeaderTimeoutH11,), {"header_timeout": http.header_timeout_seconds})
-
-
-def _proxy_settings(http: HttpConfig) -> dict[str, Any]:
-    """Forwarded headers are believed only from ``http.trusted_proxies``; by default from nobody (uvicorn
-    would otherwise trust any X-Forwarded-For sent from 127.0.0.1, letting a local client pick its address)."""
-    if not http.trusted_proxies:
-        return {"proxy_headers": False, "forwarded_allow_ips": []}
-    return {"proxy_headers": True, "forwarded_allow_ips": list(http.trusted_proxies)}
 
 
 def _database_names(config: Any) -> list[tuple[str, str]]:
@@ -256,9 +187,10 @@ class Service:
         self.refused: str | None = None
         self._db_reason: str | None = "database not checked yet"
         self._health_at = 0.0
-        self._servers: list[_EmbeddedServer] = []
+        self._servers: list[EmbeddedServer] = []
         self._threads: list[threading.Thread] = []
         self._sockets: list[socket.socket] = []
+        self.front: MetricsFront | None = None  # the metrics listener's own process (http.metrics_process)
         self.ports: dict[str, int] = {}
 
     def _register_leader_only(self, name: str, bound: BoundChecker) -> None:
@@ -460,23 +392,11 @@ class Service:
             self.scheduler.add(f"export:{name}", lambda n=name: self.runner.collect(n), exported.interval_seconds)
 
     # ---- lifecycle --------------------------------------------------------------
-    def _server(self, app: Any, listen: str) -> _EmbeddedServer:
-        host, port = _split(listen)
+    def _server(self, app: Any) -> EmbeddedServer:
         http = self.config.http
-        ssl = {}
         if http.tls_cert_file or http.tls_key_file:
             check_tls(http.tls_cert_file, http.tls_key_file)  # the real cause, before uvicorn tries (and prompts)
-            ssl = {"ssl_certfile": str(http.tls_cert_file), "ssl_keyfile": str(http.tls_key_file)}
-        wrapped: Any = BodyLimit(app, http.max_body_bytes)
-        if http.rate_limit_per_minute:
-            wrapped = RateLimit(wrapped, http.rate_limit_per_minute)
-        wrapped = SecurityHeaders(wrapped, tls=bool(ssl))
-        cfg = uvicorn.Config(wrapped, host=host, port=port, log_config=None, access_log=False,
-                             lifespan="off", server_header=False, timeout_graceful_shutdown=2,
-                             http=_protocol(http), **_proxy_settings(http),
-                             timeout_keep_alive=http.keep_alive_timeout_seconds,
-                             limit_concurrency=http.max_concurrent_requests, **ssl)
-        return _EmbeddedServer(cfg)
+        return make_server(app, ServerSettings.of(http))
 
     def start(self) -> None:
         # The listeners first: a busy port is reported at once, before any database probe.
@@ -487,12 +407,26 @@ class Service:
         # The GIL is handed between threads every switch interval: a short one bounds how long a scrape
         # waits behind a checker decoding rows. Process-wide, so only the serving process sets it.
         sys.setswitchinterval(http.switch_interval_ms / 1000)
+        served = dict(sockets)  # the sockets this process's own servers accept on
         try:
-            self._servers = [self._server(create_metrics_app(self), http.metrics_listen),
-                             self._server(create_api_app(self), http.api_listen)]
+            api_server = self._server(create_api_app(self))
+            if http.metrics_process:
+                # The metrics socket is the front process's; this process answers what it passes on, on a
+                # private Unix socket, without TLS or the listener's middleware (the front wears them).
+                self.front = MetricsFront(sockets["metrics"], ServerSettings.of(http))
+                served["metrics"] = self.front.backend
+                internal = dataclasses.replace(ServerSettings.of(http), tls_cert_file=None, tls_key_file=None,
+                                               trusted_proxies=())
+                metrics_server = make_server(from_front(create_metrics_app(self)), internal, wrap=False)
+            else:
+                metrics_server = self._server(create_metrics_app(self))
+            self._servers = [metrics_server, api_server]
         except BaseException:
             for sock in sockets.values():
                 sock.close()
+            if self.front is not None:
+                self.front.stop()
+                self.front = None
             raise
         self.health()
         if self.refused:  # database.require_minimal_role: no listener serves, no job runs
@@ -501,9 +435,8 @@ class Service:
         # One thread and event loop per listener: a burst on the API (on-demand runs, a scan) never delays
         # the probes and scrapes the metrics listener answers.
         failure: list[BaseException] = []
-        events = []
 
-        def thread_main(server: _EmbeddedServer, sock: socket.socket, started: threading.Event) -> None:
+        def thread_main(server: EmbeddedServer, sock: socket.socket, started: threading.Event) -> None:
             async def serve() -> None:
                 task = asyncio.create_task(server.serve(sockets=[sock]))
                 while not server.started:
@@ -526,18 +459,27 @@ class Service:
                 loop.close()
 
         self._threads = []
-        for (name, sock), server in zip(sockets.items(), self._servers):
+        # The metrics listener (and its process) first: once the API answers, both do.
+        for (name, sock), server in zip(served.items(), self._servers):
             started = threading.Event()
             thread = threading.Thread(target=thread_main, args=(server, sock, started), name=f"zsmon-http-{name}",
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
-            events.append(started)
-        for started in events:
             started.wait(30)
-        if failure:
-            self.stop()
-            raise failure[0] if isinstance(failure[0], ConfigError) else ConfigError(str(failure[0]))
+            if not failure and name == "metrics" and self.front is not None:
+                try:
+                    self.front.start()
+                except RuntimeError as exc:
+                    failure.append(ConfigError(str(exc)))
+            if failure:
+                self.stop()
+                raise failure[0] if isinstance(failure[0], ConfigError) else ConfigError(str(failure[0]))
+        if self.front is not None:
+            self.store.on_put = self.front.stored
+            self.front.stored(self.store.generation)
+            self.metrics.on_render = self.front.rendered
+            self.metrics.refresh()
         self._schedule()
         self.scheduler.start()
         if self.coordinator is not None:
@@ -590,6 +532,10 @@ class Service:
             # Released only when nothing can publish any more: otherwise the next holder's run would overlap
             # this one's; a lease left to lapse hands over after lease_seconds.
             self.coordinator.stop(release=idle)
+        if self.front is not None:  # first: it passes requests on to the servers below
+            self.store.on_put = self.metrics.on_render = None
+            self.front.stop(min(2.0, left()))
+            self.front = None
         for s in self._servers:
             s.should_exit = True
         for thread in self._threads:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from zsmon.core.results import CheckResult
@@ -26,10 +27,13 @@ class ResultStore:
         self._lock = threading.Lock()
         self._states: dict[str, CheckerState] = {}
         self.generation = 0  # grows with every put: lets /metrics tell its rendered bytes are behind
+        self.on_put: Callable[[int], None] | None = None  # told each new generation, under the lock
 
     def put(self, result: CheckResult) -> None:
         with self._lock:
             self.generation += 1
+            if self.on_put is not None:
+                self.on_put(self.generation)
             state = self._states.setdefault(result.checker, CheckerState())
             state.latest = result
             if result.status != "error":
