@@ -37,7 +37,10 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
 
+from zsmon.core.logging import get_logger
 from zsmon.core.serving import ServerSettings, make_server
+
+log = get_logger("zsmon.metrics")
 
 # Shared with the process through a mapped file: the store's generation, and when the service last
 # proved it runs (its feeding thread writes it every second, on the system-wide monotonic clock).
@@ -61,11 +64,11 @@ class MetricsFront:
         self.backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.backend.bind(self.backend_path)
         self.backend.listen(128)
-        self._generation_path = os.path.join(self._dir, "generation")
-        with open(self._generation_path, "wb") as f:
+        self._shared_path = os.path.join(self._dir, "shared")
+        with open(self._shared_path, "wb") as f:
             f.write(_SHARED.pack(0, time.monotonic()))
-        self._generation_file = open(self._generation_path, "r+b")  # noqa: SIM115 - mapped until close()
-        self._shared = mmap.mmap(self._generation_file.fileno(), _SHARED.size)
+        self._shared_file = open(self._shared_path, "r+b")  # noqa: SIM115 - mapped until close()
+        self._shared = mmap.mmap(self._shared_file.fileno(), _SHARED.size)
         self._cond = threading.Condition()
         self._latest: list[bytes] | None = None  # the newest render not yet sent (older ones are dropped)
         self._sent: list[bytes] | None = None  # the last one sent, for a restarted process
@@ -102,7 +105,7 @@ class MetricsFront:
                                       pass_fds=fds, stdin=subprocess.DEVNULL)
         theirs.close()
         feed = Connection(ours.detach())
-        settings = {**asdict(self.settings), "backend": self.backend_path, "generation": self._generation_path}
+        settings = {**asdict(self.settings), "backend": self.backend_path, "shared": self._shared_path}
         try:
             feed.send_bytes(json.dumps(settings).encode())
             if not feed.poll(START_SECONDS) or feed.recv_bytes() != b"ready":
@@ -125,9 +128,6 @@ class MetricsFront:
             self._feed.send_bytes(part)
 
     def _feed_loop(self) -> None:
-        from zsmon.core.logging import get_logger
-
-        log = get_logger("zsmon.metrics")
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._latest is not None or self._closing, timeout=1.0)
@@ -145,7 +145,7 @@ class MetricsFront:
                 if self._closing:
                     return
                 log.error("metrics_process_restarted", error=str(exc),
-                          detail="the metrics listener's process ended; scrapes are refused until it is back")
+                          detail="the metrics listener's process ended; scrapes wait until it is back")
                 self.restarts += 1
                 if self._feed is not None:
                     self._feed.close()
@@ -179,7 +179,7 @@ class MetricsFront:
                 self._proc.wait()
         self.backend.close()
         self._shared.close()
-        self._generation_file.close()
+        self._shared_file.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
@@ -212,13 +212,13 @@ def from_front(app: Any) -> Any:
 class _Front:
     """The front's ASGI app: ``GET /metrics`` from the fed bytes while they are current, the rest passed on."""
 
-    def __init__(self, backend: str, generation_path: str, max_body_bytes: int) -> None:
+    def __init__(self, backend: str, shared_path: str, max_body_bytes: int) -> None:
         import httpx
         from prometheus_client.exposition import choose_encoder
 
         self._choose = choose_encoder
         self.rendered: tuple[int, float, dict[str, bytes]] = (-1, -math.inf, {})
-        with open(generation_path, "rb") as f:
+        with open(shared_path, "rb") as f:
             self._shared = mmap.mmap(f.fileno(), _SHARED.size, access=mmap.ACCESS_READ)
         self.max_body_bytes = max_body_bytes
         self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=backend), base_url="http://zsmon",
@@ -294,10 +294,10 @@ def main(listen_fd: int, feed_fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when this ends (it closes the feed)
     feed = Connection(feed_fd)
     settings = json.loads(feed.recv_bytes())
-    backend, generation_path = settings.pop("backend"), settings.pop("generation")
+    backend, shared_path = settings.pop("backend"), settings.pop("shared")
     settings["trusted_proxies"] = tuple(settings["trusted_proxies"])
     server_settings = ServerSettings(**settings)
-    front = _Front(backend, generation_path, server_settings.max_body_bytes)
+    front = _Front(backend, shared_path, server_settings.max_body_bytes)
     server = make_server(front, server_settings)
     listener = socket.socket(fileno=listen_fd)
 

@@ -281,6 +281,10 @@ class Runner:
             checker.observe(result)
         except Exception:
             log.exception("checker_observe_failed", checker=checker.name)
+        if self.metrics is not None:
+            # Now, not when the job ends: what follows (memory committed to Redis) can take seconds at scale,
+            # and until /metrics is rendered again every scrape renders it itself, in this busy process.
+            self.metrics.refresh()
         if ctx is not None and result.status != "error":
             ctx.run_after_success()
         log.info("check_done", checker=checker.name, status=result.status, mode=result.mode,
