@@ -119,8 +119,6 @@ class MetricsFront:
                                + (f" (exit code {code}; its error is above)" if code is not None else
                                   f" within {START_SECONDS:g}s")) from None
         self._feed = feed
-        if self._sent is not None:
-            self._send(self._sent)
 
     def _send(self, parts: list[bytes]) -> None:
         assert self._feed is not None
@@ -144,23 +142,25 @@ class MetricsFront:
             except OSError as exc:
                 if self._closing:
                     return
-                log.error("metrics_process_restarted", error=str(exc),
-                          detail="the metrics listener's process ended; scrapes wait until it is back")
-                self.restarts += 1
-                if self._feed is not None:
-                    self._feed.close()
-                if self._proc is not None and self._proc.poll() is None:
-                    self._proc.kill()  # alive but its feed broke: start afresh
-                    self._proc.wait()
-                try:
-                    self._spawn()
-                except RuntimeError as failed:
-                    log.error("metrics_process_restart_failed", error=str(failed))
-                    time.sleep(1.0)
-                    continue
-                if parts is not None and self._sent is not parts:
-                    self._send(parts)
-                    self._sent = parts
+                self._restart(str(exc), parts)
+
+    def _restart(self, why: str, unsent: list[bytes] | None) -> None:
+        log.error("metrics_process_restarted", error=why,
+                  detail="the metrics listener's process ended; scrapes wait until it is back")
+        self.restarts += 1
+        if self._feed is not None:
+            self._feed.close()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()  # alive but its feed broke: start afresh
+            self._proc.wait()
+        try:
+            self._spawn()
+        except RuntimeError as failed:  # tried again by the next round of the loop (it finds the process gone)
+            log.error("metrics_process_restart_failed", error=str(failed))
+            time.sleep(1.0)
+        with self._cond:  # the new process's first bytes: the newest there are
+            if self._latest is None:
+                self._latest = unsent if unsent is not None else self._sent
 
     def stop(self, timeout: float = 2.0) -> None:
         """Close the feed (the process stops serving and exits), then clean up."""
