@@ -25,7 +25,6 @@ from zsmon.core.store import ResultStore
 disable_created_metrics()
 
 CHECK_STATUSES = ("pass", "fail", "error")
-# Accept headers of the two formats Prometheus negotiates: classic text and OpenMetrics.
 # What scrapers ask for, rendered after every job: text, OpenMetrics (Prometheus 2), and OpenMetrics with
 # UTF-8 names allowed (Prometheus 3's first choice). Any other Accept is rendered when it is asked.
 _FORMATS = ("text/plain", "application/openmetrics-text; version=1.0.0",

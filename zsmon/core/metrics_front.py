@@ -37,6 +37,8 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from zsmon.core.logging import get_logger
 from zsmon.core.serving import ServerSettings, make_server
 
@@ -212,7 +214,7 @@ def from_front(app: Any) -> Any:
 class _Front:
     """The front's ASGI app: ``GET /metrics`` from the fed bytes while they are current, the rest passed on."""
 
-    def __init__(self, backend: str, shared_path: str, max_body_bytes: int) -> None:
+    def __init__(self, backend: str, shared_path: str) -> None:
         import httpx
         from prometheus_client.exposition import choose_encoder
 
@@ -220,7 +222,6 @@ class _Front:
         self.rendered: tuple[int, float, dict[str, bytes]] = (-1, -math.inf, {})
         with open(shared_path, "rb") as f:
             self._shared = mmap.mmap(f.fileno(), _SHARED.size, access=mmap.ACCESS_READ)
-        self.max_body_bytes = max_body_bytes
         self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=backend), base_url="http://zsmon",
                                          timeout=httpx.Timeout(60.0, connect=5.0))
         self._httpx = httpx
@@ -252,12 +253,10 @@ class _Front:
 
     async def _pass_on(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         body, more = b"", True
-        while more:
+        while more:  # bounded by the BodyLimit this app is wrapped in (make_server)
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                return await _plain(send, 413, f"request body over {self.max_body_bytes} bytes")
         client = scope.get("client") or ("unknown", 0)
         headers = [(k, v) for k, v in scope["headers"] if k not in _HOP and not k.startswith(b"x-zsmon-")]
         headers += [(CLIENT_HEADER, f"{client[0]}:{client[1]}".encode()), (SCHEME_HEADER, scope["scheme"].encode())]
@@ -273,19 +272,13 @@ class _Front:
             finally:
                 await response.aclose()
         except self._httpx.HTTPError:
-            return await _plain(send, 502, "zsmon's service process did not answer")
+            return await JSONResponse({"detail": "zsmon's service process did not answer"},
+                                      status_code=502)(scope, receive, send)
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": [(k, v) for k, v in response.headers.raw
                                 if k.lower() not in _HOP and k.lower() != b"content-length"]
                     + [(b"content-length", str(len(content)).encode())]})
         await send({"type": "http.response.body", "body": content})
-
-
-async def _plain(send: Any, status: int, text: str) -> None:
-    body = json.dumps({"detail": text}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def main(listen_fd: int, feed_fd: int) -> int:
@@ -297,7 +290,7 @@ def main(listen_fd: int, feed_fd: int) -> int:
     backend, shared_path = settings.pop("backend"), settings.pop("shared")
     settings["trusted_proxies"] = tuple(settings["trusted_proxies"])
     server_settings = ServerSettings(**settings)
-    front = _Front(backend, shared_path, server_settings.max_body_bytes)
+    front = _Front(backend, shared_path)
     server = make_server(front, server_settings)
     listener = socket.socket(fileno=listen_fd)
 
