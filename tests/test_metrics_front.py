@@ -8,11 +8,14 @@ the service.
 from __future__ import annotations
 
 import http.client
+import importlib.metadata
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,8 @@ PROMETHEUS_ACCEPT = {  # the Accept header each sends when it scrapes
 
 
 class Sidecar:
-    def __init__(self, tmp_path: Path, database_url: str, **http: object) -> None:
+    def __init__(self, tmp_path: Path, database_url: str, extra_env: dict[str, str] | None = None,
+                 **http: object) -> None:
         self.metrics_port, self.api_port = free_port(), free_port()
         cfg = tmp_path / "zsmon.yml"
         cfg.write_text(yaml.safe_dump({
@@ -50,7 +54,7 @@ class Sidecar:
                                                            "postgres", "redis")},
         }))
         env = {"PATH": os.environ.get("PATH", ""), "ZSMON_DATABASE_URL": database_url, "REDIS_HOST": "",
-               "ADMIN_TOKEN": TOKEN, "LOG_FORMAT": "json"}
+               "ADMIN_TOKEN": TOKEN, "LOG_FORMAT": "json", **(extra_env or {})}
         self.log = tmp_path / "zsmon.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "zsmon.cli", "--config", str(cfg), "run"],
@@ -102,8 +106,8 @@ def _alive(pid: int) -> bool:
 def sidecar(tmp_path, db_url):
     made: list[Sidecar] = []
 
-    def make(database_url: str = db_url, **http: object) -> Sidecar:
-        made.append(Sidecar(tmp_path, database_url, **http))
+    def make(database_url: str = db_url, extra_env: dict[str, str] | None = None, **http: object) -> Sidecar:
+        made.append(Sidecar(tmp_path, database_url, extra_env, **http))
         return made[-1]
 
     yield make
@@ -201,3 +205,39 @@ def test_the_service_judges_tokens_per_real_client_and_the_client_cannot_be_forg
     # ... while 127.0.0.2, a client of its own, still has all of its budget.
     status, body = _ready(s.metrics_port, "127.0.0.2", TOKEN)
     assert status == 503 and "ledger_behind_front" in body, body
+
+
+def _test_only_modules() -> set[str]:
+    """The top-level modules of the distributions only the ``test`` extra installs (pytest, httpx, ...)."""
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    name = re.compile(r"^[A-Za-z0-9._-]+")
+    runtime = {name.match(d).group(0).lower().replace("_", "-") for d in project["dependencies"]}
+    test_only = {name.match(d).group(0).lower().replace("_", "-") for d in project["optional-dependencies"]["test"]}
+    test_only -= runtime
+    return {module for module, dists in importlib.metadata.packages_distributions().items()
+            if any(d.lower().replace("_", "-") in test_only for d in dists)}
+
+
+def test_the_sidecar_serves_on_its_runtime_dependencies_alone(sidecar, tmp_path):
+    """A plain ``pip install .`` (the container image) has none of the test extra: the service and the metrics
+    process must not need any of it (the metrics process once passed requests on with the test extra's httpx)."""
+    blocked = _test_only_modules()
+    assert {"pytest", "jsonschema"} <= blocked  # the test extra as declared today
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {sorted(blocked)!r}\n"
+        "class _TestOnly:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (test extra only)')\n"
+        "sys.meta_path.insert(0, _TestOnly())\n")
+    s = sidecar(extra_env={"PYTHONPATH": str(site)})
+    assert wait_for(lambda: _checked(s), timeout=30)
+    front = s.front_pid()
+    assert front is not None
+    # Passed on to the service by the metrics process: its client is the part that needs more than uvicorn.
+    assert requests.get(f"{s.base}/health", timeout=5).status_code == 200
+    assert requests.get(f"{s.base}/ready", timeout=5).status_code == 200
+    assert s.front_pid() == front and "metrics_process_restarted" not in s.log.read_text()
