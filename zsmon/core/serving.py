@@ -14,7 +14,7 @@ import uvicorn
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from zsmon.core.ratelimit import Buckets, retry_after
 
@@ -62,8 +62,10 @@ def make_server(app: ASGIApp, settings: ServerSettings, *, wrap: bool = True) ->
     return EmbeddedServer(cfg)
 
 
-def _protocol(settings: ServerSettings) -> type[H11Protocol]:
-    return type("HeaderTimeoutH11", (HeaderTimeoutH11,), {"header_timeout": settings.header_timeout_seconds})
+def _protocol(settings: ServerSettings) -> type:
+    # httptools (C) rather than h11 (Python): half of what a /metrics scrape costs the metrics process.
+    return type("HeaderTimeoutHttpTools", (HeaderTimeout, HttpToolsProtocol),
+                {"header_timeout": settings.header_timeout_seconds})
 
 
 def _proxy_settings(settings: ServerSettings) -> dict[str, Any]:
@@ -85,8 +87,8 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-class HeaderTimeoutH11(H11Protocol):
-    """uvicorn's h11 protocol, plus: a connection that has not sent a request's complete headers within
+class HeaderTimeout:
+    """Mixed into a uvicorn HTTP protocol: a connection that has not sent a request's complete headers within
     ``header_timeout`` seconds of its first byte (or of connecting) is closed. uvicorn bounds only idle
     keep-alive connections; without this a client trickling header bytes holds a connection for ever."""
 
