@@ -236,15 +236,17 @@ def test_concurrent_traffic_never_shows_a_violation_through_the_sums(writer, db_
     assert inc.violation_counts["global_conservation"] == 1
 
 
-def test_the_anchor_keeps_any_did_byte_for_byte(writer, make_config, run_check):
+@pytest.mark.parametrize("connections", [1, 2])
+def test_the_anchor_keeps_any_did_byte_for_byte(writer, make_config, run_check, connections):
     """The anchor's pairs are packed in Redis' protocol by zsmon (length-prefixed, in slices): DIDs with
     multi-byte characters and protocol bytes (CR LF, $, *) are remembered exactly and judged like a full sweep judges
-    them; a channel without payer cannot be remembered: nothing half-filled is left, the exact SQL judges."""
+    them; a channel without payer cannot be remembered: nothing half-filled is left, the exact SQL judges. With
+    two connections the anchor's parts are filled beside the sweep's passes, on a connection of their own."""
     world(writer, seed=21, steps=40)
     odd = "did:zs:ünïcødé:日本\r\n$3\r\n*9"
     cid = writer.execute("UPDATE payment_channels SET payer_did = %s WHERE id = (SELECT id FROM payment_channels "
                          "ORDER BY id LIMIT 1) RETURNING id::text", (odd,)).fetchone()[0]
-    cfg = make_config(checkers={"payments": {"settings": EXACT_SETTINGS}})
+    cfg = make_config(checkers={"payments": {"settings": {**EXACT_SETTINGS, "full_sweep_connections": connections}}})
     reference = make_config(redis=False)
     run_check("payments", mode="full", config=cfg)
     anchored = header(cfg)

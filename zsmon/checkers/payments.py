@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from decimal import Context, Decimal, Inexact, InvalidOperation, Rounded, localcontext
@@ -615,9 +616,8 @@ class PaymentsChecker(Checker):
             previous = None  # the remembered sums are gone: a full sweep re-anchors them
         ids, dids = self._touched(ctx, previous, None if sums is None else float(sums[1]["as_of"]))
         if ids is None and self._connections(ctx) > 1:
-            # A full sweep on several connections sharing this snapshot; the sums are re-anchored after it.
-            totals = self._sweep_split(ctx)
-            state.save({"watermark": ctx.snapshot_time, "sums": self._anchor_sums(ctx, totals)})
+            # A full sweep on several connections sharing this snapshot; the sums are anchored beside it.
+            state.save({"watermark": ctx.snapshot_time, "sums": self._sweep_split(ctx)})
             return
         self._judge_channels(ctx, ids)
         self._judge_double_release(ctx, ids)
@@ -709,15 +709,17 @@ class PaymentsChecker(Checker):
         bounds = [None, *(str(p) for p in ctx.split_points("payment_channels", "id", n)), None]
         return [{"ids": None, "lo": lo, "hi": hi} for lo, hi in itertools.pairwise(bounds)]
 
-    def _sweep_split(self, ctx: CheckContext) -> dict[str, Any]:
+    def _sweep_split(self, ctx: CheckContext) -> bool:
         """The full sweep on several connections sharing the run's snapshot (``CheckContext.parallel``), longest
-        task first; returns the global totals (what the remembered sums are anchored on). The channel pass is
-        split into one channel-id range per connection, the double-release pass into one per two connections
-        (each part scans the whole ledger twice: on two connections it costs less whole, beside the channel
-        parts); their rankings merge exactly. The sequence memory, the
-        account pass and the global aggregate run whole beside them (global_conservation stays one query:
-        a one-snapshot proof)."""
+        task first; whether the remembered sums were anchored. The channel pass is split into one channel-id
+        range per connection, the double-release pass into one per two connections (each part scans the whole
+        ledger twice: on two connections it costs less whole, beside the channel parts); their rankings merge
+        exactly. The sequence memory, the account pass, the global aggregate and the anchor's two fills run
+        whole beside them (global_conservation stays one query: a one-snapshot proof; the anchor is published
+        with its totals once every part is done)."""
         n = self._connections(ctx)
+        memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS) if self._sums_usable(ctx) else None
+        anchor = memory.begin() if memory is not None else ""
         parts = self._parts(ctx, n)
         channel_sql = _CHANNELS_SQL.format(ledger_from=_PART_LEDGER, channels_from=_PART_CHANNELS)
         double_sql = _DOUBLE_RELEASE_SQL.format(ledger_from=_PART_LEDGER)
@@ -735,10 +737,13 @@ class PaymentsChecker(Checker):
         tasks.append(("sequences", None))
         tasks += [("double", p) for p in (self._parts(ctx, n // 2) if n >= 4 else self._parts(ctx, 1))]
         tasks += [("accounts", None), ("global", None)]
+        if memory is not None:
+            tasks += [("sums", part) for part in SUMS_PARTS]
         run = {"channels": channels, "double": double,
                "sequences": lambda c, _: self._judge_sequences(c, None),
                "accounts": lambda c, _: self._judge_accounts(c, None),
-               "global": lambda c, _: self._judge_global(c)}
+               "global": lambda c, _: self._judge_global(c),
+               "sums": lambda c, part: self._fill_sums(c, anchor, part)}
         results = ctx.parallel(tasks, lambda c, task: run[task[0]](c, task[1]), connections=n)
 
         def merged(kind: str, ids: Any) -> dict[str, Any]:
@@ -747,7 +752,11 @@ class PaymentsChecker(Checker):
 
         self._summarize_channels(ctx, merged("channels", _CHANNEL_INVARIANTS), None)
         self._summarize_double_release(ctx, merged("double", ["double_release"])["double_release"], None)
-        return next(r for (k, _), r in zip(tasks, results) if k == "global")  # the global totals
+        if memory is None:
+            return False
+        failed = [r for (k, _), r in zip(tasks, results) if k == "sums" and r is not None]
+        totals = next(r for (k, _), r in zip(tasks, results) if k == "global")
+        return self._publish_sums(ctx, memory, anchor, totals, failed[0] if failed else None)
 
     def _split_plan(self, sort: bool) -> Any:
         """What each connection of a split full sweep sets first: work_mem and the full sweep's plan."""
@@ -977,22 +986,39 @@ class PaymentsChecker(Checker):
         return _Delta(judged, paid, refunded, earned, totals)
 
     def _anchor_sums(self, ctx: CheckContext, totals: dict[str, Any]) -> bool:
-        """A full sweep: remember every channel's and DID's contribution in this snapshot (a new anchor);
-        whether it was."""
+        """A full sweep on one connection: remember every channel's and DID's contribution in this snapshot (a
+        new anchor); whether it was."""
         if not self._sums_usable(ctx):
             return False
         memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
         anchor = memory.begin()
-        batch = self.settings.sequence_batch
         failed = None
+        for part in SUMS_PARTS:
+            failed = self._fill_sums(ctx, anchor, part)
+            if failed is not None:
+                break
+        return self._publish_sums(ctx, memory, anchor, totals, failed)
+
+    def _fill_sums(self, ctx: CheckContext, anchor: str, part: str) -> str | None:
+        """Write one part of a new anchor (on any connection of the run's snapshot); why it failed, or None."""
+        sql = _ANCHOR_CHANNELS_SQL if part == "channels" else _ANCHOR_DIDS_SQL
+        started = time.perf_counter()
         with self._sweep_plan(ctx, True):
             try:
-                memory.fill(anchor, "channels", _ANCHOR_CHANNELS_SQL, batch=batch)
-                memory.fill(anchor, "dids", _ANCHOR_DIDS_SQL, batch=batch)
+                memory = AnchoredMemory(ctx, SUMS_KEY, SUMS_PARTS)
+                n = memory.fill(anchor, part, sql, batch=self.settings.sequence_batch)
             except redis.RedisError as exc:
-                failed = redis_error(exc)
+                return redis_error(exc)
             except UnkeyedRow:
-                failed = "a channel has no payer_did or payee_did"
+                return "a channel has no payer_did or payee_did"
+        if ctx.log is not None:
+            ctx.log.debug("payments_sums_filled", part=part, entities=n,
+                          seconds=round(time.perf_counter() - started, 3))
+        return None
+
+    def _publish_sums(self, ctx: CheckContext, memory: AnchoredMemory, anchor: str, totals: dict[str, Any],
+                      failed: str | None) -> bool:
+        """Publish the filled anchor with the global totals of its snapshot (after success), or drop it."""
         if failed is not None:
             memory.abandon(anchor)
             if ctx.log is not None:

@@ -527,12 +527,16 @@ class CheckContext:
                     if failures or not todo:
                         return
                     i = todo.pop(0)
+                started = time.perf_counter()
                 try:
                     results[i] = fn(c, parts[i])
                 except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
                     with lock:
                         failures.append((i, exc))
                     return
+                if self.log is not None:  # which part holds the split pass up
+                    self.log.debug("split_part_done", part=i + 1, parts=len(parts),
+                                   connection=contexts.index(c) + 1, seconds=round(time.perf_counter() - started, 3))
 
         threads = [threading.Thread(target=work, args=(c,), name=f"zsmon-part-{k}", daemon=True)
                    for k, c in enumerate(contexts)]
