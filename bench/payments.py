@@ -19,6 +19,7 @@ Not a test: it prints figures and never fails on timing.
 
     .venv/bin/python bench/payments.py                 # 1M channels, 10M ledger rows
     .venv/bin/python bench/payments.py --channels 100000
+    .venv/bin/python bench/payments.py --channels 5000000 --build-only   # build, keep, time nothing
     .venv/bin/python bench/payments.py --reuse DBNAME --connections 1,2,4 --no-bare
 
 The world: users (payers, one per 10 channels) and agents (payees, one per 20
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 import time
 import uuid
@@ -230,7 +232,10 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=1_000_000, help="channels to build (10 ledger rows each)")
     ap.add_argument("--keep", action="store_true", help="keep the database afterwards (prints its DSN)")
     ap.add_argument("--reuse", metavar="DBNAME", help="use an existing bench database instead of building one")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each timed step; the best is reported")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each timed full check; the best is reported")
+    ap.add_argument("--incremental-repeat", type=int, default=None,
+                    help="rounds of the two incremental runs (default: --repeat); the best and the median are "
+                         "reported")
     ap.add_argument("--recommended-indexes", action="store_true",
                     help="add the updated_at indexes docs/deployment.md recommends before timing (the platform's "
                          "schema has none: incremental runs then scan payment_channels and accounts)")
@@ -238,6 +243,10 @@ def main() -> None:
                     help="comma-separated connection counts to time the full check with (1 first: the reference)")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare GROUP BY scans (a minute at 1M)")
     ap.add_argument("--no-incremental", action="store_true", help="skip the incremental runs (and their traffic)")
+    ap.add_argument("--log-level", default="warning",
+                    help="the checker's log level (debug: each split part's and step's seconds)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build the world, keep it and time nothing (then time it with --reuse)")
     args = ap.parse_args()
     try:
         counts = [int(c) for c in args.connections.split(",")]
@@ -255,6 +264,8 @@ def main() -> None:
             t0 = time.perf_counter()
             build(dsn, args.channels)
             print(f"built in {time.perf_counter() - t0:.1f}s", flush=True)
+        if args.build_only:
+            return
         with psycopg.connect(dsn, autocommit=True) as conn:
             if args.recommended_indexes:
                 for statement in recommended_indexes():
@@ -264,9 +275,11 @@ def main() -> None:
             conn.execute("ANALYZE payment_channels, accounts")
         print(f"recommended updated_at indexes: {'yes' if args.recommended_indexes else 'no (the platform schema)'}",
               flush=True)
-        run_bench(dsn, args.repeat, counts, bare=not args.no_bare, incremental=not args.no_incremental)
+        run_bench(dsn, args.repeat, counts, bare=not args.no_bare,
+                  incremental=0 if args.no_incremental else args.incremental_repeat or args.repeat,
+                  log_level=args.log_level)
     finally:
-        if args.keep or args.reuse:
+        if args.keep or args.reuse or args.build_only:
             print(f"kept database {name}: {dsn}")
         else:
             drop_database(name, ADMIN_DSN)
@@ -297,7 +310,9 @@ def _same(result) -> dict:
     return {k: out[k] for k in ("status", "violation_counts", "violations", "summaries", "skipped")}
 
 
-def run_bench(dsn: str, repeat: int, connections: list[int], bare: bool = True, incremental: bool = True) -> None:
+def run_bench(dsn: str, repeat: int, connections: list[int], bare: bool = True, incremental: int = 2,
+              log_level: str = "warning") -> None:
+    """``incremental``: rounds of the two incremental runs (0: none)."""
     import redis
     import yaml
 
@@ -307,7 +322,7 @@ def run_bench(dsn: str, repeat: int, connections: list[int], bare: bool = True, 
     from zsmon.core.service import build_runner
 
     prefix = f"zsmon-bench-{uuid.uuid4().hex[:8]}:"
-    configure_logging("warning")
+    configure_logging(log_level)
     confs: list[Path] = []
 
     def runner_with(n: int):
@@ -343,7 +358,7 @@ def run_bench(dsn: str, repeat: int, connections: list[int], bare: bool = True, 
                 print(f"  full check, {n} connection(s): {r.duration_seconds:.2f}s ({r.status}, "
                       f"{sum(r.violation_counts.values())} violations, load {os.getloadavg()[0]:.2f})", flush=True)
         incs: dict[str, list[float]] = {"new": [], "old": []}
-        for _ in range(repeat if incremental else 0):
+        for _ in range(incremental):
             for kind in incs:
                 traffic(dsn, kind)
                 time.sleep(3)  # let these rows age past the 2 s margin: the next run re-checks only its own batch
@@ -381,10 +396,11 @@ def run_bench(dsn: str, repeat: int, connections: list[int], bare: bool = True, 
               f"{full / bare_tuned:5.2f}")
     if incremental:
         inc_new, inc_old = min(incs["new"]), min(incs["old"])
-        print("  incremental seconds after 10k ledger rows,")
+        print(f"  incremental seconds after 10k ledger rows (best of {incremental}; median),")
         print(f"    2,500 new auction channels run to close   {inc_new:8.3f}   {100 * inc_new / full:5.2f}% of full  "
-              "(target <= 2%)")
-        print(f"    5,000 tasks on random old channels         {inc_old:8.3f}   {100 * inc_old / full:5.2f}% of full")
+              f"(target <= 2%); median {statistics.median(incs['new']):.3f}")
+        print(f"    5,000 tasks on random old channels         {inc_old:8.3f}   {100 * inc_old / full:5.2f}% of full; "
+              f"median {statistics.median(incs['old']):.3f}")
     print(f"  peak RSS of the checker process (MB)        {rss:8.1f}   (target <= 150)")
 
 
