@@ -177,8 +177,11 @@ def test_request_size_limit(make_config):
             for _ in range(10):
                 yield b"y" * 1000
 
-        r = requests.post(url, headers=AUTH, data=chunks(), timeout=10)  # no Content-Length
+        r = requests.post(url, headers=AUTH, data=chunks(), timeout=10)  # no Content-Length; the route reads none
         assert r.status_code < 500
+        # The metrics listener's process reads a POST's body to pass it on to the service.
+        r = requests.post(svc.url("metrics", "/metrics"), data=chunks(), timeout=10)
+        assert r.status_code == 413 and "4096" in r.json()["detail"]
         assert requests.post(url, headers=AUTH, data=b"x" * 100, timeout=30).status_code == 200
 
 

@@ -147,7 +147,7 @@ class BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 return await JSONResponse({"detail": f"request body over {self.max_bytes} bytes"},
                                           status_code=413)(scope, receive, send)
-        seen = 0
+        seen, started = 0, False
 
         async def limited() -> Any:
             nonlocal seen
@@ -157,7 +157,18 @@ class BodyLimit:
                 raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
             return message
 
-        return await self.app(scope, limited, send)
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            return await self.app(scope, limited, sending)
+        except StarletteHTTPException as exc:
+            # A FastAPI app answers this itself; a plain ASGI app (the metrics process) lets it through.
+            if started or exc.status_code != 413:
+                raise
+            return await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send)
 
 
 class RateLimit:
