@@ -746,17 +746,18 @@ class PaymentsChecker(Checker):
                "sums": lambda c, part: self._fill_sums(c, anchor, part)}
         results = ctx.parallel(tasks, lambda c, task: run[task[0]](c, task[1]), connections=n)
 
+        def of(kind: str) -> list[Any]:  # the results of one kind of task, in task order
+            return [r for (k, _), r in zip(tasks, results) if k == kind]
+
         def merged(kind: str, ids: Any) -> dict[str, Any]:
-            ranked = [r for (k, _), r in zip(tasks, results) if k == kind]
-            return ctx.record_ranked(list(ids), merge_ranked(ranked, ctx.sample_limit, ctx.track_limit))
+            return ctx.record_ranked(list(ids), merge_ranked(of(kind), ctx.sample_limit, ctx.track_limit))
 
         self._summarize_channels(ctx, merged("channels", _CHANNEL_INVARIANTS), None)
         self._summarize_double_release(ctx, merged("double", ["double_release"])["double_release"], None)
         if memory is None:
             return False
-        failed = [r for (k, _), r in zip(tasks, results) if k == "sums" and r is not None]
-        totals = next(r for (k, _), r in zip(tasks, results) if k == "global")
-        return self._publish_sums(ctx, memory, anchor, totals, failed[0] if failed else None)
+        failed = next((why for why in of("sums") if why is not None), None)
+        return self._publish_sums(ctx, memory, anchor, of("global")[0], failed)
 
     def _split_plan(self, sort: bool) -> Any:
         """What each connection of a split full sweep sets first: work_mem and the full sweep's plan."""
