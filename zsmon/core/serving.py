@@ -139,14 +139,14 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.detail = f"request body over {max_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await JSONResponse({"detail": f"request body over {self.max_bytes} bytes"},
-                                          status_code=413)(scope, receive, send)
+                return await self._refuse(scope, receive, send)
         seen, started = 0, False
 
         async def limited() -> Any:
@@ -154,7 +154,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
+                raise StarletteHTTPException(413, self.detail)
             return message
 
         async def sending(message: Any) -> None:
@@ -168,7 +168,10 @@ class BodyLimit:
             # A FastAPI app answers this itself; a plain ASGI app (the metrics process) lets it through.
             if started or exc.status_code != 413:
                 raise
-            return await JSONResponse({"detail": exc.detail}, status_code=413)(scope, receive, send)
+            return await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
 
 
 class RateLimit:
