@@ -210,12 +210,13 @@ def test_the_service_judges_tokens_per_real_client_and_the_client_cannot_be_forg
 def _test_only_modules() -> set[str]:
     """The top-level modules of the distributions only the ``test`` extra installs (pytest, httpx, ...)."""
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    name = re.compile(r"^[A-Za-z0-9._-]+")
-    runtime = {name.match(d).group(0).lower().replace("_", "-") for d in project["dependencies"]}
-    test_only = {name.match(d).group(0).lower().replace("_", "-") for d in project["optional-dependencies"]["test"]}
-    test_only -= runtime
+
+    def dist(requirement: str) -> str:  # "Foo_Bar>=1" -> "foo-bar"
+        return re.match(r"[A-Za-z0-9._-]+", requirement).group(0).lower().replace("_", "-")
+
+    test_only = {dist(d) for d in project["optional-dependencies"]["test"]} - {dist(d) for d in project["dependencies"]}
     return {module for module, dists in importlib.metadata.packages_distributions().items()
-            if any(d.lower().replace("_", "-") in test_only for d in dists)}
+            if any(dist(d) in test_only for d in dists)}
 
 
 def test_the_sidecar_serves_on_its_runtime_dependencies_alone(sidecar, tmp_path):
