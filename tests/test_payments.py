@@ -308,3 +308,24 @@ def test_faults_plant_themselves_on_an_empty_world(writer, run_check):
     assert set(failing(result)) >= {f.invariant for f in FAULTS.values()} - {"sequence_regression"}
     with pytest.raises(KeyError, match="unknown payment fault"):
         inject_fault(writer, "nope")
+
+
+def test_traffic_goes_on_over_a_fault_the_schema_refuses_to_follow(writer, run_check):
+    """An overdrawn escrow, paid out, leaves an open channel at -1: closing it would refund -1 to a payer
+    with nothing, which the accounts CHECK refuses. The simulator takes that as the platform's refusal (None,
+    nothing written) instead of stopping the traffic, and the fault is still there to be found."""
+    sim = PaymentSimulator(writer, seed=9, users=1, agents=1)
+    payer = sim.users[0]
+    sim.deposit(payer, Decimal("10"))
+    cid = sim.open_channel(payer, sim.agents[0], Decimal("10"))
+    sim.channels.pop(cid)  # the fault moves it behind the simulator's back
+    assert inject_fault(writer, "overdrawn_escrow") == cid
+    assert sim.release_escrow(cid, success=True) == Decimal("11")
+    assert writer.execute("SELECT current_balance FROM payment_channels WHERE id = %s", (cid,)).fetchone()[0] == -1
+    rows = writer.execute("SELECT count(*) FROM channel_transactions").fetchone()[0]
+    assert sim.close_channel(cid) is None
+    assert writer.execute("SELECT state, current_balance FROM payment_channels WHERE id = %s",
+                          (cid,)).fetchone() == ("open", -1)
+    assert writer.execute("SELECT count(*) FROM channel_transactions").fetchone()[0] == rows
+    assert sim.run(20)
+    assert "channel_non_negative" in failing(run_check("payments", mode="full", redis=False))
