@@ -50,6 +50,28 @@ def test_a_global_entity_is_matched_in_its_own_checker_and_a_catalogue_invariant
     assert leak.shown_as == "payments/global_conservation"
 
 
+def test_a_fault_whose_invariant_is_known_is_not_shown_by_another_faults_violation():
+    """Seen in a demo: an auction awarded without its channel shows only on the next full sweep; meanwhile a
+    stuck auction planted after it was reported, and then the first award's own violation was there when a
+    second award was planted. Neither may stand for a fault whose broken invariant the simulator names."""
+    t = time.time()
+    first = Planted("auctions", "inject_awarded_without_channel", "a-1", "awarded_without_channel", t - 9)
+    stuck = Violation("stale_open_auction", "auction", "s-1", lifecycle={"first_seen": t - 6})
+    tracker, out = _tracker([CheckResult("auctions", "fail", "incremental", 0.1, {"stale_open_auction": 1},
+                                         [stuck], started_at=t - 7)], [first])
+    tracker.poll()
+    assert first.shown_as is None and out.getvalue() == ""
+    second = Planted("auctions", "inject_awarded_without_channel", "a-2", "awarded_without_channel", t - 4)
+    tracker.traffic.planted.append(second)
+    own = Violation("awarded_without_channel", "auction", "a-1", lifecycle={"first_seen": t - 5})
+    tracker.service.latest_results = lambda: [CheckResult("auctions", "fail", "full", 0.1,
+                                                          {"awarded_without_channel": 1, "stale_open_auction": 1},
+                                                          [stuck, own], started_at=t - 3)]
+    tracker.poll()
+    assert first.shown_as == "auctions/awarded_without_channel" and second.shown_as is None, out.getvalue()
+    assert "(a-1)" in out.getvalue() and "(s-1)" not in out.getvalue()
+
+
 def test_a_fault_not_shown_in_time_is_said_once_with_the_reason_and_in_the_summary():
     t = time.time()
     late = Planted("payments", "sequence_going_back", "c-9", "sequence_regression", t - 30)

@@ -97,7 +97,7 @@ class _Sim:
     obj: Any
     conn: psycopg.Connection
     faults: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
-    # The invariant a fault breaks, when the simulator's fault catalogue says (payments' FAULTS).
+    # The invariant a fault breaks, when the simulator says: a module catalogue (payments) or its own FAULTS.
     breaks: dict[str, str] = field(default_factory=dict)
     errors: int = 0
     steps: int = 0
@@ -261,6 +261,10 @@ def load_simulators(url: str, seed: int, say: Printer) -> list[_Sim]:
                 sim.faults.append((fault, lambda f=fault, c=conn, i=inject: i(c, f)))
                 if isinstance(getattr(catalogue[fault], "invariant", None), str):
                     sim.breaks[fault] = catalogue[fault].invariant
+        # Or kept on the simulator: FAULTS = {invariant: "inject_method"} (the auctions simulator's).
+        own = getattr(obj, "FAULTS", None)
+        if isinstance(own, dict):
+            sim.breaks.update({m: inv for inv, m in own.items() if isinstance(m, str) and isinstance(inv, str)})
         sims.append(sim)
     return sims
 
@@ -551,19 +555,26 @@ class FaultTracker:
             for v in r.violations:
                 if p.entity is not None and v.entity_id == p.entity and (r.checker == p.sim or p.entity != "global"):
                     return (r.checker, v.invariant, v.entity_id), r.started_at
-        for r in later:  # the invariant it breaks
-            if p.breaks and r.violation_counts.get(p.breaks):
-                entity = next((v.entity_id for v in r.violations if v.invariant == p.breaks), "")
-                return (r.checker, p.breaks, entity), r.started_at
+        if p.breaks:  # the invariant it breaks: a violation of it that is new since, or the global one
+            for r in later:
+                for v in r.violations:
+                    key = (r.checker, v.invariant, v.entity_id)
+                    if v.invariant == p.breaks and (v.entity_id == "global" or self._new(key, v, p)):
+                        return key, r.started_at
+            return None  # an older violation of another invariant proves nothing about this fault
         for r in later:  # a violation of its simulator's checker not there before it was planted
             if r.checker != p.sim:
                 continue
             for v in r.violations:
                 key = (r.checker, v.invariant, v.entity_id)
-                first = (v.lifecycle or {}).get("first_seen")
-                if key not in self.claimed and first is not None and first >= p.at - 1:
+                if (v.lifecycle or {}).get("first_seen") is not None and self._new(key, v, p):
                     return key, r.started_at
         return None
+
+    def _new(self, key: tuple[str, str, str], v: Any, p: Planted) -> bool:
+        """Not claimed by another fault, and first seen after ``p`` was planted (when the result says)."""
+        first = (v.lifecycle or {}).get("first_seen")
+        return key not in self.claimed and (first is None or first >= p.at - 1)
 
     def why(self, p: Planted) -> str:
         latest = {r.checker: r for r in self.service.latest_results()}
