@@ -7,13 +7,16 @@ the service.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import importlib.metadata
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -22,7 +25,9 @@ import pytest
 import requests
 import yaml
 
-from zsmon.core.metrics_front import ALIVE_SECONDS
+from prometheus_client.exposition import choose_encoder
+
+from zsmon.core.metrics_front import _SHARED, ALIVE_SECONDS, RENDER_WAIT_SECONDS, _Front
 from zsmon.testing import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -242,3 +247,44 @@ def test_the_sidecar_serves_on_its_runtime_dependencies_alone(sidecar, tmp_path)
     assert requests.get(f"{s.base}/health", timeout=5).status_code == 200
     assert requests.get(f"{s.base}/ready", timeout=5).status_code == 200
     assert s.front_pid() == front and "metrics_process_restarted" not in s.log.read_text()
+
+
+def _asgi_get(app, path: str = "/metrics") -> tuple[int, bytes]:
+    """One GET through an ASGI app, on the running loop."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def go() -> tuple[int, bytes]:
+        await app({"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+                   "headers": [], "scheme": "http", "client": ("127.0.0.1", 5)}, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    return go()
+
+
+def test_a_scrape_waits_for_the_render_of_a_result_just_stored_instead_of_asking_the_service(tmp_path):
+    """A result stored, its render a moment away: the scrape gets the new render, not the busy service
+    (nothing listens on the service's socket here, so asking it would answer 502). A render that never
+    comes: the service is asked after RENDER_WAIT_SECONDS."""
+    shared = tmp_path / "shared"
+    shared.write_bytes(_SHARED.pack(2, time.monotonic()))  # generation 2 stored, the service alive now
+    front = _Front(str(tmp_path / "nobody.sock"), str(shared))
+    plain = choose_encoder("")[1]
+    front.update(1, math.inf, {plain: b"render of generation 1"})
+
+    async def scenario() -> None:
+        front.attach(asyncio.get_running_loop())
+        threading.Timer(0.2, front.update, (2, math.inf, {plain: b"render of generation 2"})).start()
+        assert await _asgi_get(front) == (200, b"render of generation 2")
+        with open(shared, "r+b") as f:  # generation 3 stored; its render never arrives
+            f.write(_SHARED.pack(3, time.monotonic()))
+        t0 = time.monotonic()
+        status, _ = await _asgi_get(front)
+        assert status == 502 and time.monotonic() - t0 >= RENDER_WAIT_SECONDS
+
+    asyncio.run(scenario())

@@ -13,13 +13,15 @@ service would answer:
 - the service proved within ``ALIVE_SECONDS`` that it runs, so a hung or stopped service fails its
   scrapes (``up`` drops) as it did when it answered them itself.
 
-Anything else (``/health``, ``/ready``, a stale render, another path) is passed to the service over a
-private Unix socket, with the client's address, so the service answers it as before: the token
-concealment and the failed-token budget still see the real client. The process ends when the service
-closes its end of the feed, or dies.
+A scrape that finds a result stored but not rendered yet waits (briefly) for the render the service makes
+right after storing it. Anything else (``/health``, ``/ready``, another path, a render that does not come)
+is passed to the service over a private Unix socket, with the client's address, so the service answers it
+as before: the token concealment and the failed-token budget still see the real client. The process ends
+when the service closes its end of the feed, or dies.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import mmap
@@ -53,6 +55,7 @@ SCHEME_HEADER = b"x-zsmon-scheme"
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection",
         b"proxy-authorization", b"trailer"}
 START_SECONDS = 30.0
+RENDER_WAIT_SECONDS = 1.0  # a scrape waits this long for a due render before the service is asked
 
 
 class MetricsFront:
@@ -222,6 +225,8 @@ class _Front:
         self.rendered: tuple[int, float, dict[str, bytes]] = (-1, -math.inf, {})
         with open(shared_path, "rb") as f:
             self._shared = mmap.mmap(f.fileno(), _SHARED.size, access=mmap.ACCESS_READ)
+        self._loop: Any = None  # the serving loop (attach(), before the feed starts)
+        self._waiters: list[Any] = []  # scrapes waiting for the next render (futures of that loop)
         self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=backend), base_url="http://zsmon",
                                          timeout=httpx.Timeout(60.0, connect=5.0))
         self._httpx = httpx
@@ -236,12 +241,55 @@ class _Front:
         body = bodies.get(content_type)
         return None if body is None else (body, content_type)
 
+    def _render_due(self) -> bool:
+        """Only a result stored since the last render stands in the way: the service renders right after
+        storing one, so its bytes are a moment away."""
+        generation, until, _ = self.rendered
+        stored, alive = _SHARED.unpack_from(self._shared, 0)
+        now = time.monotonic()
+        return generation != stored and now < until and now - alive <= ALIVE_SECONDS
+
+    def attach(self, loop: Any) -> None:
+        """The event loop scrapes are served on: the feed wakes the ones waiting for a render there."""
+        self._loop = loop
+
+    def update(self, generation: int, until: float, bodies: dict[str, bytes]) -> None:
+        """New bytes from the feed (its thread): wakes the scrapes waiting for them."""
+        self.rendered = (generation, until, bodies)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop has closed: the process is ending
+                pass
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _fresh(self, accept: str) -> tuple[bytes, str] | None:
+        """Wait (at most ``RENDER_WAIT_SECONDS``) for the render of the result just stored. Passing the scrape
+        on instead would have the busy service render the same bytes again, behind its own GIL."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RENDER_WAIT_SECONDS
+        while self._render_due() and loop.time() < deadline:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+        return self.current(accept)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         if scope["path"] == "/metrics" and scope["method"] == "GET":
             accept = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"accept"), "")
             found = self.current(accept)
+            if found is None and self._render_due():
+                found = await self._fresh(accept)
             if found is not None:
                 body, content_type = found
                 await send({"type": "http.response.start", "status": 200,
@@ -282,8 +330,6 @@ class _Front:
 
 
 def main(listen_fd: int, feed_fd: int) -> int:
-    import asyncio
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when this ends (it closes the feed)
     feed = Connection(feed_fd)
     settings = json.loads(feed.recv_bytes())
@@ -300,11 +346,12 @@ def main(listen_fd: int, feed_fd: int) -> int:
                 header = json.loads(feed.recv_bytes())
                 bodies = {t: feed.recv_bytes() for t in header["types"]}
                 until = math.inf if header["until"] is None else header["until"]
-                front.rendered = (header["generation"], until, bodies)
+                front.update(header["generation"], until, bodies)
         except (EOFError, OSError):
             server.should_exit = True  # the service stopped or died
 
     async def serve() -> None:
+        front.attach(asyncio.get_running_loop())
         task = asyncio.create_task(server.serve(sockets=[listener]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
