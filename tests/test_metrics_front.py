@@ -12,6 +12,7 @@ import http.client
 import importlib.metadata
 import math
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -27,7 +28,7 @@ import yaml
 
 from prometheus_client.exposition import choose_encoder
 
-from zsmon.core.metrics_front import _SHARED, ALIVE_SECONDS, RENDER_WAIT_SECONDS, _Front
+from zsmon.core.metrics_front import _SHARED, ALIVE_SECONDS, RENDER_WAIT_SECONDS, SLICE_NS, _Front
 from zsmon.testing import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -157,14 +158,28 @@ def test_a_frozen_service_is_still_scraped_until_it_stops_proving_it_runs(sideca
     assert requests.get(f"{s.base}/ready", timeout=5).status_code == 200
 
 
+def _slice_ns(pid: int) -> int:
+    """The scheduler slice of a process's main thread, as the kernel shows it."""
+    return int(re.search(r"^se\.slice\s*:\s*(\d+)", Path(f"/proc/{pid}/sched").read_text(), re.M).group(1))
+
+
+def _asked_a_short_slice(front: int, service: int) -> None:
+    """The metrics process runs with SLICE_NS (honoured from Linux 6.12), so a scrape preempts a busy CPU's
+    task sooner; the service keeps the default."""
+    if tuple(int(x) for x in re.findall(r"\d+", platform.release())[:2]) >= (6, 12):
+        assert _slice_ns(front) == SLICE_NS != _slice_ns(service)
+
+
 def test_the_front_is_restarted_when_it_dies_and_ends_with_the_service(sidecar):
     s = sidecar()
     wait_for(lambda: _checked(s), timeout=30)
     first = s.front_pid()
     assert first is not None
+    _asked_a_short_slice(first, s.proc.pid)
     os.kill(first, signal.SIGKILL)
     second = wait_for(lambda: (lambda p: p if p not in (None, first) else None)(s.front_pid()), timeout=15)
     assert wait_for(lambda: _checked(s), timeout=15)
+    _asked_a_short_slice(second, s.proc.pid)  # a restarted process asks again
     assert '"event": "metrics_process_restarted"' in s.log.read_text()
     # The service dies without a word (no stop): its front sees the feed close and ends too.
     s.proc.kill()
