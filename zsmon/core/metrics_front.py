@@ -370,7 +370,7 @@ def ask_short_slice(ns: int = SLICE_NS) -> str:
 
 def main(listen_fd: int, feed_fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when this ends (it closes the feed)
-    slice_granted = ask_short_slice()  # this (main) thread serves the scrapes
+    slice_answer = ask_short_slice()  # this (main) thread serves the scrapes
     feed = Connection(feed_fd)
     settings = json.loads(feed.recv_bytes())
     backend, shared_path = settings.pop("backend"), settings.pop("shared")
@@ -396,7 +396,7 @@ def main(listen_fd: int, feed_fd: int) -> int:
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
         if server.started:
-            feed.send_bytes(json.dumps({"slice": slice_granted}).encode())
+            feed.send_bytes(json.dumps({"slice": slice_answer}).encode())
             threading.Thread(target=read_feed, name="zsmon-metrics-feed", daemon=True).start()
         await task
 

@@ -561,7 +561,7 @@ class FaultTracker:
                     key = (r.checker, v.invariant, v.entity_id)
                     if v.invariant == p.breaks and (v.entity_id == "global" or self._new(key, v, p)):
                         return key, r.started_at
-            return None  # an older violation of another invariant proves nothing about this fault
+            return None  # its invariant named: a violation of another one proves nothing about this fault
         for r in later:  # a violation of its simulator's checker not there before it was planted
             if r.checker != p.sim:
                 continue
