@@ -61,7 +61,7 @@ def traffic(conn, sim: PaymentSimulator, deployed: DeployedPayments, rnd: random
             deployed.open_channel(rnd.choice(sim.agents), Decimal(rnd.randint(1, 9000)) / 100)
         else:
             rows = conn.execute("SELECT id::text FROM payment_channels WHERE state <> 'closed' ORDER BY id").fetchall()
-            if rows:  # picked by the seeded generator, so a failing seed fails again
+            if rows:  # picked by the seeded generator, not the database's random()
                 deployed.settle(rnd.choice(rows)[0], Decimal(rnd.randint(1, 12000)) / 100)
     if faults:  # one planted fault per faulty round
         if rnd.random() < 0.3:
