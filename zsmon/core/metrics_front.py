@@ -244,23 +244,28 @@ class _Front:
                                          timeout=httpx.Timeout(60.0, connect=5.0))
         self._httpx = httpx
 
-    def current(self, accept: str) -> tuple[bytes, str] | None:
-        generation, until, bodies = self.rendered
+    def _standing(self, generation: int, until: float) -> str:
+        """Bytes of ``generation`` rendered under leases held ``until``: ``fresh`` (what the service would
+        answer), ``due`` (only a result stored since stands in the way, and the service renders right after
+        storing one: its bytes are a moment away) or ``stale`` (a lease lapsed, or the service has not
+        proved it runs)."""
         stored, alive = _SHARED.unpack_from(self._shared, 0)
         now = time.monotonic()
-        if generation != stored or now >= until or now - alive > ALIVE_SECONDS:
+        if now >= until or now - alive > ALIVE_SECONDS:
+            return "stale"
+        return "fresh" if generation == stored else "due"
+
+    def current(self, accept: str) -> tuple[bytes, str] | None:
+        generation, until, bodies = self.rendered
+        if self._standing(generation, until) != "fresh":
             return None
         content_type = self._choose(accept)[1]
         body = bodies.get(content_type)
         return None if body is None else (body, content_type)
 
     def _render_due(self) -> bool:
-        """Only a result stored since the last render stands in the way: the service renders right after
-        storing one, so its bytes are a moment away."""
         generation, until, _ = self.rendered
-        stored, alive = _SHARED.unpack_from(self._shared, 0)
-        now = time.monotonic()
-        return generation != stored and now < until and now - alive <= ALIVE_SECONDS
+        return self._standing(generation, until) == "due"
 
     def attach(self, loop: Any) -> None:
         """The event loop scrapes are served on: the feed wakes the ones waiting for a render there."""
